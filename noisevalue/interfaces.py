@@ -1,0 +1,228 @@
+"""The abstract kinds of component noisevalue composes, and their contracts.
+
+Each kind has a registry (see :mod:`noisevalue.registry`) fed by an entry-point group.
+Interfaces hold contracts only; shared behaviour lives in plain functions elsewhere.
+
+Shape conventions used throughout:
+
+* ``N`` batch size, ``C, H, W`` the (latent) image shape the diffusion model sees.
+* Timesteps ``t`` are integer DDPM indices in ``[0, T)`` (``T = 1000``), dtype ``long``.
+* Labels ``y`` are ``long`` in ``[0, num_classes]``; the value ``num_classes`` is the
+  *null* label used for classifier-free guidance. Unconditional models take ``y=None``.
+  Label dropout is applied by the caller (a fixed mask drawn from a seeded generator),
+  never inside a forward pass, so every forward pass is a deterministic function.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+__all__ = [
+    "Backbone",
+    "Rater",
+    "NoiseSelector",
+    "MetaOptimizer",
+    "BilevelProblem",
+    "MetaGradient",
+    "Evaluator",
+    "ImageDataset",
+    "LatentEncoder",
+]
+
+
+class Backbone(nn.Module, ABC):
+    """A noise-prediction network ``eps_theta(x_t, t, y)``.
+
+    Attributes every backbone sets in ``__init__``:
+        input_size, in_channels: the spatial size and channel count of ``x_t``.
+        out_channels: ``in_channels`` or ``2 * in_channels`` when ``learn_sigma``;
+            the first ``in_channels`` output channels are the epsilon prediction.
+        num_classes: number of real classes; 0 means unconditional.
+        patch_size: the spatial granularity; ``input_size`` must be divisible by it.
+
+    ``forward(x, t, y)``: ``x`` float ``[N, in_channels, H, W]``; ``t`` long ``[N]``;
+    ``y`` long ``[N]`` or ``None``. Returns float ``[N, out_channels, H, W]``.
+    It must not mutate its inputs or module state (no BatchNorm, no in-forward dropout
+    of labels), so that ``torch.func.functional_call`` and finite differences see a
+    pure function of the parameters.
+    """
+
+    input_size: int
+    in_channels: int
+    out_channels: int
+    num_classes: int
+    patch_size: int
+    learn_sigma: bool
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        ...
+
+
+class Rater(nn.Module, ABC):
+    """Scores candidate noises: ``phi_eta(eps, t, x0, y) -> R``.
+
+    ``forward(noise, t, x0, y)``: ``noise`` and ``x0`` float ``[N, C, H, W]`` (the same
+    shape as the backbone's input); ``t`` long ``[N]``; ``y`` long ``[N]`` (possibly the
+    null label) or ``None``. Returns unnormalised float scores ``[N]``; higher means the
+    noise is preferred. Scores are only compared within a group of candidates that share
+    ``(x0, y, t)``, so a constant offset per group is meaningless. Pure, like a Backbone.
+
+    Attributes: ``latent_shape`` ``(C, H, W)`` and ``num_classes`` it was built for, so a
+    checkpoint can be checked against the backbone it is applied to.
+    """
+
+    latent_shape: tuple[int, int, int]
+    num_classes: int
+
+    @abstractmethod
+    def forward(
+        self, noise: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, y: torch.Tensor | None
+    ) -> torch.Tensor:
+        ...
+
+
+class NoiseSelector(ABC):
+    """Chooses one noise per training sample among ``k`` i.i.d. Gaussian candidates.
+
+    ``k`` (attribute, >= 1) is how many candidates the trainer draws per sample.
+    ``select(x0, y, t, candidates)``: ``x0`` ``[N, C, H, W]``; ``y`` the *already dropped*
+    labels ``[N]`` or ``None``; ``t`` ``[N]``; ``candidates`` ``[N, k, C, H, W]``. Returns
+    the index of the chosen candidate per sample, long ``[N]``. Must not mutate its inputs
+    and must run without building an autograd graph.
+    ``to(device)`` moves any state (e.g. a frozen rater) and returns ``self``.
+    """
+
+    k: int = 1
+
+    @abstractmethod
+    def select(
+        self,
+        x0: torch.Tensor,
+        y: torch.Tensor | None,
+        t: torch.Tensor,
+        candidates: torch.Tensor,
+    ) -> torch.Tensor:
+        ...
+
+    def to(self, device: torch.device | str) -> NoiseSelector:
+        return self
+
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class BilevelProblem:
+    """One outer step of rater meta-training, expressed functionally.
+
+    ``inner_loss(theta, eta, batch)`` is the rater-weighted diffusion loss (a scalar) of the
+    backbone parameters ``theta`` given rater parameters ``eta`` on one grouped batch.
+    ``outer_loss(theta, batch)`` is the plain diffusion loss on a validation batch.
+    ``inner_batches`` holds the S batches of the inner loop (fixed noises, timesteps and
+    label masks, so the function differentiated is deterministic); ``inner_optimizer`` and
+    ``inner_lr`` / ``inner_options`` describe the diffusion optimizer that is unrolled
+    (``"sgd"``, ``"adam"`` or ``"adamw"``).
+    """
+
+    inner_loss: Callable[[Params, Params, Any], torch.Tensor]
+    outer_loss: Callable[[Params, Any], torch.Tensor]
+    inner_batches: list[Any]
+    val_batch: Any
+    inner_optimizer: str = "sgd"
+    inner_lr: float = 1e-4
+    inner_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MetaGradient:
+    """What a meta-optimizer returns for one outer step."""
+
+    grad: Params  # d L_val(theta_S(eta)) / d eta, same keys and shapes as ``eta``
+    theta: Params  # theta_S, detached, for the "carry theta along" option
+    outer_loss: float
+    info: dict[str, float] = field(default_factory=dict)  # e.g. solver residual
+
+
+class MetaOptimizer(ABC):
+    """Computes the rater's meta-gradient for one outer step.
+
+    ``meta_gradient(problem, theta, eta)`` takes detached parameter dicts; it must not
+    mutate them, and returns a :class:`MetaGradient`. Implementations force the math SDPA
+    kernel on their differentiation paths and keep solver arithmetic in float32 or wider.
+    """
+
+    @abstractmethod
+    def meta_gradient(self, problem: BilevelProblem, theta: Params, eta: Params) -> MetaGradient:
+        ...
+
+
+class Evaluator(ABC):
+    """Scores generated images against a reference set.
+
+    ``prepare(reference)`` consumes an iterable of float ``[n, C, H, W]`` batches in
+    ``[0, 1]`` (pixel space) and may cache reference statistics; ``evaluate(generated)``
+    consumes batches of the same form and returns named numbers, e.g. ``{"fid": 12.3}``.
+    ``evaluate`` may be called several times after one ``prepare``.
+    """
+
+    @abstractmethod
+    def prepare(self, reference: Iterable[torch.Tensor]) -> None:
+        ...
+
+    @abstractmethod
+    def evaluate(self, generated: Iterable[torch.Tensor]) -> Mapping[str, float]:
+        ...
+
+
+class ImageDataset(Dataset, ABC):
+    """A dataset of images with optional class labels.
+
+    ``__getitem__(i)`` returns ``(image, label)``: ``image`` float ``[channels, image_size,
+    image_size]`` in ``[-1, 1]``; ``label`` an int in ``[0, num_classes)`` (0 when
+    ``num_classes == 0``). Attributes: ``num_classes``, ``channels``, ``image_size``.
+    Missing or empty data raises :class:`noisevalue.errors.DataError`.
+    """
+
+    num_classes: int
+    channels: int
+    image_size: int
+
+    @abstractmethod
+    def __len__(self) -> int:
+        ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        ...
+
+
+class LatentEncoder(nn.Module, ABC):
+    """Maps images in ``[-1, 1]`` to the space the diffusion model works in, and back.
+
+    ``latent_shape(channels, image_size)`` gives ``(C, H, W)`` of the latents.
+    ``encode(images)`` returns scaled latents (``scale * z``); ``decode`` inverts it back to
+    images in roughly ``[-1, 1]``. ``cacheable``: whether encoding is expensive enough that
+    the trainer should encode the dataset once into an on-disk latent cache.
+    """
+
+    cacheable: bool = False
+
+    @abstractmethod
+    def latent_shape(self, channels: int, image_size: int) -> tuple[int, int, int]:
+        ...
+
+    @abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        ...
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        ...

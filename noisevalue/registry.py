@@ -1,0 +1,166 @@
+"""Per-kind component registries, filled from entry points on first lookup.
+
+A component is registered under a *name* (what users type in recipes) in the entry-point
+group of its kind. noisevalue registers its own built-ins through its ``pyproject.toml``
+exactly as a third-party package does::
+
+    [project.entry-points."noisevalue.raters"]
+    my_rater = "my_package.raters:MyRater"
+
+Set ``NOISEVALUE_DISABLE_PLUGIN_AUTOLOAD=1`` to ignore every distribution but noisevalue.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from noisevalue.errors import ConfigError, PluginError
+
+KINDS: dict[str, str] = {
+    "backbone": "noisevalue.backbones",
+    "rater": "noisevalue.raters",
+    "selector": "noisevalue.selectors",
+    "meta_optimizer": "noisevalue.meta_optimizers",
+    "evaluator": "noisevalue.evaluators",
+    "dataset": "noisevalue.datasets",
+    "encoder": "noisevalue.encoders",
+}
+AUTOLOAD_ENV = "NOISEVALUE_DISABLE_PLUGIN_AUTOLOAD"
+BUILTIN_DISTRIBUTION = "noisevalue"
+
+
+@dataclass
+class Entry:
+    """One registered component: where it came from and, once loaded, the factory."""
+
+    kind: str
+    name: str
+    distribution: str
+    target: str  # "module:attr"
+    entry_point: EntryPoint | None = None
+    factory: Callable[..., Any] | None = None
+    error: str | None = None
+
+    def load(self) -> Callable[..., Any]:
+        if self.factory is None:
+            if self.error is not None:
+                raise PluginError(self._failure())
+            assert self.entry_point is not None
+            try:
+                self.factory = self.entry_point.load()
+            except Exception as exc:  # a broken plugin must not break the others
+                self.error = f"{type(exc).__name__}: {exc}"
+                raise PluginError(self._failure()) from exc
+        return self.factory
+
+    def _failure(self) -> str:
+        return (
+            f"{self.kind} '{self.name}' from distribution '{self.distribution}' "
+            f"({self.target}) failed to load: {self.error}"
+        )
+
+
+_registries: dict[str, dict[str, Entry]] | None = None
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise PluginError(f"unknown component kind '{kind}'; known kinds: {', '.join(KINDS)}")
+    return kind
+
+
+def _autoload_disabled() -> bool:
+    return os.environ.get(AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _discover() -> dict[str, dict[str, Entry]]:
+    global _registries
+    if _registries is not None:
+        return _registries
+    builtin_only = _autoload_disabled()
+    found: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+    for kind, group in KINDS.items():
+        for ep in entry_points(group=group):
+            dist = ep.dist.name if ep.dist is not None else "<unknown>"
+            if builtin_only and dist != BUILTIN_DISTRIBUTION:
+                continue
+            previous = found[kind].get(ep.name)
+            if previous is not None and previous.distribution == BUILTIN_DISTRIBUTION:
+                # A plugin may not silently replace a built-in; keep the built-in.
+                continue
+            found[kind][ep.name] = Entry(kind, ep.name, dist, ep.value, entry_point=ep)
+    _registries = found
+    return found
+
+
+def reset() -> None:
+    """Forget discovered entry points (tests, or after installing a plugin in-process)."""
+    global _registries
+    _registries = None
+
+
+def register(kind: str, name: str, *, distribution: str = "<runtime>") -> Callable[[Any], Any]:
+    """Decorator registering a factory in-process (notebooks, tests)."""
+    _check_kind(kind)
+
+    def decorator(factory: Any) -> Any:
+        target = f"{getattr(factory, '__module__', '?')}:{getattr(factory, '__qualname__', '?')}"
+        _discover()[kind][name] = Entry(kind, name, distribution, target, factory=factory)
+        return factory
+
+    return decorator
+
+
+def names(kind: str) -> list[str]:
+    """The registered names of one kind, sorted."""
+    return sorted(_discover()[_check_kind(kind)])
+
+
+def entries(kind: str | None = None) -> list[Entry]:
+    """Registry entries (not loaded), for listing plugins and their distributions."""
+    kinds = [_check_kind(kind)] if kind else list(KINDS)
+    reg = _discover()
+    return [reg[k][n] for k in kinds for n in sorted(reg[k])]
+
+
+def get(kind: str, name: str) -> Callable[..., Any]:
+    """The factory registered under ``name``; unknown names list the known ones."""
+    reg = _discover()[_check_kind(kind)]
+    if name not in reg:
+        known = ", ".join(sorted(reg)) or "(none)"
+        raise PluginError(f"unknown {kind} '{name}'; known {kind} names: {known}")
+    return reg[name].load()
+
+
+def check_params(kind: str, name: str, params: dict[str, Any], where: str = "") -> None:
+    """Raise a ConfigError if ``params`` has a keyword the factory does not accept."""
+    factory = get(kind, name)
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return
+    accepted = [
+        p.name
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    for key in params:
+        if key not in accepted:
+            prefix = f"{where}: " if where else ""
+            raise ConfigError(
+                f"{prefix}unknown parameter '{key}' for {kind} '{name}'; "
+                f"accepted: {', '.join(accepted) or '(none)'}"
+            )
+
+
+def create(kind: str, name: str, **params: Any) -> Any:
+    """Build the component registered as ``name`` of ``kind`` with ``params``."""
+    check_params(kind, name, params)
+    return get(kind, name)(**params)
