@@ -1,0 +1,187 @@
+"""Checkpoints: safetensors for tensors, JSON for metadata; atomic; no pickle.
+
+A checkpoint is a folder ``step_0001000/`` holding ``model.safetensors``,
+``ema.safetensors`` (optional), ``optimizer.safetensors`` (optimizer state tensors) and
+``meta.json`` (step, backbone identity, optimizer hyper-parameters, anything JSON-able).
+It is written into a temporary sibling folder and renamed into place, so a crash never
+leaves a half-written checkpoint under its final name; ``latest`` names the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noisevalue.errors import CheckpointError
+
+META = "meta.json"
+LATEST = "latest"
+_PREFIX = "step_"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{_PREFIX}{step:07d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def optimizer_to_flat(opt_state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors and a JSON-able remainder."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in opt_state["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+        for g in opt_state["param_groups"]
+    ]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, extra in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(extra)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    meta: Mapping[str, Any],
+    keep: int | None = None,
+) -> Path:
+    """Write ``{name}.safetensors`` per tensor group plus ``meta.json`` atomically."""
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        for name, group in tensors.items():
+            flat = {k: v.detach().cpu().contiguous() for k, v in group.items()}
+            save_file(flat, str(tmp / f"{name}.safetensors"))
+        (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2, sort_keys=True))
+        if final.exists():  # re-saving the same step (e.g. after resume): swap atomically
+            old = root / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST, final.name + "\n")
+    if keep is not None:
+        for old_dir in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old_dir, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
+    return sorted((p for p in found if (p / META).is_file()), key=lambda p: p.name)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, a run folder (its newest checkpoint) or a checkpoints folder."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise CheckpointError(f"checkpoint '{path}': no checkpoint found there")
+
+
+def read_meta(ckpt: str | Path) -> dict[str, Any]:
+    ckpt = Path(ckpt)
+    try:
+        meta = json.loads((ckpt / META).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint '{ckpt}': {META} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint '{ckpt}': {META} is corrupt ({exc})") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise CheckpointError(f"checkpoint '{ckpt}': {META} has no 'step'")
+    return meta
+
+
+def load_tensors(ckpt: str | Path, name: str, device: str | torch.device = "cpu") -> dict:
+    """Load one tensor group; a truncated or corrupt file is a CheckpointError."""
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / f"{name}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{ckpt}': {path.name} is missing")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint file '{path}' is corrupt or truncated ({reason})") from None
+
+
+def load_state_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming the mismatch."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: parameter names do not match the model "
+            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, "
+            f"e.g. {unexpected[:2]})"
+        )
+    for key, value in state.items():
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{where}: '{key}' has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(own[key].shape)} in the model"
+            )
+    module.load_state_dict(dict(state), strict=True)

@@ -1,0 +1,181 @@
+"""The ``noisevalue`` command line. torch and friends are imported inside commands only,
+so ``noisevalue --help`` answers at once."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    help="noisevalue: training-time noise valuation for diffusion models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipe_app = typer.Typer(help="Inspect and check recipes.", no_args_is_help=True)
+plugins_app = typer.Typer(help="Registered components and where they come from.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(plugins_app, name="plugins")
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A user's mistake is one line on stderr and exit code 2; bugs keep their traceback."""
+    from noisevalue.errors import UserError
+
+    try:
+        yield
+    except UserError as exc:
+        typer.echo(f"noisevalue: error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _split_recipe_arg(recipe: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
+    """``noisevalue run a.b=1`` means the default recipe with an override."""
+    rest = list(overrides or [])
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():
+        return None, [recipe, *rest]
+    return recipe, rest
+
+
+RecipeArg = typer.Argument(None, help="Recipe file or built-in recipe name (default: digits).")
+OverridesArg = typer.Argument(None, help="Overrides: key=value (OmegaConf dot-list) or ~key.")
+
+
+@app.command()
+def run(
+    recipe: str | None = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Processes (GPUs) per machine."),
+    nnodes: str = typer.Option("1", "--nnodes", help="Number of machines (or MIN:MAX)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This machine's rank (with --rdzv-endpoint)."),
+    rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT for several machines."),
+    rdzv_id: str = typer.Option("noisevalue", "--rdzv-id", help="Rendezvous id shared by all machines."),
+) -> None:
+    """Run a recipe: train, checkpoint, sample and evaluate into its output_dir."""
+    with user_errors():
+        from noisevalue import checkpoint as ckpt
+        from noisevalue import distributed
+        from noisevalue.config import check_components, load_recipe_dict, parse_recipe
+        from noisevalue.errors import CheckpointError, UserError
+        from noisevalue.workflows.worker import RESOLVED_RECIPE
+
+        source, extra = _split_recipe_arg(recipe, overrides)
+        data = load_recipe_dict(source, extra)
+        parsed = parse_recipe(data, str(source or "<built-in recipe 'digits'>"))
+        check_components(parsed)
+        run_dir = Path(parsed.output_dir)
+        existing = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        if resume and existing is None:
+            raise CheckpointError(f"--resume: no checkpoint in '{run_dir / 'checkpoints'}'")
+        if not resume and existing is not None:
+            raise UserError(
+                f"output_dir '{run_dir}' already holds checkpoints (latest {existing.name}); "
+                "pass --resume to continue it, or set output_dir=... for a new run"
+            )
+        from omegaconf import OmegaConf
+
+        ckpt.atomic_write_text(run_dir / RESOLVED_RECIPE, OmegaConf.to_yaml(OmegaConf.create(data)))
+        worker_args = ["--run-dir", str(run_dir)] + (["--resume"] if resume else [])
+        world = nproc_per_node * (int(nnodes.split(":")[-1]) if nnodes else 1)
+        typer.echo(
+            f"noisevalue run: recipe '{parsed.name}' -> {run_dir}  "
+            f"(workflow {parsed.workflow}, model {parsed.model.name}, {parsed.train.steps} steps, "
+            f"global batch {parsed.train.global_batch_size}, seed {parsed.seed}, "
+            f"processes {world}{', resuming' if resume else ''})"
+        )
+        if nproc_per_node == 1 and nnodes == "1" and rdzv_endpoint is None:
+            from noisevalue.workflows import run_workflow
+
+            info = distributed.init(parsed.train.device)
+            metrics = run_workflow(parsed, run_dir, info, resume=resume)
+            _print_result(run_dir, metrics)
+            return
+        args = distributed.launcher_args(
+            worker_args, nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id
+        )
+        typer.echo("torch.distributed.run " + " ".join(args))
+        code = distributed.launch(args)
+        if code:
+            raise typer.Exit(code)
+        _print_result(run_dir, None)
+
+
+def _print_result(run_dir: Path, metrics: dict | None) -> None:
+    import json
+
+    if metrics is None and (run_dir / "metrics.json").is_file():
+        metrics = json.loads((run_dir / "metrics.json").read_text()).get("metrics", {})
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in (metrics or {}).items())
+    typer.echo(f"done: {run_dir}  {shown}")
+
+
+@recipe_app.command("validate")
+def recipe_validate(
+    recipe: str = typer.Argument(..., help="Recipe file or built-in name."),
+    overrides: list[str] | None = OverridesArg,
+) -> None:
+    """Check a recipe (keys, types, ranges, component names and parameters) without running it."""
+    with user_errors():
+        from noisevalue.config import check_components, load_recipe
+
+        parsed = load_recipe(recipe, overrides or [])
+        check_components(parsed)
+        typer.echo(f"{recipe}: ok (recipe '{parsed.name}', workflow {parsed.workflow}, model {parsed.model.name})")
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: str | None = RecipeArg, overrides: list[str] | None = OverridesArg) -> None:
+    """Print the recipe with overrides applied, interpolations resolved and defaults filled."""
+    with user_errors():
+        from omegaconf import OmegaConf
+
+        from noisevalue.config import load_recipe
+
+        source, extra = _split_recipe_arg(recipe, overrides)
+        parsed = load_recipe(source, extra)
+        typer.echo(OmegaConf.to_yaml(OmegaConf.create(parsed.model_dump(mode="json"))))
+
+
+@recipe_app.command("list")
+def recipe_list() -> None:
+    """The built-in recipes (usable by name: ``noisevalue run digits``)."""
+    from noisevalue.config import builtin_recipe_names
+
+    for name in builtin_recipe_names():
+        typer.echo(name)
+
+
+@plugins_app.command("list")
+def plugins_list(kind: str | None = typer.Option(None, help="Only this kind.")) -> None:
+    """Every registered component by kind, with the distribution that provides it."""
+    with user_errors():
+        from noisevalue import registry
+
+        entries = registry.entries(kind)
+        if registry._autoload_disabled():
+            typer.echo(f"({registry.AUTOLOAD_ENV} is set: built-ins only)")
+        current = None
+        for entry in entries:
+            if entry.kind != current:
+                current = entry.kind
+                typer.echo(f"{entry.kind}:")
+            status = ""
+            try:
+                entry.load()
+            except Exception as exc:
+                status = f"  [FAILED: {exc}]"
+            typer.echo(f"  {entry.name:<16} {entry.distribution:<20} {entry.target}{status}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Recipes: YAML files loaded with OmegaConf and validated by pydantic models.
+
+A recipe names components by their registry name plus parameters; it never imports code.
+Loading goes: YAML -> OmegaConf (``a.b=1`` overrides, ``~a.b`` deletions, ``${...}``
+interpolation) -> plain dict -> :class:`Recipe` (``extra="forbid"``: a misspelled key is an
+error naming its path) -> :func:`check_components` (names exist, parameters accepted).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from noisevalue.errors import ConfigError
+
+BUILTIN_RECIPES = "noisevalue.builtin_recipes"
+DEFAULT_RECIPE = "digits"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Component(_Strict):
+    """A registered component: its registry ``name`` and constructor ``params``."""
+
+    name: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Strict):
+    dataset: Component
+    eval_dataset: Component | None = None  # reference images for evaluation
+    encoder: Component = Field(default_factory=lambda: Component(name="identity"))
+    latent_cache: str | None = None  # default: <output_dir>/latents
+    cache_shard_size: int = Field(default=4096, gt=0)
+    encode_batch_size: int = Field(default=64, gt=0)
+    random_flip: bool = False
+    num_workers: int = Field(default=0, ge=0)
+
+
+class DiffusionConfig(_Strict):
+    num_timesteps: int = Field(default=1000, gt=1)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_start: float = Field(default=1e-4, gt=0, lt=1)
+    beta_end: float = Field(default=0.02, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DiffusionConfig:
+        if self.beta_end <= self.beta_start:
+            raise ValueError("beta_end must be greater than beta_start")
+        return self
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(default=1000, ge=0)
+    global_batch_size: int = Field(default=256, gt=0)
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(default=1e-8, gt=0)
+    ema_decay: float = Field(default=0.9999, ge=0, lt=1)
+    grad_clip: float | None = Field(default=None, gt=0)
+    log_every: int = Field(default=50, gt=0)
+    ckpt_every: int = Field(default=1000, gt=0)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    threads: int | None = Field(default=None, gt=0)  # torch.set_num_threads on CPU
+
+
+class SampleConfig(_Strict):
+    num_steps: int = Field(default=50, gt=0)
+    eta: float = Field(default=0.0, ge=0)
+    cfg_scale: float = Field(default=1.0, ge=0)
+    per_class: int = Field(default=8, gt=0)  # grid columns per class
+    use_ema: bool = True
+    batch_size: int = Field(default=256, gt=0)
+
+
+class EvalConfig(_Strict):
+    evaluators: list[Component] = Field(default_factory=list)
+    num_samples: int = Field(default=1000, gt=0)
+    every: int | None = Field(default=None, gt=0)  # also evaluate every N steps
+    baselines: bool = False  # also score real training images and pixel-shuffled ones
+
+
+class Recipe(_Strict):
+    name: str = Field(min_length=1)
+    seed: int = 0
+    output_dir: str = "runs/default"
+    workflow: Literal["pretrain"] = "pretrain"
+    data: DataConfig
+    model: Component
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def builtin_recipe_names() -> list[str]:
+    files = resources.files(BUILTIN_RECIPES)
+    return sorted(p.name[: -len(".yaml")] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str | Path | None) -> tuple[Any, str]:
+    from omegaconf import OmegaConf
+
+    if source is None:
+        source = DEFAULT_RECIPE
+    path = Path(source)
+    if not path.exists() and str(source) in builtin_recipe_names():
+        text = resources.files(BUILTIN_RECIPES).joinpath(f"{source}.yaml").read_text()
+        label = f"<built-in recipe '{source}'>"
+    elif path.is_file():
+        text, label = path.read_text(), str(path)
+    else:
+        known = ", ".join(builtin_recipe_names())
+        raise ConfigError(f"recipe '{source}': no such file (built-in recipes: {known})")
+    try:
+        cfg = OmegaConf.create(text)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{label}: not valid YAML: {first}") from exc
+    if not isinstance(cfg, dict) and not OmegaConf.is_dict(cfg):
+        raise ConfigError(f"{label}: a recipe must be a YAML mapping")
+    return cfg, label
+
+
+def _apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    from omegaconf import OmegaConf
+
+    sets: list[str] = []
+    for item in overrides:
+        if item.startswith("~"):
+            key = item[1:]
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if node is None or leaf not in node:
+                raise ConfigError(f"override '{item}': '{key}' is not in the recipe")
+            del node[leaf]
+        elif "=" in item:
+            sets.append(item)
+        else:
+            raise ConfigError(f"override '{item}': expected key=value or ~key")
+    if sets:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(sets))
+        except Exception as exc:
+            raise ConfigError(f"overrides {sets}: {str(exc).splitlines()[0]}") from exc
+    return cfg
+
+
+def _format_validation_error(exc: ValidationError, label: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (misspelled?)"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{label}: {loc}: {msg}{more}"
+
+
+def load_recipe_dict(source: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """The recipe as a plain dict, overrides applied and interpolations resolved."""
+    from omegaconf import OmegaConf
+
+    cfg, label = _read_yaml(source)
+    cfg = _apply_overrides(cfg, list(overrides or []))
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:
+        raise ConfigError(f"{label}: {str(exc).splitlines()[0]}") from exc
+    assert isinstance(data, dict)
+    return data
+
+
+def parse_recipe(data: dict, label: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, label)) from None
+
+
+def load_recipe(source: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load, override, resolve and validate a recipe (file path or built-in name)."""
+    label = str(source) if source is not None else f"<built-in recipe '{DEFAULT_RECIPE}'>"
+    return parse_recipe(load_recipe_dict(source, overrides), label)
+
+
+def component_slots(recipe: Recipe) -> list[tuple[str, str, Component]]:
+    """(path in the recipe, registry kind, component) for every component it names."""
+    slots = [
+        ("data.dataset", "dataset", recipe.data.dataset),
+        ("data.encoder", "encoder", recipe.data.encoder),
+        ("model", "backbone", recipe.model),
+    ]
+    if recipe.data.eval_dataset is not None:
+        slots.append(("data.eval_dataset", "dataset", recipe.data.eval_dataset))
+    for i, ev in enumerate(recipe.eval.evaluators):
+        slots.append((f"eval.evaluators.{i}", "evaluator", ev))
+    return slots
+
+
+def check_components(recipe: Recipe) -> None:
+    """Every named component exists and accepts the given parameters."""
+    from noisevalue import registry
+
+    for where, kind, comp in component_slots(recipe):
+        try:
+            registry.get(kind, comp.name)
+        except Exception as exc:
+            raise type(exc)(f"{where}.name: {exc}") from None
+        registry.check_params(kind, comp.name, comp.params, where=f"{where}.params")

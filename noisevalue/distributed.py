@@ -1,0 +1,111 @@
+"""Process-group setup and the in-process ``torch.distributed.run`` launcher.
+
+``noisevalue run RECIPE --nproc-per-node N`` calls ``torch.distributed.run`` from inside
+the CLI process (standalone rendezvous on one machine, a c10d endpoint on several), which
+starts N workers running :mod:`noisevalue.workflows.worker`. Each worker joins the process
+group (NCCL on GPUs, gloo on CPU) and binds to ``cuda:LOCAL_RANK``: the *local* rank, not
+the global one, so a second node uses its own GPUs 0..N-1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from noisevalue.errors import ConfigError
+
+            raise ConfigError("train.device: 'cuda' requested but CUDA is not available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init(device_preference: str = "auto") -> DistInfo:
+    """Join the process group if launched by torchrun; otherwise a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_preference, local_rank)
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend=backend)
+    return DistInfo(rank, local_rank, world, device)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        torch.distributed.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        tensor /= info.world_size
+    return tensor
+
+
+def launcher_args(
+    worker_args: list[str],
+    nproc_per_node: int,
+    nnodes: str = "1",
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "noisevalue",
+) -> list[str]:
+    """The ``torch.distributed.run`` command line for the worker module."""
+    args = [f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}"]
+    if rdzv_endpoint:
+        args += [
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}",
+            f"--rdzv-id={rdzv_id}",
+            f"--node-rank={node_rank}",
+        ]
+    else:
+        args += ["--standalone"]
+    return args + ["-m", "noisevalue.workflows.worker", *worker_args]
+
+
+def launch(args: list[str]) -> int:
+    """Run ``torch.distributed.run`` in-process with ``args``; returns an exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    parsed: Any = get_args_parser().parse_args(args)
+    try:
+        run(parsed)
+    except ChildFailedError as exc:  # the workers printed their own one-line errors
+        codes = {failure.exitcode for failure in exc.failures.values()}
+        print(f"noisevalue: distributed run failed (worker exit codes {sorted(codes)})", file=sys.stderr)
+        return 2 if 2 in codes else 1
+    return 0

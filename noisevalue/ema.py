@@ -1,0 +1,42 @@
+"""Exponential moving average of model weights, keyed by the *unwrapped* module's names.
+
+Keys never carry DDP's ``module.`` or torch.compile's ``_orig_mod.`` prefixes, because the
+average is always taken over :func:`unwrap` of the training module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod  # type: ignore[assignment]
+        elif isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            return module
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = unwrap(model).state_dict()
+        keys = [k for k, v in self.shadow.items() if v.is_floating_point()]
+        torch._foreach_lerp_(
+            [self.shadow[k] for k in keys], [current[k].detach() for k in keys], 1.0 - self.decay
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            self.shadow[k].copy_(v)

@@ -1,0 +1,59 @@
+"""Building a recipe's components from the registries, with errors naming recipe paths."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from noisevalue import registry
+from noisevalue.config import Component, Recipe
+from noisevalue.errors import ConfigError, UserError
+
+
+def create(kind: str, comp: Component, where: str, **extra: Any) -> Any:
+    """``registry.create`` whose errors say where in the recipe the component is named."""
+    try:
+        registry.get(kind, comp.name)
+    except UserError as exc:
+        raise type(exc)(f"{where}.name: {exc}") from None
+    registry.check_params(kind, comp.name, comp.params, where=f"{where}.params")
+    return registry.get(kind, comp.name)(**{**comp.params, **extra})
+
+
+def accepted_params(kind: str, name: str) -> set[str]:
+    try:
+        sig = inspect.signature(registry.get(kind, name))
+    except (TypeError, ValueError):
+        return set()
+    return set(sig.parameters)
+
+
+def backbone_params(recipe: Recipe, latent_shape: tuple[int, int, int], num_classes: int) -> dict:
+    """The model's parameters, with shape and class count filled in from the data.
+
+    A value given explicitly in the recipe must agree with the data.
+    """
+    params = dict(recipe.model.params)
+    c, h, _ = latent_shape
+    accepted = accepted_params("backbone", recipe.model.name)
+    for key, value in (("input_size", h), ("in_channels", c), ("num_classes", num_classes)):
+        if key in params and params[key] != value:
+            raise ConfigError(
+                f"model.params.{key}: {params[key]} does not match the data, which gives {value}"
+            )
+        if key in accepted:
+            params[key] = value
+    return params
+
+
+def build_backbone(recipe: Recipe, params: dict) -> torch.nn.Module:
+    model = create("backbone", Component(name=recipe.model.name, params=params), "model")
+    model.config_name = recipe.model.name
+    return model
+
+
+def image_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped."""
+    return ((images.float() + 1) / 2).clamp(0, 1)

@@ -1,0 +1,123 @@
+"""Sampling a trained model and scoring the samples: grids, evaluators, metrics file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noisevalue.checkpoint import atomic_write_text
+from noisevalue.config import Recipe
+from noisevalue.diffusion import Diffusion, ddim_sample, guided_eps
+from noisevalue.workflows.batches import STREAM_EVAL, STREAM_SAMPLE, seeded_generator
+from noisevalue.workflows.build import create, image_to_unit
+from noisevalue.workflows.train_data import dataset_images, reference_images
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    diffusion: Diffusion,
+    encoder: Any,
+    n: int,
+    labels: torch.Tensor | None,
+    latent_shape: tuple[int, int, int],
+    num_classes: int,
+    recipe: Recipe,
+    device: torch.device,
+    seed_key: tuple[int, ...],
+) -> torch.Tensor:
+    """``n`` images in [0, 1] for ``labels`` (None: unconditional), decoded by the encoder."""
+    g = seeded_generator(*seed_key)
+    noise = torch.randn((n, *latent_shape), generator=g)
+    out = []
+    bs = recipe.sample.batch_size
+    for start in range(0, n, bs):
+        x_T = noise[start : start + bs].to(device)
+        y = labels[start : start + bs].to(device) if labels is not None else None
+        eps = guided_eps(model, num_classes, y, recipe.sample.cfg_scale)
+        z = ddim_sample(
+            eps, diffusion, x_T, num_steps=recipe.sample.num_steps, eta=recipe.sample.eta, generator=g
+        )
+        out.append(image_to_unit(encoder.decode(z)).cpu())
+    return torch.cat(out)
+
+
+def class_labels(n: int, num_classes: int) -> torch.Tensor | None:
+    if num_classes == 0:
+        return None
+    return torch.arange(n) % num_classes
+
+
+def save_png_atomic(grid_images: torch.Tensor, path: Path, nrow: int) -> None:
+    from torchvision.utils import save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        save_image(grid_images, tmp, nrow=nrow, padding=1, pad_value=1.0)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sample_grid(
+    model, diffusion, encoder, latent_shape, num_classes, recipe, device, step: int
+) -> tuple[torch.Tensor, int]:
+    """A grid with one row per class (``sample.per_class`` columns), or 8x8 unconditional."""
+    per = recipe.sample.per_class
+    labels = torch.arange(min(num_classes, 32)).repeat_interleave(per) if num_classes else None
+    n, nrow = (len(labels), per) if labels is not None else (64, 8)
+    images = generate(
+        model, diffusion, encoder, n, labels, latent_shape, num_classes, recipe, device,
+        (recipe.seed, step, STREAM_SAMPLE),
+    )
+    return images, nrow
+
+
+def _batches(images: torch.Tensor, size: int = 256) -> Iterator[torch.Tensor]:
+    for start in range(0, len(images), size):
+        yield images[start : start + size]
+
+
+def evaluate_samples(recipe: Recipe, generated: torch.Tensor, train_dataset: Any = None) -> dict:
+    """Run every configured evaluator; optional real/shuffled baselines for scale."""
+    if not recipe.eval.evaluators:
+        return {}
+    reference = image_to_unit(reference_images(recipe, recipe.eval.num_samples, recipe.seed))
+    results: dict[str, float] = {}
+    for i, comp in enumerate(recipe.eval.evaluators):
+        evaluator = create("evaluator", comp, f"eval.evaluators.{i}")
+        evaluator.prepare(_batches(reference))
+        results.update({k: float(v) for k, v in evaluator.evaluate(_batches(generated)).items()})
+        if recipe.eval.baselines and train_dataset is not None:
+            real = image_to_unit(dataset_images(train_dataset, recipe.eval.num_samples, recipe.seed + 1))
+            for k, v in evaluator.evaluate(_batches(real)).items():
+                results[f"baseline_train_images/{k}"] = float(v)
+            g = seeded_generator(recipe.seed, 0, STREAM_EVAL)
+            flat = real.flatten(1)
+            perm = torch.argsort(torch.rand(flat.shape, generator=g), dim=1)
+            shuffled = torch.gather(flat, 1, perm).view_as(real)
+            for k, v in evaluator.evaluate(_batches(shuffled)).items():
+                results[f"baseline_shuffled_pixels/{k}"] = float(v)
+    return results
+
+
+def update_metrics_file(path: Path, step: int, metrics: dict[str, float]) -> dict:
+    """Append ``metrics`` at ``step`` to the metrics JSON (atomic rewrite)."""
+    data: dict[str, Any] = {"history": []}
+    if path.is_file():
+        data = json.loads(path.read_text())
+    history = [h for h in data.get("history", []) if h["step"] != step]
+    history.append({"step": step, **metrics})
+    history.sort(key=lambda h: h["step"])
+    data = {"step": step, "metrics": metrics, "history": history}
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
+    return data

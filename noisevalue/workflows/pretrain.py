@@ -1,0 +1,234 @@
+"""Diffusion training with i.i.d. noise (stage i), as a recipe class.
+
+Shape borrowed from torchtune's recipes: ``setup`` builds everything and restores a
+checkpoint, ``train`` runs the loop, ``save_checkpoint`` writes one, ``evaluate`` samples
+and scores, ``cleanup`` closes writers. Multi-process runs use DDP; only rank 0 logs and
+writes. Every random draw is seeded per (seed, step), see :mod:`batches`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noisevalue import checkpoint as ckpt
+from noisevalue.config import Recipe
+from noisevalue.diffusion import Diffusion
+from noisevalue.distributed import DistInfo, all_reduce_mean, barrier
+from noisevalue.ema import EMA, unwrap
+from noisevalue.errors import CheckpointError
+from noisevalue.workflows import evaluate as ev
+from noisevalue.workflows.batches import GlobalOrder, draw_step, local_batch_size
+from noisevalue.workflows.build import backbone_params, build_backbone
+from noisevalue.workflows.progress import StepProgress
+from noisevalue.workflows.train_data import load_train_data
+
+
+class DiffusionTraining:
+    def __init__(self, recipe: Recipe, run_dir: str | Path, info: DistInfo, resume: bool = False):
+        self.recipe, self.info, self.resume = recipe, info, resume
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step = 0
+        self.writer: Any = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        r, info = self.recipe, self.info
+        if r.train.threads and info.device.type == "cpu":
+            torch.set_num_threads(r.train.threads)
+        self.data, self.encoder = load_train_data(r, self.run_dir, info)
+        self.encoder.to(info.device)
+        self.latent_shape = self.data.latent_shape
+        self.num_classes = self.data.num_classes
+        self.local_batch = local_batch_size(r.train.global_batch_size, info.world_size)
+        self.model_params = backbone_params(r, self.latent_shape, self.num_classes)
+        torch.manual_seed(r.seed)  # identical initial weights on every rank
+        model = build_backbone(r, self.model_params).to(info.device)
+        self.drop_prob = float(getattr(model, "class_dropout_prob", 0.0)) if self.num_classes else 0.0
+        self.diffusion = Diffusion.from_config(r.diffusion)
+        self.ema = EMA(model, r.train.ema_decay)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=r.train.lr,
+            betas=r.train.betas,
+            eps=r.train.adam_eps,
+            weight_decay=r.train.weight_decay,
+        )
+        self.model = model
+        if self.resume:
+            self._restore()
+        if info.distributed:
+            ids = [info.device.index] if info.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if r.train.compile:
+            self.model = torch.compile(self.model)
+        self.order = GlobalOrder(self.data.num_items, r.seed)
+        if info.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
+
+    def _identity(self) -> dict:
+        return {"name": self.recipe.model.name, "params": self.model_params}
+
+    def _restore(self) -> None:
+        path = ckpt.latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            raise CheckpointError(f"--resume: no checkpoint in '{self.ckpt_dir}'")
+        self.load(path, with_optimizer=True)
+
+    def load(self, path: Path, with_optimizer: bool) -> None:
+        meta = ckpt.read_meta(path)
+        if meta.get("backbone") != self._identity():
+            raise CheckpointError(
+                f"checkpoint '{path}' was written for backbone {meta.get('backbone')}, "
+                f"but the recipe builds {self._identity()}"
+            )
+        model = unwrap(self.model)
+        ckpt.load_state_into(model, ckpt.load_tensors(path, "model", self.info.device), str(path))
+        ema_state = ckpt.load_tensors(path, "ema", self.info.device)
+        ckpt.load_state_into(copy.deepcopy(model), ema_state, f"{path} (ema)")
+        self.ema.load_state_dict(ema_state)
+        if with_optimizer:
+            flat = ckpt.load_tensors(path, "optimizer", self.info.device)
+            try:
+                self.optimizer.load_state_dict(ckpt.optimizer_from_flat(flat, meta["optimizer"]))
+            except (KeyError, ValueError) as exc:
+                raise CheckpointError(f"checkpoint '{path}': optimizer state does not fit ({exc})") from None
+        self.step = int(meta["step"])
+
+    # ------------------------------------------------------------------ training
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.recipe.train.precision == "bf16":
+            return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, step: int) -> float:
+        r, info = self.recipe, self.info
+        idx = self.order.batch(step, r.train.global_batch_size)
+        draws = draw_step(
+            r.seed, step, r.train.global_batch_size, self.latent_shape,
+            self.diffusion.num_timesteps, self.drop_prob, r.data.random_flip,
+        )
+        lo, hi = info.rank * self.local_batch, (info.rank + 1) * self.local_batch
+        mine = draws.slice(lo, hi)
+        x0, y = self.data.fetch(idx[lo:hi], mine.flip)
+        dev = info.device
+        x0, t, noise = x0.to(dev), mine.t.to(dev), mine.noise[:, 0].to(dev)
+        y_in = None
+        if self.num_classes:
+            y_in = torch.where(mine.drop, torch.full_like(y, self.num_classes), y).to(dev)
+        with self._autocast():
+            loss = self.diffusion.per_sample_loss(self.model, x0, t, y_in, noise).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if r.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.train.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model)
+        return float(all_reduce_mean(loss.detach().clone(), info))
+
+    def train(self) -> None:
+        r = self.recipe
+        total = r.train.steps
+        window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        with StepProgress("train", total, self.step, enabled=self.info.is_main) as bar:
+            while self.step < total:
+                loss = self.train_step(self.step)
+                self.step += 1
+                window_loss += loss
+                window_steps += 1
+                bar.advance(loss=loss)
+                if self.step % r.train.log_every == 0 or self.step == total:
+                    elapsed = time.perf_counter() - window_start
+                    ips = window_steps * r.train.global_batch_size / max(elapsed, 1e-9)
+                    self.log_scalars(
+                        {"train/loss": window_loss / window_steps, "train/lr": r.train.lr,
+                         "train/images_per_sec": ips},
+                    )
+                    window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+                if self.step % r.train.ckpt_every == 0 or self.step == total:
+                    self.save_checkpoint()
+                if r.eval.every and self.step % r.eval.every == 0 and self.step != total:
+                    self.evaluate()
+
+    def log_scalars(self, scalars: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, self.step)
+            self.writer.flush()
+
+    def save_checkpoint(self) -> None:
+        if self.info.is_main:
+            opt_tensors, opt_meta = ckpt.optimizer_to_flat(self.optimizer.state_dict())
+            meta = {
+                "backbone": self._identity(),
+                "optimizer": opt_meta,
+                "recipe": self.recipe.name,
+                "seed": self.recipe.seed,
+                "latent_shape": list(self.latent_shape),
+                "num_classes": self.num_classes,
+                "diffusion": self.recipe.diffusion.model_dump(),
+            }
+            tensors = {
+                "model": unwrap(self.model).state_dict(),
+                "ema": self.ema.state_dict(),
+                "optimizer": opt_tensors,
+            }
+            ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.recipe.train.keep_checkpoints)
+        barrier(self.info)
+
+    # ------------------------------------------------------------------ evaluation
+    def ema_model(self) -> torch.nn.Module:
+        model = copy.deepcopy(unwrap(self.model))
+        if self.recipe.sample.use_ema:
+            model.load_state_dict(self.ema.state_dict())
+        return model.eval()
+
+    def evaluate(self) -> dict[str, float]:
+        """Sample grid and evaluator metrics on rank 0; written to disk and TensorBoard."""
+        metrics: dict[str, float] = {}
+        if self.info.is_main:
+            r, dev = self.recipe, self.info.device
+            model = self.ema_model()
+            images, nrow = ev.sample_grid(
+                model, self.diffusion, self.encoder, self.latent_shape, self.num_classes, r, dev, self.step
+            )
+            ev.save_png_atomic(images, self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow)
+            labels = ev.class_labels(r.eval.num_samples, self.num_classes)
+            if r.eval.evaluators:
+                generated = ev.generate(
+                    model, self.diffusion, self.encoder, r.eval.num_samples, labels,
+                    self.latent_shape, self.num_classes, r, dev, (r.seed, self.step, 99),
+                )
+                pixels = r.data.encoder.name == "identity" and hasattr(self.data, "images")
+                train_set = _ImagesView(self.data.images) if pixels else None
+                metrics = ev.evaluate_samples(r, generated, train_set)
+            ev.update_metrics_file(self.run_dir / "metrics.json", self.step, metrics)
+            self.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
+            if self.writer is not None:
+                from torchvision.utils import make_grid
+
+                self.writer.add_image("samples", make_grid(images, nrow=nrow), self.step)
+        barrier(self.info)
+        return metrics
+
+    def cleanup(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _ImagesView:
+    """Pixel-space training images as a minimal dataset (for evaluation baselines)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
