@@ -1,0 +1,116 @@
+"""scikit-learn's bundled 8x8 handwritten digits: a tiny, download-free image dataset.
+
+1797 grey-scale images of the digits 0-9 with pixel values 0..16, shipped with
+scikit-learn. Useful for smoke tests and for experiments that must run in seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from noisevalue.errors import ConfigError
+from noisevalue.interfaces import ImageDataset
+
+__all__ = ["DigitsDataset", "SPLITS"]
+
+SPLITS = ("train", "test", "all")
+NATIVE_SIZE = 8
+
+
+class DigitsDataset(ImageDataset):
+    """The scikit-learn digits as ``[1, image_size, image_size]`` images in ``[-1, 1]``.
+
+    Args:
+        split: ``"train"``, ``"test"`` (the held-out part) or ``"all"``.
+        holdout_fraction: fraction of each class held out as ``"test"``, in ``(0, 1)``.
+        seed: seed of the stratified train/test split; the same seed always gives the
+            same split, and ``"train"`` and ``"test"`` of one seed never overlap.
+        image_size: side length; the native 8x8 images are resized bilinearly when it
+            differs (e.g. 16 or 32 to allow larger patch sizes).
+
+    Every image is held in memory: :attr:`images` float32 ``[N, 1, H, W]`` and
+    :attr:`labels` long ``[N]`` can be indexed directly for fast batching.
+    :attr:`indices` gives the positions of the items in the full 1797-image set.
+    """
+
+    num_classes = 10
+    channels = 1
+
+    def __init__(
+        self,
+        split: str = "train",
+        holdout_fraction: float = 0.2,
+        seed: int = 0,
+        image_size: int = NATIVE_SIZE,
+    ) -> None:
+        if split not in SPLITS:
+            raise ConfigError(
+                f"data.params.split: expected one of {', '.join(SPLITS)}; got {split!r}"
+            )
+        if not isinstance(holdout_fraction, (int, float)) or not 0.0 < holdout_fraction < 1.0:
+            raise ConfigError(
+                f"data.params.holdout_fraction: expected a number in (0, 1); got {holdout_fraction!r}"
+            )
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ConfigError(
+                f"data.params.image_size: expected a positive integer; got {image_size!r}"
+            )
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        data = np.asarray(bunch.data, dtype=np.float32)  # [1797, 64], values 0..16
+        target = np.asarray(bunch.target, dtype=np.int64)
+
+        self.split = split
+        self.holdout_fraction = float(holdout_fraction)
+        self.seed = int(seed)
+        self.image_size = int(image_size)
+        self.indices = _split_indices(target, split, self.holdout_fraction, self.seed)
+
+        images = torch.from_numpy(data[self.indices]).reshape(-1, 1, NATIVE_SIZE, NATIVE_SIZE)
+        images = images / 8.0 - 1.0  # 0..16 -> [-1, 1]
+        if self.image_size != NATIVE_SIZE:
+            images = F.interpolate(
+                images,
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                align_corners=False,
+            ).clamp_(-1.0, 1.0)
+        self.images = images.contiguous()
+        self.labels = torch.from_numpy(target[self.indices]).long()
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the content of this dataset (for on-disk caches)."""
+        return {
+            "name": "digits",
+            "split": self.split,
+            "holdout_fraction": self.holdout_fraction,
+            "seed": self.seed,
+            "image_size": self.image_size,
+            "count": len(self),
+        }
+
+
+def _split_indices(
+    target: np.ndarray, split: str, holdout_fraction: float, seed: int
+) -> np.ndarray:
+    """Sorted indices of ``split`` in a stratified train/test split seeded by ``seed``."""
+    everything = np.arange(target.shape[0])
+    if split == "all":
+        return everything
+    from sklearn.model_selection import train_test_split
+
+    train, test = train_test_split(
+        everything, test_size=holdout_fraction, stratify=target, random_state=seed, shuffle=True
+    )
+    return np.sort(train if split == "train" else test)
