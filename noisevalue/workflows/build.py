@@ -19,7 +19,20 @@ def create(kind: str, comp: Component, where: str, **extra: Any) -> Any:
     except UserError as exc:
         raise type(exc)(f"{where}.name: {exc}") from None
     registry.check_params(kind, comp.name, comp.params, where=f"{where}.params")
-    return registry.get(kind, comp.name)(**{**comp.params, **extra})
+    try:
+        return registry.get(kind, comp.name)(**{**comp.params, **extra})
+    except UserError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise type(exc)(f"{where} ({comp.name}): {exc}") from None
+
+
+def build_evaluators(recipe: Recipe) -> list[Any]:
+    """Evaluators are built before training, so missing weights fail at once."""
+    return [
+        create("evaluator", comp, f"eval.evaluators.{i}")
+        for i, comp in enumerate(recipe.eval.evaluators)
+    ]
 
 
 def accepted_params(kind: str, name: str) -> set[str]:

@@ -15,7 +15,7 @@ from noisevalue.checkpoint import atomic_write_text
 from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion, ddim_sample, guided_eps
 from noisevalue.workflows.batches import STREAM_EVAL, STREAM_SAMPLE, seeded_generator
-from noisevalue.workflows.build import create, image_to_unit
+from noisevalue.workflows.build import image_to_unit
 from noisevalue.workflows.train_data import dataset_images, reference_images
 
 
@@ -87,14 +87,15 @@ def _batches(images: torch.Tensor, size: int = 256) -> Iterator[torch.Tensor]:
         yield images[start : start + size]
 
 
-def evaluate_samples(recipe: Recipe, generated: torch.Tensor, train_dataset: Any = None) -> dict:
-    """Run every configured evaluator; optional real/shuffled baselines for scale."""
-    if not recipe.eval.evaluators:
+def evaluate_samples(
+    recipe: Recipe, evaluators: list[Any], generated: torch.Tensor, train_dataset: Any = None
+) -> dict:
+    """Run every evaluator; optional real/shuffled baselines for scale."""
+    if not evaluators:
         return {}
     reference = image_to_unit(reference_images(recipe, recipe.eval.num_samples, recipe.seed))
     results: dict[str, float] = {}
-    for i, comp in enumerate(recipe.eval.evaluators):
-        evaluator = create("evaluator", comp, f"eval.evaluators.{i}")
+    for evaluator in evaluators:
         evaluator.prepare(_batches(reference))
         results.update({k: float(v) for k, v in evaluator.evaluate(_batches(generated)).items()})
         if recipe.eval.baselines and train_dataset is not None:

@@ -24,7 +24,7 @@ from noisevalue.ema import EMA, unwrap
 from noisevalue.errors import CheckpointError
 from noisevalue.workflows import evaluate as ev
 from noisevalue.workflows.batches import GlobalOrder, draw_step, local_batch_size
-from noisevalue.workflows.build import backbone_params, build_backbone
+from noisevalue.workflows.build import backbone_params, build_backbone, build_evaluators
 from noisevalue.workflows.progress import StepProgress
 from noisevalue.workflows.train_data import load_train_data
 
@@ -42,6 +42,7 @@ class DiffusionTraining:
         r, info = self.recipe, self.info
         if r.train.threads and info.device.type == "cpu":
             torch.set_num_threads(r.train.threads)
+        self.evaluators = build_evaluators(r) if info.is_main else []
         self.data, self.encoder = load_train_data(r, self.run_dir, info)
         self.encoder.to(info.device)
         self.latent_shape = self.data.latent_shape
@@ -202,14 +203,14 @@ class DiffusionTraining:
             )
             ev.save_png_atomic(images, self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow)
             labels = ev.class_labels(r.eval.num_samples, self.num_classes)
-            if r.eval.evaluators:
+            if self.evaluators:
                 generated = ev.generate(
                     model, self.diffusion, self.encoder, r.eval.num_samples, labels,
                     self.latent_shape, self.num_classes, r, dev, (r.seed, self.step, 99),
                 )
                 pixels = r.data.encoder.name == "identity" and hasattr(self.data, "images")
                 train_set = _ImagesView(self.data.images) if pixels else None
-                metrics = ev.evaluate_samples(r, generated, train_set)
+                metrics = ev.evaluate_samples(r, self.evaluators, generated, train_set)
             ev.update_metrics_file(self.run_dir / "metrics.json", self.step, metrics)
             self.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
             if self.writer is not None:

@@ -112,7 +112,7 @@ def load_train_data(recipe: Recipe, run_dir: Path, info: DistInfo) -> tuple[Trai
         )
         barrier(info)
         if info.is_main:
-            finalize_latent_cache(cache_dir, fingerprint=fp)
+            finalize_latent_cache(cache_dir)
         barrier(info)
         return CachedLatentData(LatentCacheDataset(cache_dir)), encoder
     if hasattr(dataset, "images") and hasattr(dataset, "labels"):

@@ -1,0 +1,1 @@
+"""An example noisevalue plugin."""

@@ -1,0 +1,23 @@
+import os
+
+import pytest
+
+# Tests must never reach for the network (weights, datasets).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = [
+    "train.steps=4",
+    "train.global_batch_size=8",
+    "train.ckpt_every=2",
+    "train.log_every=1",
+    "train.threads=1",
+    "eval.evaluators=[]",
+    "sample.num_steps=2",
+    "sample.per_class=1",
+]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """Overrides that shrink the digits default to a few seconds, writing under tmp_path."""
+    return [*TINY, f"output_dir={tmp_path / 'run'}"]

@@ -1,0 +1,117 @@
+"""Every mistake a user can make: one line on stderr, exit code 2, nothing on disk lost."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from noisevalue.cli import app
+
+runner = CliRunner()
+
+
+def fails_cleanly(args, expected):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, (result.output, result.exception)
+    err = result.stderr.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("noisevalue: error: ")
+    assert expected in err, err
+    return err
+
+
+def digest(folder: Path) -> dict:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.name=DiT-Q/2", "model.name: unknown backbone 'DiT-Q/2'; known backbone names:"),
+        ("data.encoder.name=jpeg", "data.encoder.name: unknown encoder 'jpeg'"),
+        ("train.stepz=3", "train.stepz: unknown key"),
+        ("train.steps=many", "train.steps: Input should be a valid integer"),
+        ("train.global_batch_size=0", "train.global_batch_size: Input should be greater than 0"),
+        ("model.params.hidden=3", "model.params: unknown parameter 'hidden' for backbone 'DiT-Tiny/2'"),
+    ],
+)
+def test_recipe_errors(tiny_overrides, override, expected):
+    fails_cleanly(["run", *tiny_overrides, override], expected)
+    fails_cleanly(["recipe", "validate", "digits", override], expected)
+
+
+def test_recipe_validate_accepts_good_recipes():
+    result = runner.invoke(app, ["recipe", "validate", "recipes/imagenet_cond.yaml"])
+    assert result.exit_code == 0 and "ok" in result.output
+
+
+def image_folder(root):
+    return ["~data.dataset.params", "~data.eval_dataset", "data.dataset.name=image_folder",
+            f"data.dataset.params.root={root}", "data.dataset.params.image_size=8"]
+
+
+def test_missing_and_empty_data_folder(tmp_path, tiny_overrides):
+    missing = tmp_path / "nowhere"
+    fails_cleanly(["run", *tiny_overrides, *image_folder(missing)], "data.dataset (image_folder): data.params.root: folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails_cleanly(["run", *tiny_overrides, *image_folder(empty)], "no images")
+
+
+def test_image_size_that_does_not_fit_the_patch(tiny_overrides):
+    fails_cleanly(["run", *tiny_overrides, "data.dataset.params.image_size=9"], "not divisible by patch size 2")
+
+
+def test_batch_not_divisible_by_processes_is_a_recipe_error(tiny_overrides):
+    from noisevalue.workflows.batches import local_batch_size
+    from noisevalue.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.global_batch_size: 8 is not divisible by the 3 processes"):
+        local_batch_size(8, 3)
+
+
+@pytest.fixture
+def finished_run(tmp_path, tiny_overrides):
+    result = runner.invoke(app, ["run", *tiny_overrides])
+    assert result.exit_code == 0, result.output
+    return tmp_path / "run"
+
+
+def test_checkpoint_problems(finished_run, tiny_overrides):
+    before = digest(finished_run)
+    # a second run into the same folder must not clobber it
+    fails_cleanly(["run", *tiny_overrides], "already holds checkpoints")
+    # a checkpoint written for another backbone
+    fails_cleanly(["run", *tiny_overrides, "--resume", "train.steps=6", "model.params.learn_sigma=true"],
+                  "was written for backbone")
+    assert digest(finished_run) | {"recipe.yaml": None} == before | {"recipe.yaml": None}
+
+    # a truncated checkpoint file
+    model = finished_run / "checkpoints" / "step_0000004" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100])
+    before = digest(finished_run)
+    fails_cleanly(["run", *tiny_overrides, "--resume", "train.steps=6"], "corrupt or truncated")
+    after = digest(finished_run)
+    assert {k: v for k, v in after.items() if k != "recipe.yaml"} == {k: v for k, v in before.items() if k != "recipe.yaml"}
+
+
+def test_resume_without_checkpoint(tiny_overrides):
+    fails_cleanly(["run", *tiny_overrides, "--resume"], "--resume: no checkpoint in")
+
+
+def test_vae_weights_unavailable_offline(tiny_overrides):
+    err = fails_cleanly(["run", *tiny_overrides, "data.encoder.name=sd_vae"], "data.encoder (sd_vae)")
+    assert "local_path" in err
+
+
+def test_inception_weights_unavailable(tmp_path, tiny_overrides):
+    err = fails_cleanly(
+        ["run", *tiny_overrides, "eval.evaluators=[{name: fid, params: {features: inception}}]"],
+        "eval.evaluators.0 (fid)",
+    )
+    assert "weights_path" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before training

@@ -1,0 +1,114 @@
+"""Entry-point discovery: a plugin package installed in a temporary environment."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from noisevalue import registry
+from noisevalue.errors import PluginError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_builtins_are_registered_through_entry_points():
+    entries = {(e.kind, e.name): e for e in registry.entries()}
+    assert entries[("backbone", "DiT-S/2")].distribution == "noisevalue"
+    assert entries[("evaluator", "fid")].target == "noisevalue.evaluators.fid:FIDEvaluator"
+    with pytest.raises(PluginError, match="unknown selector 'nope'"):
+        registry.get("selector", "nope")
+    with pytest.raises(PluginError, match="unknown component kind"):
+        registry.names("widget")
+
+
+def test_runtime_registration():
+    @registry.register("evaluator", "constant-test")
+    class Constant:
+        def __init__(self, value: float = 1.0):
+            self.value = value
+
+    try:
+        assert registry.create("evaluator", "constant-test", value=3.0).value == 3.0
+        assert "constant-test" in registry.names("evaluator")
+    finally:
+        registry.reset()
+
+
+@pytest.fixture(scope="module")
+def plugin_env(tmp_path_factory):
+    """The example plugin and a deliberately broken one, pip-installed into a target dir."""
+    target = tmp_path_factory.mktemp("site")
+    broken = tmp_path_factory.mktemp("broken")
+    (broken / "pyproject.toml").write_text(textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools>=61"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "broken-plugin"
+        version = "0.0.1"
+        [project.entry-points."noisevalue.backbones"]
+        broken = "broken_plugin_missing_module:Nope"
+        [tool.setuptools]
+        py-modules = []
+    """))
+    for pkg in (ROOT / "plugins" / "noisevalue-example", broken):
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+             "--target", str(target), str(pkg)],
+            check=True, capture_output=True,
+        )
+    env = dict(os.environ, PYTHONPATH=str(target))
+    env.pop("NOISEVALUE_DISABLE_PLUGIN_AUTOLOAD", None)
+    return env
+
+
+def run_py(code, env):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True)
+
+
+def test_installed_plugin_is_discovered_and_usable(plugin_env):
+    out = run_py("""
+        import torch
+        from noisevalue import registry
+        m = registry.create("backbone", "example-mlp", input_size=8, in_channels=1, num_classes=10, hidden=32)
+        print(tuple(m(torch.zeros(2, 1, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 10])).shape))
+        e = {x.name: x.distribution for x in registry.entries("backbone")}
+        print(e["example-mlp"], e["DiT-S/2"])
+    """, plugin_env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["(2, 1, 8, 8)", "noisevalue-example noisevalue"]
+
+
+def test_broken_plugin_is_reported_and_does_not_break_others(plugin_env):
+    out = run_py("""
+        from noisevalue import registry
+        from noisevalue.errors import PluginError
+        try:
+            registry.get("backbone", "broken")
+        except PluginError as exc:
+            print("ERR", exc)
+        print(registry.get("backbone", "example-mlp").__name__)
+    """, plugin_env)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.strip().split("\n")
+    assert first.startswith("ERR backbone 'broken' from distribution 'broken-plugin'")
+    assert "ModuleNotFoundError" in first
+    assert second == "MLPDenoiser"
+
+    listing = subprocess.run([sys.executable, "-m", "noisevalue.cli", "plugins", "list", "--kind", "backbone"],
+                             env=plugin_env, capture_output=True, text=True)
+    assert listing.returncode == 0
+    lines = {line.split()[0]: line for line in listing.stdout.splitlines() if line.startswith("  ")}
+    assert "noisevalue-example" in lines["example-mlp"]
+    assert "FAILED" in lines["broken"] and "broken-plugin" in lines["broken"]
+    assert "FAILED" not in lines["DiT-S/2"]
+
+
+def test_autoload_can_be_disabled(plugin_env):
+    env = dict(plugin_env, NOISEVALUE_DISABLE_PLUGIN_AUTOLOAD="1")
+    out = run_py("from noisevalue import registry; print(registry.names('backbone'))", env)
+    assert "example-mlp" not in out.stdout and "broken" not in out.stdout
+    assert "DiT-S/2" in out.stdout
