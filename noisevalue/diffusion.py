@@ -33,7 +33,7 @@ class Diffusion:
     ) -> None:
         from diffusers import DDPMScheduler
 
-        self.scheduler = DDPMScheduler(
+        scheduler: Any = DDPMScheduler(
             num_train_timesteps=num_timesteps,
             beta_schedule=beta_schedule,
             beta_start=beta_start,
@@ -41,9 +41,10 @@ class Diffusion:
             prediction_type="epsilon",
             clip_sample=False,
         )
+        self.scheduler = scheduler
         self.num_timesteps = num_timesteps
         # float64 master copy; cast to the data dtype at use.
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(torch.float64)
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
 
     @classmethod
     def from_config(cls, cfg: Any) -> Diffusion:

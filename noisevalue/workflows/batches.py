@@ -58,7 +58,7 @@ class GlobalOrder:
 
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
         start = step * batch_size
-        out = []
+        out: list[int] = []
         while len(out) < batch_size:
             epoch, offset = divmod(start + len(out), self.n)
             take = min(batch_size - len(out), self.n - offset)

@@ -21,7 +21,7 @@ from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import DistInfo, all_reduce_mean, barrier
 from noisevalue.ema import EMA, unwrap
-from noisevalue.errors import CheckpointError
+from noisevalue.errors import CheckpointError, ConfigError
 from noisevalue.workflows import evaluate as ev
 from noisevalue.workflows.batches import GlobalOrder, draw_step, local_batch_size
 from noisevalue.workflows.build import backbone_params, build_backbone, build_evaluators
@@ -52,6 +52,11 @@ class DiffusionTraining:
         torch.manual_seed(r.seed)  # identical initial weights on every rank
         model = build_backbone(r, self.model_params).to(info.device)
         self.drop_prob = float(getattr(model, "class_dropout_prob", 0.0)) if self.num_classes else 0.0
+        if self.num_classes and self.drop_prob == 0 and r.sample.cfg_scale != 1.0:
+            raise ConfigError(
+                f"sample.cfg_scale: guidance ({r.sample.cfg_scale}) needs a null label; set "
+                "model.params.class_dropout_prob > 0 or sample.cfg_scale=1"
+            )
         self.diffusion = Diffusion.from_config(r.diffusion)
         self.ema = EMA(model, r.train.ema_decay)
         self.optimizer = torch.optim.AdamW(
@@ -68,7 +73,7 @@ class DiffusionTraining:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if r.train.compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.order = GlobalOrder(self.data.num_items, r.seed)
         if info.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -209,7 +214,7 @@ class DiffusionTraining:
                     self.latent_shape, self.num_classes, r, dev, (r.seed, self.step, 99),
                 )
                 pixels = r.data.encoder.name == "identity" and hasattr(self.data, "images")
-                train_set = _ImagesView(self.data.images) if pixels else None
+                train_set = _ImagesView(self.data.images) if pixels else None  # type: ignore[attr-defined]
                 metrics = ev.evaluate_samples(r, self.evaluators, generated, train_set)
             ev.update_metrics_file(self.run_dir / "metrics.json", self.step, metrics)
             self.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
