@@ -110,7 +110,7 @@ def _print_result(run_dir: Path, metrics: dict | None) -> None:
 
     if metrics is None and (run_dir / "metrics.json").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text()).get("metrics", {})
-    shown = ", ".join(f"{k} {v:.4g}" for k, v in (metrics or {}).items())
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in (metrics or {}).items() if "baseline" not in k)
     typer.echo(f"done: {run_dir}  {shown}")
 
 

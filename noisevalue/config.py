@@ -71,6 +71,47 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     threads: int | None = Field(default=None, gt=0)  # torch.set_num_threads on CPU
+    # how each training sample's noise is chosen among k i.i.d. candidates (k=1: vanilla)
+    selector: Component = Field(default_factory=lambda: Component(name="random", params={"k": 1}))
+    # start from another run's checkpoint (model, EMA, optimizer, step): a continuation
+    init_from: str | None = None
+
+
+class MetaConfig(_Strict):
+    """Stage (ii): bilevel meta-training of the rater on a frozen diffusion checkpoint."""
+
+    optimizer: Component = Field(default_factory=lambda: Component(name="unrolled"))
+    pretrained: str | None = None  # diffusion checkpoint (run or step folder); protocol fills it
+    outer_steps: int = Field(default=2000, ge=0)
+    inner_steps: int = Field(default=5, ge=1)  # S
+    group_size: int = Field(default=8, ge=2)  # K candidate noises per (x0, y, t)
+    groups: int = Field(default=32, gt=0)  # B groups per inner batch (global)
+    val_batch_size: int = Field(default=64, gt=0)
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)  # held out of the training set
+    inner_optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    inner_lr: float = Field(default=1e-4, gt=0)
+    inner_options: dict[str, Any] = Field(default_factory=dict)  # betas, eps, eps_root, ...
+    reset_theta: bool = True  # back to the checkpoint every outer step, else carry theta on
+    rater_lr: float = Field(default=1e-4, gt=0)
+    rater_weight_decay: float = Field(default=0.0, ge=0)
+    rater_grad_clip: float | None = Field(default=None, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    ckpt_every: int = Field(default=100, gt=0)
+
+
+class SelectConfig(_Strict):
+    """Stage (iii): continue diffusion training from the stage-(i) checkpoint per method."""
+
+    steps: int = Field(default=80000, gt=0)  # continuation steps
+    eval_every: int | None = Field(default=20000, gt=0)
+    methods: dict[str, Component] = Field(
+        default_factory=lambda: {
+            "vanilla": Component(name="random", params={"k": 1}),
+            "rater": Component(name="rater", params={"k": 4}),
+            "max_norm": Component(name="max_norm", params={"k": 4}),
+            "min_norm": Component(name="min_norm", params={"k": 4}),
+        }
+    )
 
 
 class SampleConfig(_Strict):
@@ -93,13 +134,23 @@ class Recipe(_Strict):
     name: str = Field(min_length=1)
     seed: int = 0
     output_dir: str = "runs/default"
-    workflow: Literal["pretrain"] = "pretrain"
+    # pretrain: stage (i) only; meta_train: stage (ii); protocol: (i) -> (ii) -> (iii) + table
+    workflow: Literal["pretrain", "meta_train", "protocol"] = "pretrain"
     data: DataConfig
     model: Component
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    rater: Component | None = None
+    meta: MetaConfig = Field(default_factory=MetaConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+
+    @model_validator(mode="after")
+    def _rater_needed(self) -> Recipe:
+        if self.workflow in ("meta_train", "protocol") and self.rater is None:
+            raise ValueError(f"workflow '{self.workflow}' needs a 'rater' section")
+        return self
 
 
 def builtin_recipe_names() -> list[str]:
@@ -205,6 +256,13 @@ def component_slots(recipe: Recipe) -> list[tuple[str, str, Component]]:
         slots.append(("data.eval_dataset", "dataset", recipe.data.eval_dataset))
     for i, ev in enumerate(recipe.eval.evaluators):
         slots.append((f"eval.evaluators.{i}", "evaluator", ev))
+    slots.append(("train.selector", "selector", recipe.train.selector))
+    if recipe.rater is not None:
+        slots.append(("rater", "rater", recipe.rater))
+        slots.append(("meta.optimizer", "meta_optimizer", recipe.meta.optimizer))
+    if recipe.workflow == "protocol":
+        for label, comp in recipe.select.methods.items():
+            slots.append((f"select.methods.{label}", "selector", comp))
     return slots
 
 

@@ -23,6 +23,9 @@ STREAM_ORDER = 0
 STREAM_TRAIN = 1
 STREAM_SAMPLE = 2
 STREAM_EVAL = 3
+STREAM_META = 4
+STREAM_VAL = 5
+STREAM_SPLIT = 6
 
 
 def seeded_generator(*key: int) -> torch.Generator:
@@ -90,9 +93,11 @@ def draw_step(
     k: int = 1,
     stream: int = STREAM_TRAIN,
 ) -> StepDraws:
+    # Noise last: runs that differ only in k (vanilla vs. selection among k candidates)
+    # share their data order, timesteps, label drops and flips.
     g = seeded_generator(seed, step, stream)
     t = torch.randint(0, num_timesteps, (batch,), generator=g)
-    noise = torch.randn((batch, k, *shape), generator=g)
     drop = torch.rand(batch, generator=g) < drop_prob
     flips = (torch.rand(batch, generator=g) < 0.5) & flip
+    noise = torch.randn((batch, k, *shape), generator=g)
     return StepDraws(t, noise, drop, flips)

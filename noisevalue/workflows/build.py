@@ -43,22 +43,28 @@ def accepted_params(kind: str, name: str) -> set[str]:
     return set(sig.parameters)
 
 
-def backbone_params(recipe: Recipe, latent_shape: tuple[int, int, int], num_classes: int) -> dict:
-    """The model's parameters, with shape and class count filled in from the data.
+def shape_params(
+    kind: str, comp: Component, where: str, latent_shape: tuple[int, int, int], num_classes: int
+) -> dict:
+    """A component's parameters with the data's shape and class count filled in.
 
     A value given explicitly in the recipe must agree with the data.
     """
-    params = dict(recipe.model.params)
+    params = dict(comp.params)
     c, h, _ = latent_shape
-    accepted = accepted_params("backbone", recipe.model.name)
+    accepted = accepted_params(kind, comp.name)
     for key, value in (("input_size", h), ("in_channels", c), ("num_classes", num_classes)):
         if key in params and params[key] != value:
             raise ConfigError(
-                f"model.params.{key}: {params[key]} does not match the data, which gives {value}"
+                f"{where}.params.{key}: {params[key]} does not match the data, which gives {value}"
             )
         if key in accepted:
             params[key] = value
     return params
+
+
+def backbone_params(recipe: Recipe, latent_shape: tuple[int, int, int], num_classes: int) -> dict:
+    return shape_params("backbone", recipe.model, "model", latent_shape, num_classes)
 
 
 def build_backbone(recipe: Recipe, params: dict) -> torch.nn.Module:

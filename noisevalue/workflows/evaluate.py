@@ -77,7 +77,7 @@ def sample_grid(
     n, nrow = (len(labels), per) if labels is not None else (64, 8)
     images = generate(
         model, diffusion, encoder, n, labels, latent_shape, num_classes, recipe, device,
-        (recipe.seed, step, STREAM_SAMPLE),
+        (recipe.seed, STREAM_SAMPLE),  # the same noises at every step: grids are comparable
     )
     return images, nrow
 

@@ -1,4 +1,5 @@
-"""Diffusion training with i.i.d. noise (stage i), as a recipe class.
+"""Diffusion training, as a recipe class: stage (i) with i.i.d. noise, and stage (iii),
+the continuation where a NoiseSelector picks each sample's noise among k candidates.
 
 Shape borrowed from torchtune's recipes: ``setup`` builds everything and restores a
 checkpoint, ``train`` runs the loop, ``save_checkpoint`` writes one, ``evaluate`` samples
@@ -23,8 +24,8 @@ from noisevalue.distributed import DistInfo, all_reduce_mean, barrier
 from noisevalue.ema import EMA, unwrap
 from noisevalue.errors import CheckpointError, ConfigError
 from noisevalue.workflows import evaluate as ev
-from noisevalue.workflows.batches import GlobalOrder, draw_step, local_batch_size
-from noisevalue.workflows.build import backbone_params, build_backbone, build_evaluators
+from noisevalue.workflows.batches import STREAM_EVAL, GlobalOrder, draw_step, local_batch_size
+from noisevalue.workflows.build import backbone_params, build_backbone, build_evaluators, create
 from noisevalue.workflows.progress import StepProgress
 from noisevalue.workflows.train_data import load_train_data
 
@@ -43,6 +44,7 @@ class DiffusionTraining:
         if r.train.threads and info.device.type == "cpu":
             torch.set_num_threads(r.train.threads)
         self.evaluators = build_evaluators(r) if info.is_main else []
+        self.selector = create("selector", r.train.selector, "train.selector")
         self.data, self.encoder = load_train_data(r, self.run_dir, info)
         self.encoder.to(info.device)
         self.latent_shape = self.data.latent_shape
@@ -67,8 +69,13 @@ class DiffusionTraining:
             weight_decay=r.train.weight_decay,
         )
         self.model = model
+        if hasattr(self.selector, "check_compatible"):
+            self.selector.check_compatible(self.latent_shape, self.num_classes)
+        self.selector.to(info.device)
         if self.resume:
             self._restore()
+        elif r.train.init_from:
+            self.load(ckpt.resolve_checkpoint(r.train.init_from), with_optimizer=True)
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -120,16 +127,23 @@ class DiffusionTraining:
         idx = self.order.batch(step, r.train.global_batch_size)
         draws = draw_step(
             r.seed, step, r.train.global_batch_size, self.latent_shape,
-            self.diffusion.num_timesteps, self.drop_prob, r.data.random_flip,
+            self.diffusion.num_timesteps, self.drop_prob, r.data.random_flip, k=self.selector.k,
         )
         lo, hi = info.rank * self.local_batch, (info.rank + 1) * self.local_batch
         mine = draws.slice(lo, hi)
         x0, y = self.data.fetch(idx[lo:hi], mine.flip)
         dev = info.device
-        x0, t, noise = x0.to(dev), mine.t.to(dev), mine.noise[:, 0].to(dev)
+        x0, t = x0.to(dev), mine.t.to(dev)
         y_in = None
         if self.num_classes:
             y_in = torch.where(mine.drop, torch.full_like(y, self.num_classes), y).to(dev)
+        candidates = mine.noise.to(dev)
+        if candidates.shape[1] == 1:
+            noise = candidates[:, 0]
+        else:  # the selector sees the dropped label, as the rater did in meta-training
+            with torch.no_grad():
+                pick = self.selector.select(x0, y_in, t, candidates)
+            noise = candidates[torch.arange(len(pick), device=dev), pick]
         with self._autocast():
             loss = self.diffusion.per_sample_loss(self.model, x0, t, y_in, noise).mean()
         self.optimizer.zero_grad(set_to_none=True)
@@ -211,7 +225,7 @@ class DiffusionTraining:
             if self.evaluators:
                 generated = ev.generate(
                     model, self.diffusion, self.encoder, r.eval.num_samples, labels,
-                    self.latent_shape, self.num_classes, r, dev, (r.seed, self.step, 99),
+                    self.latent_shape, self.num_classes, r, dev, (r.seed, STREAM_EVAL),
                 )
                 pixels = r.data.encoder.name == "identity" and hasattr(self.data, "images")
                 train_set = _ImagesView(self.data.images) if pixels else None  # type: ignore[attr-defined]

@@ -1,0 +1,239 @@
+"""Stage (ii): bilevel meta-training of a noise rater on a frozen diffusion checkpoint.
+
+Each outer step draws S grouped inner batches (B groups of K candidate noises sharing x0,
+label and t) from the training part of the data and one validation batch from a held-out
+split of it; the configured MetaOptimizer returns the rater's meta-gradient; the rater's
+own optimizer applies it. theta starts from the checkpoint every outer step (default) or is
+carried along. All draws are seeded per (seed, outer step, inner step), so resume is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noisevalue import checkpoint as ckpt
+from noisevalue.config import Component, Recipe
+from noisevalue.diffusion import Diffusion
+from noisevalue.distributed import DistInfo, all_reduce_mean, barrier
+from noisevalue.errors import CheckpointError, ConfigError, UserError
+from noisevalue.meta.problem import GroupedBatch, PlainBatch, group_stats, make_problem, param_dict
+from noisevalue.raters import RATER_GROUP
+from noisevalue.workflows.batches import (
+    STREAM_META,
+    STREAM_SPLIT,
+    STREAM_VAL,
+    GlobalOrder,
+    draw_step,
+    local_batch_size,
+    seeded_generator,
+)
+from noisevalue.workflows.build import create, shape_params
+from noisevalue.workflows.progress import StepProgress
+from noisevalue.workflows.train_data import load_train_data
+
+
+def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices): a seeded random ``fraction`` of ``n`` held out."""
+    n_val = int(round(n * fraction))
+    if n_val < 1 or n_val >= n:
+        raise ConfigError(
+            f"meta.val_fraction: {fraction} of {n} training items leaves "
+            f"{'no validation' if n_val < 1 else 'no training'} data"
+        )
+    perm = torch.randperm(n, generator=seeded_generator(seed, 0, STREAM_SPLIT))
+    return perm[n_val:], perm[:n_val]
+
+
+class RaterMetaTraining:
+    def __init__(self, recipe: Recipe, run_dir: str | Path, info: DistInfo, resume: bool = False):
+        self.recipe, self.info, self.resume = recipe, info, resume
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step = 0
+        self.writer: Any = None
+        self.theta: dict[str, torch.Tensor] | None = None
+
+    def setup(self) -> None:
+        r, info, m = self.recipe, self.info, self.recipe.meta
+        assert r.rater is not None
+        if r.train.threads and info.device.type == "cpu":
+            torch.set_num_threads(r.train.threads)
+        if not m.pretrained:
+            raise ConfigError("meta.pretrained: a diffusion checkpoint (run or step folder) is required")
+        self.data, _ = load_train_data(r, self.run_dir, info)
+        self.latent_shape, self.num_classes = self.data.latent_shape, self.data.num_classes
+        self.groups = local_batch_size(m.groups, info.world_size)
+        self.val_batch = local_batch_size(m.val_batch_size, info.world_size)
+        self.train_idx, self.val_idx = validation_split(self.data.num_items, m.val_fraction, r.seed)
+
+        path = ckpt.resolve_checkpoint(m.pretrained)
+        meta = ckpt.read_meta(path)
+        identity = meta.get("backbone") or {}
+        if tuple(meta.get("latent_shape", ())) != tuple(self.latent_shape) or meta.get("num_classes") != self.num_classes:
+            raise CheckpointError(
+                f"checkpoint '{path}' was trained on latents {tuple(meta.get('latent_shape', ()))} with "
+                f"{meta.get('num_classes')} classes, but the data gives {tuple(self.latent_shape)} "
+                f"with {self.num_classes}"
+            )
+        backbone = create("backbone", Component(name=identity["name"], params=identity["params"]), "meta.pretrained")
+        ckpt.load_state_into(backbone, ckpt.load_tensors(path, "model"), str(path))
+        self.backbone = backbone.to(info.device)  # its parameters are only read, via theta
+        self.pretrained = path
+        self.drop_prob = float(getattr(backbone, "class_dropout_prob", 0.0)) if self.num_classes else 0.0
+
+        self.rater_params = shape_params("rater", r.rater, "rater", self.latent_shape, self.num_classes)
+        torch.manual_seed(r.seed + 1)  # identical rater init on every rank
+        self.rater = create("rater", Component(name=r.rater.name, params=self.rater_params), "rater").to(info.device)
+        self.rater_opt = torch.optim.AdamW(
+            [p for p in self.rater.parameters() if p.requires_grad],
+            lr=m.rater_lr, weight_decay=m.rater_weight_decay,
+        )
+        self.meta_opt = create("meta_optimizer", m.optimizer, "meta.optimizer")
+        self.diffusion = Diffusion.from_config(r.diffusion)
+        self.theta0 = param_dict(self.backbone)
+        self.train_order = GlobalOrder(len(self.train_idx), r.seed)
+        self.val_order = GlobalOrder(len(self.val_idx), r.seed + 1)
+        if self.resume:
+            self._restore()
+        if info.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
+
+    # ------------------------------------------------------------------ batches
+    def _batch(self, order: GlobalOrder, pool: torch.Tensor, key: int, size: int, k: int, stream: int):
+        r, info = self.recipe, self.info
+        global_size = size * info.world_size
+        idx = pool[order.batch(key, global_size)]
+        draws = draw_step(r.seed, key, global_size, self.latent_shape, self.diffusion.num_timesteps,
+                          self.drop_prob, r.data.random_flip, k=k, stream=stream)
+        lo, hi = info.rank * size, (info.rank + 1) * size
+        mine = draws.slice(lo, hi)
+        x0, y = self.data.fetch(idx[lo:hi], mine.flip)
+        dev = info.device
+        y_in = None
+        if self.num_classes:
+            y_in = torch.where(mine.drop, torch.full_like(y, self.num_classes), y).to(dev)
+        return x0.to(dev), y_in, mine.t.to(dev), mine.noise.to(dev)
+
+    def inner_batches(self, outer: int) -> list[GroupedBatch]:
+        m = self.recipe.meta
+        out = []
+        for s in range(m.inner_steps):
+            x0, y, t, noise = self._batch(self.train_order, self.train_idx, outer * m.inner_steps + s,
+                                          self.groups, m.group_size, STREAM_META)
+            out.append(GroupedBatch(x0, y, t, noise))
+        return out
+
+    def validation_batch(self, outer: int) -> PlainBatch:
+        x0, y, t, noise = self._batch(self.val_order, self.val_idx, outer, self.val_batch, 1, STREAM_VAL)
+        return PlainBatch(x0, y, t, noise[:, 0])
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> None:
+        m = self.recipe.meta
+        with StepProgress("meta-train rater", m.outer_steps, self.step, enabled=self.info.is_main) as bar:
+            while self.step < m.outer_steps:
+                stats = self.outer_step(self.step)
+                self.step += 1
+                bar.advance(val_loss=stats["meta/val_loss"])
+                if self.step % m.log_every == 0 or self.step == m.outer_steps:
+                    self.log_scalars(stats)
+                if self.step % m.ckpt_every == 0 or self.step == m.outer_steps:
+                    self.save_checkpoint()
+
+    def outer_step(self, outer: int) -> dict[str, float]:
+        m, info = self.recipe.meta, self.info
+        batches = self.inner_batches(outer)
+        problem = make_problem(
+            self.backbone, self.rater, self.diffusion, batches, self.validation_batch(outer),
+            inner_optimizer=m.inner_optimizer, inner_lr=m.inner_lr, inner_options=m.inner_options,
+        )
+        theta = self.theta0 if (m.reset_theta or self.theta is None) else self.theta
+        eta = param_dict(self.rater)
+        result = self.meta_opt.meta_gradient(problem, theta, eta)
+        finite = all(bool(torch.isfinite(g).all()) for g in result.grad.values()) and math.isfinite(result.outer_loss)
+        flag = torch.tensor([0.0 if finite else 1.0], device=info.device)
+        if float(all_reduce_mean(flag, info)) > 0:
+            self._stop_on_nan(outer)
+        for name, p in self.rater.named_parameters():
+            if p.requires_grad:
+                p.grad = all_reduce_mean(result.grad[name].to(p.dtype).clone(), info)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.rater.parameters(), m.rater_grad_clip if m.rater_grad_clip else float("inf")
+        )
+        self.rater_opt.step()
+        if not m.reset_theta:
+            self.theta = {k: v.detach() for k, v in result.theta.items()}
+        stats = {
+            "meta/val_loss": float(all_reduce_mean(torch.tensor([result.outer_loss], device=info.device), info)),
+            "meta/grad_norm": float(grad_norm),
+        }
+        stats.update({f"meta/{k}": v for k, v in group_stats(self.rater, param_dict(self.rater), batches[0]).items()})
+        stats.update({f"meta/info/{k}": float(v) for k, v in result.info.items()})
+        return stats
+
+    def _stop_on_nan(self, outer: int) -> None:
+        """Keep the last good rater (the one before this update) and stop with one line."""
+        if ckpt.latest_checkpoint(self.ckpt_dir) is None or int(ckpt.read_meta(ckpt.latest_checkpoint(self.ckpt_dir))["step"]) != outer:
+            self.save_checkpoint()
+        last = ckpt.latest_checkpoint(self.ckpt_dir)
+        raise UserError(
+            f"meta-gradient became NaN/inf at outer step {outer + 1}; stopped. The last good rater "
+            f"(after step {outer}) is in '{last}'. Lower meta.rater_lr or meta.inner_lr, or set "
+            "meta.rater_grad_clip"
+        )
+
+    def log_scalars(self, scalars: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, self.step)
+            self.writer.flush()
+
+    def _identity(self) -> dict:
+        assert self.recipe.rater is not None
+        return {"name": self.recipe.rater.name, "params": self.rater_params}
+
+    def save_checkpoint(self) -> None:
+        if self.info.is_main:
+            opt_tensors, opt_meta = ckpt.optimizer_to_flat(self.rater_opt.state_dict())
+            tensors = {RATER_GROUP: self.rater.state_dict(), "rater_optimizer": opt_tensors}
+            if self.theta is not None:
+                tensors["theta"] = self.theta
+            meta = {
+                RATER_GROUP: self._identity(),
+                "optimizer": opt_meta,
+                "latent_shape": list(self.latent_shape),
+                "num_classes": self.num_classes,
+                "pretrained": str(self.pretrained),
+                "meta": self.recipe.meta.model_dump(mode="json"),
+            }
+            ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.recipe.train.keep_checkpoints)
+        barrier(self.info)
+
+    def _restore(self) -> None:
+        path = ckpt.latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            raise CheckpointError(f"--resume: no checkpoint in '{self.ckpt_dir}'")
+        meta = ckpt.read_meta(path)
+        if meta.get(RATER_GROUP) != self._identity():
+            raise CheckpointError(
+                f"checkpoint '{path}' holds rater {meta.get(RATER_GROUP)}, but the recipe builds {self._identity()}"
+            )
+        ckpt.load_state_into(self.rater, ckpt.load_tensors(path, RATER_GROUP, self.info.device), str(path))
+        flat = ckpt.load_tensors(path, "rater_optimizer", self.info.device)
+        self.rater_opt.load_state_dict(ckpt.optimizer_from_flat(flat, meta["optimizer"]))
+        if (path / "theta.safetensors").is_file():
+            self.theta = ckpt.load_tensors(path, "theta", self.info.device)
+        self.step = int(meta["step"])
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def cleanup(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
