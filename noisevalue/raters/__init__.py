@@ -1,1 +1,50 @@
-"""raters"""
+"""Noise raters ``phi_eta(eps, t, x0, y) -> score`` and loading a trained one.
+
+Built-in raters are registered under the ``noisevalue.raters`` entry-point group:
+``dual_stream`` (the paper's dual-stream DiT), ``dual_stream_tiny`` (CPU-sized, digits)
+and ``norm`` (signed L2 norm, no parameters).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from noisevalue.interfaces import Rater
+from noisevalue.raters.dual_stream import DualStreamRater, dual_stream, dual_stream_tiny
+from noisevalue.raters.norm import NormRater
+
+__all__ = ["DualStreamRater", "NormRater", "dual_stream", "dual_stream_tiny", "load_rater"]
+
+RATER_GROUP = "rater"  # tensor group (``rater.safetensors``) and meta.json key
+
+
+def load_rater(path: str | Path) -> tuple[Rater, Path]:
+    """Rebuild a rater from a checkpoint folder (or a run / checkpoints folder, whose
+    newest checkpoint is used) and load its weights. Returns ``(rater, checkpoint_dir)``.
+
+    The folder holds ``rater.safetensors`` and ``meta.json`` whose ``"rater"`` entry is
+    ``{"name": registry name, "params": constructor params}``. The rater is returned in
+    eval mode with ``requires_grad`` off. Problems raise ``CheckpointError``.
+    """
+    from noisevalue import checkpoint, registry
+    from noisevalue.errors import CheckpointError
+
+    ckpt = checkpoint.resolve_checkpoint(path)
+    meta = checkpoint.read_meta(ckpt)
+    info = meta.get(RATER_GROUP)
+    if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+        raise CheckpointError(
+            f"checkpoint '{ckpt}' is not a rater checkpoint: meta.json has no "
+            f"'{RATER_GROUP}' entry with a 'name'"
+        )
+    params = info.get("params") or {}
+    if not isinstance(params, dict):
+        raise CheckpointError(
+            f"checkpoint '{ckpt}': meta.json '{RATER_GROUP}.params' is not a mapping"
+        )
+    rater = registry.create("rater", info["name"], **params)
+    state = checkpoint.load_tensors(ckpt, RATER_GROUP)
+    checkpoint.load_state_into(rater, state, f"rater checkpoint '{ckpt}'")
+    rater.eval()
+    rater.requires_grad_(False)
+    return rater, ckpt

@@ -1,0 +1,182 @@
+"""Built-in noise selectors: vanilla, the naive norm baselines, and a frozen rater.
+
+Every selector picks one of ``k`` i.i.d. Gaussian candidates per training sample and runs
+without an autograd graph (see :class:`noisevalue.interfaces.NoiseSelector`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from noisevalue.errors import CheckpointError, ConfigError
+from noisevalue.interfaces import NoiseSelector, Rater
+
+__all__ = ["RandomSelector", "MaxNormSelector", "MinNormSelector", "RaterSelector"]
+
+
+def _check_k(name: str, k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"selector '{name}': k must be an integer >= 1, got {k!r}")
+    return k
+
+
+def _check_candidates(selector: NoiseSelector, x0: torch.Tensor, candidates: torch.Tensor) -> None:
+    if candidates.ndim != 5 or candidates.shape[1] != selector.k:
+        raise ValueError(
+            f"{type(selector).__name__} (k={selector.k}) expects candidates [N, {selector.k}, "
+            f"C, H, W], got {list(candidates.shape)}"
+        )
+    if candidates.shape[0] != x0.shape[0]:
+        raise ValueError(
+            f"{type(selector).__name__}: {candidates.shape[0]} candidate groups for "
+            f"{x0.shape[0]} samples"
+        )
+
+
+def _norms(candidates: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each candidate, ``[N, k]``, in at least float32."""
+    flat = candidates.flatten(2)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    return torch.linalg.vector_norm(flat, dim=2)
+
+
+class RandomSelector(NoiseSelector):
+    """Vanilla training: always candidate 0. The candidates are i.i.d., so the first is a
+    fair draw; with ``k=1`` (the default) this is exactly vanilla training."""
+
+    def __init__(self, k: int = 1):
+        self.k = _check_k("random", k)
+
+    @torch.no_grad()
+    def select(
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        _check_candidates(self, x0, candidates)
+        return torch.zeros(candidates.shape[0], dtype=torch.long, device=candidates.device)
+
+
+class MaxNormSelector(NoiseSelector):
+    """Naive baseline: the candidate with the largest L2 norm."""
+
+    def __init__(self, k: int = 4):
+        self.k = _check_k("max_norm", k)
+
+    @torch.no_grad()
+    def select(
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        _check_candidates(self, x0, candidates)
+        return _norms(candidates).argmax(dim=1)
+
+
+class MinNormSelector(NoiseSelector):
+    """Naive baseline: the candidate with the smallest L2 norm."""
+
+    def __init__(self, k: int = 4):
+        self.k = _check_k("min_norm", k)
+
+    @torch.no_grad()
+    def select(
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        _check_candidates(self, x0, candidates)
+        return _norms(candidates).argmin(dim=1)
+
+
+class RaterSelector(NoiseSelector):
+    """Top-1 of ``k`` candidates by a frozen rater (paper §4.3, stage iii).
+
+    ``checkpoint``: a rater checkpoint folder (or a run folder; its newest checkpoint), as
+    written by rater meta-training: ``rater.safetensors`` plus ``meta.json`` naming the
+    registered rater and its constructor params. Alternatively ``rater``: an in-memory
+    rater module (used as given: it is neither copied nor frozen, only run under
+    ``no_grad``). ``batch_size`` caps how many candidates are scored per rater call.
+    """
+
+    def __init__(
+        self,
+        k: int = 4,
+        checkpoint: str | Path | None = None,
+        rater: Rater | nn.Module | None = None,
+        batch_size: int | None = None,
+    ):
+        self.k = _check_k("rater", k)
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ConfigError(
+                f"selector 'rater': batch_size must be an integer >= 1 or null, got {batch_size!r}"
+            )
+        self.batch_size = batch_size
+        if rater is not None and checkpoint is not None:
+            raise ConfigError(
+                "selector 'rater': give either params.checkpoint or a rater, not both"
+            )
+        if rater is None:
+            if checkpoint is None or str(checkpoint) == "":
+                raise ConfigError(
+                    "selector 'rater' needs params.checkpoint (a rater checkpoint folder)"
+                )
+            from noisevalue.raters import load_rater
+
+            rater, resolved = load_rater(checkpoint)
+            self.source = f"rater checkpoint '{resolved}'"
+        else:
+            self.source = f"rater {type(rater).__name__}"
+        self.rater = rater
+
+    def check_compatible(self, latent_shape: tuple[int, ...], num_classes: int) -> None:
+        """Raise ``CheckpointError`` if the rater was built for other latents or classes.
+
+        A rater that does not read labels (``uses_labels`` False, or ``num_classes`` None)
+        fits any class count; one with ``latent_shape`` None fits any latent shape."""
+        r_shape = getattr(self.rater, "latent_shape", None)
+        r_classes = getattr(self.rater, "num_classes", None)
+        shape_ok = r_shape is None or tuple(r_shape) == tuple(latent_shape)
+        reads_labels = r_classes is not None and getattr(self.rater, "uses_labels", True)
+        classes_ok = not reads_labels or r_classes == num_classes
+        if not (shape_ok and classes_ok):
+            trained = tuple(r_shape) if r_shape is not None else "any shape"
+            raise CheckpointError(
+                f"{self.source} was trained for latents {trained} and {r_classes} classes, "
+                f"but the backbone uses {tuple(latent_shape)} and {num_classes} classes"
+            )
+
+    @torch.no_grad()
+    def scores(
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Rater scores of every candidate, ``[N, k]`` (float32 or the rater's dtype)."""
+        _check_candidates(self, x0, candidates)
+        n, k = candidates.shape[:2]
+        param = next(iter(self.rater.parameters()), None)
+        dtype = param.dtype if param is not None else candidates.dtype
+        flat = candidates.reshape(n * k, *candidates.shape[2:]).to(dtype)
+        # Candidate j of sample i sits at row i * k + j, next to copies of its x0, y, t.
+        x0_rep = x0.to(dtype).repeat_interleave(k, dim=0)
+        t_rep = t.repeat_interleave(k, dim=0)
+        y_rep = y.repeat_interleave(k, dim=0) if y is not None else None
+        step = self.batch_size or n * k
+        chunks = []
+        for start in range(0, n * k, step):
+            part = slice(start, start + step)
+            y_part = y_rep[part] if y_rep is not None else None
+            chunks.append(self.rater(flat[part], t_rep[part], x0_rep[part], y_part))
+        return torch.cat(chunks).reshape(n, k)
+
+    @torch.no_grad()
+    def select(
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        if self.k == 1:  # nothing to choose: skip the rater
+            _check_candidates(self, x0, candidates)
+            return torch.zeros(candidates.shape[0], dtype=torch.long, device=candidates.device)
+        return self.scores(x0, y, t, candidates).argmax(dim=1)
+
+    def to(self, device: torch.device | str) -> RaterSelector:
+        self.rater.to(device)
+        return self
