@@ -86,6 +86,10 @@ class MetaConfig(_Strict):
     inner_steps: int = Field(default=5, ge=1)  # S
     group_size: int = Field(default=8, ge=2)  # K candidate noises per (x0, y, t)
     groups: int = Field(default=32, gt=0)  # B groups per inner batch (global)
+    # The global batch is split into this many independent inner loops (data-parallel
+    # meta-learning); their meta-gradients are averaged. Each process runs
+    # subproblems / nproc of them, so results do not depend on the number of processes.
+    subproblems: int = Field(default=1, gt=0)
     val_batch_size: int = Field(default=64, gt=0)
     val_fraction: float = Field(default=0.1, gt=0, lt=1)  # held out of the training set
     inner_optimizer: Literal["sgd", "adam", "adamw"] = "adamw"

@@ -28,12 +28,23 @@ from noisevalue.workflows.batches import (
     STREAM_VAL,
     GlobalOrder,
     draw_step,
-    local_batch_size,
     seeded_generator,
 )
 from noisevalue.workflows.build import create, shape_params
 from noisevalue.workflows.progress import StepProgress
 from noisevalue.workflows.train_data import load_train_data
+
+
+def local_subproblems(total: int, world_size: int) -> int:
+    if total % world_size:
+        raise ConfigError(f"meta.subproblems: {total} is not divisible by the {world_size} processes")
+    return total // world_size
+
+
+def per_subproblem(size: int, subproblems: int, field: str) -> int:
+    if size % subproblems:
+        raise ConfigError(f"{field}: {size} is not divisible by meta.subproblems ({subproblems})")
+    return size // subproblems
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +77,9 @@ class RaterMetaTraining:
             raise ConfigError("meta.pretrained: a diffusion checkpoint (run or step folder) is required")
         self.data, _ = load_train_data(r, self.run_dir, info)
         self.latent_shape, self.num_classes = self.data.latent_shape, self.data.num_classes
-        self.groups = local_batch_size(m.groups, info.world_size)
-        self.val_batch = local_batch_size(m.val_batch_size, info.world_size)
+        self.local_subproblems = local_subproblems(m.subproblems, info.world_size)
+        self.groups = per_subproblem(m.groups, m.subproblems, "meta.groups")
+        self.val_batch = per_subproblem(m.val_batch_size, m.subproblems, "meta.val_batch_size")
         self.train_idx, self.val_idx = validation_split(self.data.num_items, m.val_fraction, r.seed)
 
         path = ckpt.resolve_checkpoint(m.pretrained)
@@ -105,13 +117,14 @@ class RaterMetaTraining:
             self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
 
     # ------------------------------------------------------------------ batches
-    def _batch(self, order: GlobalOrder, pool: torch.Tensor, key: int, size: int, k: int, stream: int):
+    def _batch(self, order: GlobalOrder, pool: torch.Tensor, key: int, size: int, k: int, stream: int, part: int):
+        """Sub-problem ``part``'s slice (``size`` items) of the global batch ``key``."""
         r, info = self.recipe, self.info
-        global_size = size * info.world_size
+        global_size = size * r.meta.subproblems
         idx = pool[order.batch(key, global_size)]
         draws = draw_step(r.seed, key, global_size, self.latent_shape, self.diffusion.num_timesteps,
                           self.drop_prob, r.data.random_flip, k=k, stream=stream)
-        lo, hi = info.rank * size, (info.rank + 1) * size
+        lo, hi = part * size, (part + 1) * size
         mine = draws.slice(lo, hi)
         x0, y = self.data.fetch(idx[lo:hi], mine.flip)
         dev = info.device
@@ -120,17 +133,17 @@ class RaterMetaTraining:
             y_in = torch.where(mine.drop, torch.full_like(y, self.num_classes), y).to(dev)
         return x0.to(dev), y_in, mine.t.to(dev), mine.noise.to(dev)
 
-    def inner_batches(self, outer: int) -> list[GroupedBatch]:
+    def inner_batches(self, outer: int, part: int) -> list[GroupedBatch]:
         m = self.recipe.meta
         out = []
         for s in range(m.inner_steps):
             x0, y, t, noise = self._batch(self.train_order, self.train_idx, outer * m.inner_steps + s,
-                                          self.groups, m.group_size, STREAM_META)
+                                          self.groups, m.group_size, STREAM_META, part)
             out.append(GroupedBatch(x0, y, t, noise))
         return out
 
-    def validation_batch(self, outer: int) -> PlainBatch:
-        x0, y, t, noise = self._batch(self.val_order, self.val_idx, outer, self.val_batch, 1, STREAM_VAL)
+    def validation_batch(self, outer: int, part: int) -> PlainBatch:
+        x0, y, t, noise = self._batch(self.val_order, self.val_idx, outer, self.val_batch, 1, STREAM_VAL, part)
         return PlainBatch(x0, y, t, noise[:, 0])
 
     # ------------------------------------------------------------------ training
@@ -148,33 +161,47 @@ class RaterMetaTraining:
 
     def outer_step(self, outer: int) -> dict[str, float]:
         m, info = self.recipe.meta, self.info
-        batches = self.inner_batches(outer)
-        problem = make_problem(
-            self.backbone, self.rater, self.diffusion, batches, self.validation_batch(outer),
-            inner_optimizer=m.inner_optimizer, inner_lr=m.inner_lr, inner_options=m.inner_options,
-        )
         theta = self.theta0 if (m.reset_theta or self.theta is None) else self.theta
         eta = param_dict(self.rater)
-        result = self.meta_opt.meta_gradient(problem, theta, eta)
-        finite = all(bool(torch.isfinite(g).all()) for g in result.grad.values()) and math.isfinite(result.outer_loss)
+        n = self.local_subproblems
+        grads: dict[str, torch.Tensor] = {}
+        thetas: dict[str, torch.Tensor] = {}
+        outer_loss, infos, finite = 0.0, {}, True
+        for j in range(n):
+            part = info.rank * n + j
+            batches = self.inner_batches(outer, part)
+            problem = make_problem(
+                self.backbone, self.rater, self.diffusion, batches, self.validation_batch(outer, part),
+                inner_optimizer=m.inner_optimizer, inner_lr=m.inner_lr, inner_options=m.inner_options,
+            )
+            result = self.meta_opt.meta_gradient(problem, theta, eta)
+            finite &= all(bool(torch.isfinite(g).all()) for g in result.grad.values())
+            finite &= math.isfinite(result.outer_loss)
+            for key, g in result.grad.items():
+                grads[key] = grads[key] + g / n if key in grads else g / n
+            if not m.reset_theta:
+                for key, v in result.theta.items():
+                    thetas[key] = thetas[key] + v.detach() / n if key in thetas else v.detach() / n
+            outer_loss += result.outer_loss / n
+            infos = result.info
         flag = torch.tensor([0.0 if finite else 1.0], device=info.device)
         if float(all_reduce_mean(flag, info)) > 0:
             self._stop_on_nan(outer)
         for name, p in self.rater.named_parameters():
             if p.requires_grad:
-                p.grad = all_reduce_mean(result.grad[name].to(p.dtype).clone(), info)
+                p.grad = all_reduce_mean(grads[name].to(p.dtype).clone(), info)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.rater.parameters(), m.rater_grad_clip if m.rater_grad_clip else float("inf")
         )
         self.rater_opt.step()
         if not m.reset_theta:
-            self.theta = {k: v.detach() for k, v in result.theta.items()}
+            self.theta = {k: all_reduce_mean(v.clone(), info) for k, v in thetas.items()}
         stats = {
-            "meta/val_loss": float(all_reduce_mean(torch.tensor([result.outer_loss], device=info.device), info)),
+            "meta/val_loss": float(all_reduce_mean(torch.tensor([outer_loss], device=info.device), info)),
             "meta/grad_norm": float(grad_norm),
         }
         stats.update({f"meta/{k}": v for k, v in group_stats(self.rater, param_dict(self.rater), batches[0]).items()})
-        stats.update({f"meta/info/{k}": float(v) for k, v in result.info.items()})
+        stats.update({f"meta/info/{k}": float(v) for k, v in infos.items()})
         return stats
 
     def _stop_on_nan(self, outer: int) -> None:
