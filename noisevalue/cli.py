@@ -70,7 +70,9 @@ def run(
         check_components(parsed)
         run_dir = Path(parsed.output_dir)
         existing = ckpt.latest_checkpoint(run_dir / "checkpoints")
-        if resume and existing is None:
+        if parsed.workflow == "protocol":
+            pass  # each stage is skipped when done and resumed when interrupted
+        elif resume and existing is None:
             raise CheckpointError(f"--resume: no checkpoint in '{run_dir / 'checkpoints'}'")
         if not resume and existing is not None:
             raise UserError(

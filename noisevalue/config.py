@@ -63,6 +63,7 @@ class TrainConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(default=1e-8, gt=0)
     ema_decay: float = Field(default=0.9999, ge=0, lt=1)
+    ema_warmup: bool = False  # decay min(ema_decay, (1+n)/(10+n)) at update n; DiT uses none
     grad_clip: float | None = Field(default=None, gt=0)
     log_every: int = Field(default=50, gt=0)
     ckpt_every: int = Field(default=1000, gt=0)

@@ -22,16 +22,27 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
+    """``shadow = decay * shadow + (1 - decay) * weights`` after every optimizer step.
+
+    With ``warmup`` the decay used at update ``n`` is ``min(decay, (1 + n) / (10 + n))``, so a
+    short run's average is not dominated by its initial weights (with a constant 0.999, 22%
+    of the average after 1,500 steps is still the initialisation). DiT uses no warm-up.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False) -> None:
+        self.decay, self.warmup = decay, warmup
         self.shadow = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int = 0) -> None:
+        """``step``: optimizer steps taken before this one (for the warm-up)."""
         current = unwrap(model).state_dict()
         keys = [k for k, v in self.shadow.items() if v.is_floating_point()]
         torch._foreach_lerp_(
-            [self.shadow[k] for k in keys], [current[k].detach() for k in keys], 1.0 - self.decay
+            [self.shadow[k] for k in keys], [current[k].detach() for k in keys], 1.0 - self.decay_at(step)
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY = [
+    "workflow=pretrain",
     "train.steps=4",
     "train.global_batch_size=8",
     "train.ckpt_every=2",

@@ -34,8 +34,8 @@ def test_run_writes_checkpoint_events_grid_and_metrics(tmp_path, tiny_overrides)
     grid = run / "samples" / "step_0000004.png"
     from PIL import Image
 
-    # 10 classes x 1 column of 8x8 digits with 1-pixel padding
-    assert Image.open(grid).size == (1 * 9 + 1, 10 * 9 + 1)
+    # 10 classes x 1 column of 8x8 digits, enlarged 4x, with 1-pixel padding
+    assert Image.open(grid).size == (1 * 33 + 1, 10 * 33 + 1)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["step"] == 4 and metrics["metrics"]["fd_digits"] > 0
 
@@ -115,4 +115,4 @@ def test_latent_pipeline_with_a_local_vae_and_image_folder(tmp_path, tiny_overri
     assert len(list((run / "latents").glob("*.safetensors"))) == 3  # 12 images, shards of 5
     from PIL import Image as PILImage
 
-    assert PILImage.open(run / "samples" / "step_0000004.png").size == (1 * 17 + 1, 2 * 17 + 1)
+    assert PILImage.open(run / "samples" / "step_0000004.png").size == (1 * 33 + 1, 2 * 33 + 1)

@@ -60,7 +60,7 @@ class DiffusionTraining:
                 "model.params.class_dropout_prob > 0 or sample.cfg_scale=1"
             )
         self.diffusion = Diffusion.from_config(r.diffusion)
-        self.ema = EMA(model, r.train.ema_decay)
+        self.ema = EMA(model, r.train.ema_decay, warmup=r.train.ema_warmup)
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=r.train.lr,
@@ -151,14 +151,14 @@ class DiffusionTraining:
         if r.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.train.grad_clip)
         self.optimizer.step()
-        self.ema.update(self.model)
+        self.ema.update(self.model, step)
         return float(all_reduce_mean(loss.detach().clone(), info))
 
     def train(self) -> None:
         r = self.recipe
         total = r.train.steps
         window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-        with StepProgress("train", total, self.step, enabled=self.info.is_main) as bar:
+        with StepProgress("train", total, self.step, enabled=self.info.is_main, print_every=r.train.log_every * 4) as bar:
             while self.step < total:
                 loss = self.train_step(self.step)
                 self.step += 1

@@ -55,7 +55,12 @@ def class_labels(n: int, num_classes: int) -> torch.Tensor | None:
 
 
 def save_png_atomic(grid_images: torch.Tensor, path: Path, nrow: int) -> None:
+    """A PNG grid; images smaller than 32 pixels are enlarged (nearest) to be seen."""
     from torchvision.utils import save_image
+
+    size = grid_images.shape[-1]
+    if size < 32:
+        grid_images = torch.nn.functional.interpolate(grid_images, scale_factor=-(-32 // size), mode="nearest")
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")

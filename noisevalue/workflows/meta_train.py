@@ -149,7 +149,7 @@ class RaterMetaTraining:
     # ------------------------------------------------------------------ training
     def train(self) -> None:
         m = self.recipe.meta
-        with StepProgress("meta-train rater", m.outer_steps, self.step, enabled=self.info.is_main) as bar:
+        with StepProgress("meta-train rater", m.outer_steps, self.step, enabled=self.info.is_main, print_every=m.log_every * 2) as bar:
             while self.step < m.outer_steps:
                 stats = self.outer_step(self.step)
                 self.step += 1
