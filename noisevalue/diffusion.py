@@ -74,7 +74,9 @@ class Diffusion:
         """||eps - eps_theta(x_t, t, y)||^2 averaged over C, H, W: one value per sample."""
         x_t = self.q_sample(x0, t, noise)
         pred = model(x_t, t, y)[:, : x0.shape[1]]
-        return (noise - pred).float().pow(2).flatten(1).mean(dim=1)
+        err = noise - pred
+        err = err.to(torch.promote_types(err.dtype, torch.float32))  # half -> fp32, fp64 stays
+        return err.pow(2).flatten(1).mean(dim=1)
 
 
 def drop_labels(

@@ -1,0 +1,208 @@
+"""Memory and time of one rater outer step, per meta-gradient engine and inner-loop length S.
+
+Every (engine, S) runs in its own subprocess so that peak memory is isolated. On CPU the
+peak is the resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``
+just before the step; ``ru_maxrss`` where that is not possible), reported as the growth over
+the resident set before the step. On CUDA it is ``torch.cuda.max_memory_allocated`` over the
+allocation before the step. A one-sample step runs first (lazy initialisation of forward-mode
+AD is not part of the cost). Time is the median over the measured step and ``--repeats``
+more.
+
+    python benchmarks/meta_step.py                       # DiT-Tiny/2, 16x16x4, CPU
+    python benchmarks/meta_step.py --device cuda --model DiT-S/2 --size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ENGINES = ["unrolled-reverse", "unrolled-mixed", "unrolled-mixed-db", "implicit", "one_step"]
+
+
+def rss_kib(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in KiB (peak: ``ru_maxrss`` without /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    import torch
+    from torch import nn
+
+    from noisevalue.backbones.dit import DiT
+    from noisevalue.diffusion import Diffusion
+    from noisevalue.meta import (
+        GroupedBatch,
+        Implicit,
+        OneStep,
+        PlainBatch,
+        Unrolled,
+        make_problem,
+        param_dict,
+    )
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    depth, hidden, heads, patch = {
+        "DiT-Tiny/2": (4, 128, 4, 2),
+        "DiT-S/2": (12, 384, 6, 2),
+    }[args.model]
+    torch.manual_seed(0)
+    backbone = DiT(
+        args.size, patch, args.channels, hidden, depth, heads, num_classes=10, learn_sigma=False
+    )
+    with torch.no_grad():  # leave adaLN-Zero's all-zero start so every gradient is non-trivial
+        for p in backbone.parameters():
+            if p.requires_grad:
+                p.add_(1e-2 * torch.randn_like(p))
+    d = args.channels * args.size * args.size
+
+    class SmallRater(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n, self.x = nn.Linear(d, 256), nn.Linear(d, 256)
+            self.t, self.out = nn.Embedding(1000, 256), nn.Linear(256, 1)
+
+        def forward(self, noise, t, x0, y):
+            h = torch.nn.functional.silu(
+                self.n(noise.flatten(1)) + self.x(x0.flatten(1)) + self.t(t)
+            )
+            return self.out(h).squeeze(-1)
+
+    backbone, rater = backbone.to(device), SmallRater().to(device)
+    g = torch.Generator().manual_seed(1)
+    shape = (args.channels, args.size, args.size)
+
+    def common(b):
+        return (
+            torch.randn(b, *shape, generator=g).to(device),
+            torch.randint(0, 11, (b,), generator=g).to(device),
+            torch.randint(0, 1000, (b,), generator=g).to(device),
+        )
+
+    inner = [
+        GroupedBatch(
+            *common(args.batch), torch.randn(args.batch, args.k, *shape, generator=g).to(device)
+        )
+        for _ in range(args.steps)
+    ]
+    val = PlainBatch(*common(args.batch), torch.randn(args.batch, *shape, generator=g).to(device))
+    problem = make_problem(backbone, rater, Diffusion(), inner, val, args.optimizer, 1e-4)
+    engine = {
+        "unrolled-reverse": lambda: Unrolled("reverse"),
+        "unrolled-mixed": lambda: Unrolled("mixed"),
+        "unrolled-mixed-db": lambda: Unrolled("mixed", hvp="double_backward"),
+        "implicit": lambda: Implicit(iterations=args.cg_iterations, damping=1e-3),
+        "one_step": lambda: OneStep(),
+    }[args.engine]()
+    theta, eta = param_dict(backbone), param_dict(rater)
+    # Warm up on a one-sample problem: the first forward-mode pass lazily builds PyTorch's
+    # jvp decompositions (seconds, hundreds of MiB), which is no part of the step's cost.
+    tiny = GroupedBatch(*common(1), torch.randn(1, 2, *shape, generator=g).to(device))
+    tiny_val = PlainBatch(*common(1), torch.randn(1, *shape, generator=g).to(device))
+    engine.meta_gradient(
+        make_problem(backbone, rater, Diffusion(), [tiny], tiny_val, args.optimizer, 1e-4),
+        theta,
+        eta,
+    )
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        exact = reset_peak_rss()
+        base = rss_kib("VmRSS") * 1024
+    t0 = time.perf_counter()
+    out = engine.meta_gradient(problem, theta, eta)  # the measured step
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = (rss_kib("VmHWM") if exact else rss_kib("ru_maxrss")) * 1024 - base
+    times = [time.perf_counter() - t0]
+    for _ in range(args.repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = engine.meta_gradient(problem, theta, eta)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return {
+        "engine": args.engine,
+        "S": args.steps,
+        "peak_mib": peak / 2**20,
+        "time_s": statistics.median(times),
+        "outer_loss": out.outer_loss,
+        "params_M": sum(v.numel() for v in theta.values()) / 1e6,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engine", choices=ENGINES)
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--s-values", default="1,2,5,10")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="DiT-Tiny/2", choices=["DiT-Tiny/2", "DiT-S/2"])
+    ap.add_argument("--size", type=int, default=16)
+    ap.add_argument("--channels", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--optimizer", default="adam")
+    ap.add_argument("--cg-iterations", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=0)
+    args = ap.parse_args()
+    if args.engine is not None:
+        print(json.dumps(run_one(args)))
+        return
+    passthrough = []
+    for key, value in vars(args).items():
+        if key not in ("engine", "steps", "s_values", "engines"):
+            passthrough += ["--" + key.replace("_", "-"), str(value)]
+    print(
+        f"{args.model} {args.channels}x{args.size}x{args.size}, B={args.batch}, K={args.k}, "
+        f"inner {args.optimizer}, device {args.device}, threads {args.threads}"
+    )
+    print(f"{'engine':<18}{'S':>4}{'peak MiB':>11}{'time s':>9}")
+    for engine in args.engines.split(","):
+        for s in (int(v) for v in args.s_values.split(",")):
+            cmd = [sys.executable, __file__, *passthrough, "--engine", engine, "--steps", str(s)]
+            # large blocks through mmap, so that freed memory leaves the resident set
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode:
+                print(f"{engine:<18}{s:>4}  failed: {proc.stderr.strip().splitlines()[-1]}")
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"{engine:<18}{s:>4}{r['peak_mib']:>11.1f}{r['time_s']:>9.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Functional, differentiable inner optimizers, the inner unroll, and the second-order
+products of the inner loss every meta-gradient engine needs.
+
+An inner optimizer maps ``(theta, state, grad, count) -> (theta', state')`` on parameter
+dicts with out-of-place tensor arithmetic only, so autograd (reverse-over-reverse through S
+steps) and ``torch.func.vjp`` (the hand-written mixed-mode backward) both see through it.
+
+* ``sgd``: ``theta - lr * (g + wd * theta)``; with ``momentum`` the PyTorch heavy-ball
+  buffer ``buf = momentum * buf + g`` (a zero buffer makes the first step ``buf = g``).
+* ``adam``: bias-corrected Adam, L2 weight decay added to the gradient (as
+  ``torch.optim.Adam``); ``adamw``: decoupled weight decay ``theta - lr * wd * theta`` (as
+  ``torch.optim.AdamW``, whose default ``weight_decay=1e-2`` it mirrors). The step is
+  ``m_hat / (sqrt(v_hat + eps_root) + eps)`` with ``eps_root > 0`` (as in optax/torchopt):
+  without it ``d sqrt(v) / dv`` is infinite where ``v == 0`` and meta-gradients turn NaN.
+
+The optimizer state (moments, momentum buffer) starts at zero at the start of every outer
+step: the unrolled S steps model a fresh optimizer attached to ``theta``, not the diffusion
+trainer's running state, so the meta-gradient is a function of ``(theta, eta)`` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.func import grad, grad_and_value, jvp
+
+from noisevalue.errors import ConfigError
+from noisevalue.interfaces import BilevelProblem, Params
+
+__all__ = [
+    "InnerOptimizer",
+    "make_inner_optimizer",
+    "Trajectory",
+    "unroll",
+    "hvp",
+    "mixed_products",
+    "HVP_METHODS",
+]
+
+State = dict[str, Params]
+_OPTIONS = {
+    "sgd": {"weight_decay", "momentum"},
+    "adam": {"betas", "eps", "eps_root", "weight_decay"},
+    "adamw": {"betas", "eps", "eps_root", "weight_decay"},
+}
+
+
+@dataclass(frozen=True)
+class InnerOptimizer:
+    """A differentiable optimizer; ``count`` in :meth:`step` is the 1-based step number."""
+
+    name: str
+    lr: float
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    eps_root: float = 1e-16
+
+    def init(self, theta: Params) -> State:
+        """Zero state for ``theta`` (``{}`` for plain SGD)."""
+        if self.name == "sgd":
+            return {"buf": _zeros(theta)} if self.momentum else {}
+        return {"m": _zeros(theta), "v": _zeros(theta)}
+
+    def step(self, theta: Params, state: State, g: Params, count: int) -> tuple[Params, State]:
+        lr, wd = self.lr, self.weight_decay
+        if self.name == "sgd":
+            d = {k: g[k] + wd * theta[k] for k in theta} if wd else g
+            if self.momentum:
+                d = {k: self.momentum * state["buf"][k] + d[k] for k in theta}
+                state = {"buf": d}
+            return {k: theta[k] - lr * d[k] for k in theta}, state
+        b1, b2 = self.betas
+        if self.name == "adam" and wd:
+            g = {k: g[k] + wd * theta[k] for k in theta}
+        m = {k: b1 * state["m"][k] + (1 - b1) * g[k] for k in theta}
+        v = {k: b2 * state["v"][k] + (1 - b2) * g[k] * g[k] for k in theta}
+        c1, c2 = 1 - b1**count, 1 - b2**count
+        new = {}
+        for k in theta:
+            upd = (m[k] / c1) / (torch.sqrt(v[k] / c2 + self.eps_root) + self.eps)
+            if self.name == "adamw" and wd:
+                upd = upd + wd * theta[k]
+            new[k] = theta[k] - lr * upd
+        return new, {"m": m, "v": v}
+
+
+def make_inner_optimizer(
+    name: str, lr: float, options: dict[str, Any] | None = None
+) -> InnerOptimizer:
+    """Validate and build an :class:`InnerOptimizer` (unknown options are an error)."""
+    options = dict(options or {})
+    if name not in _OPTIONS:
+        raise ConfigError(f"inner optimizer '{name}' is not one of {', '.join(_OPTIONS)}")
+    unknown = set(options) - _OPTIONS[name]
+    if unknown:
+        raise ConfigError(
+            f"inner optimizer '{name}' has no option(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(_OPTIONS[name]))}"
+        )
+    if name == "adamw":
+        options.setdefault("weight_decay", 1e-2)
+    if "betas" in options:
+        options["betas"] = tuple(float(b) for b in options["betas"])
+    opt = InnerOptimizer(name=name, lr=float(lr), **options)
+    if opt.lr <= 0 or opt.weight_decay < 0 or not 0 <= opt.momentum < 1:
+        raise ConfigError(
+            f"inner optimizer: lr must be > 0, weight_decay >= 0, 0 <= momentum < 1; got {opt}"
+        )
+    if name != "sgd" and (
+        opt.eps_root <= 0
+        or opt.eps < 0
+        or len(opt.betas) != 2
+        or not all(0 <= b < 1 for b in opt.betas)
+    ):
+        raise ConfigError(
+            f"inner optimizer: needs eps_root > 0, eps >= 0, betas in [0, 1); got {opt}"
+        )
+    return opt
+
+
+def from_problem(problem: BilevelProblem) -> InnerOptimizer:
+    return make_inner_optimizer(problem.inner_optimizer, problem.inner_lr, problem.inner_options)
+
+
+@dataclass
+class Trajectory:
+    """The inner unroll without any graph. ``thetas[s]``, ``states[s]``, ``grads[s]`` are the
+    inputs of step ``s`` (kept only with ``keep=True``); ``theta`` / ``state`` the result."""
+
+    theta: Params
+    state: State
+    losses: list[float] = field(default_factory=list)
+    thetas: list[Params] = field(default_factory=list)
+    states: list[State] = field(default_factory=list)
+    grads: list[Params] = field(default_factory=list)
+
+
+def unroll(
+    problem: BilevelProblem, theta: Params, eta: Params, *, keep: bool = False
+) -> Trajectory:
+    """Run the S inner steps from ``theta`` with fixed ``eta``; no autograd graph is kept."""
+    opt = from_problem(problem)
+    theta = {k: v.detach() for k, v in theta.items()}
+    eta = {k: v.detach() for k, v in eta.items()}
+    traj = Trajectory(theta=theta, state=opt.init(theta))
+    for s, batch in enumerate(problem.inner_batches):
+        g, loss = grad_and_value(problem.inner_loss)(traj.theta, eta, batch)
+        traj.losses.append(float(loss))
+        if keep:
+            traj.thetas.append(traj.theta)
+            traj.states.append(traj.state)
+            traj.grads.append(g)
+        with torch.no_grad():
+            traj.theta, traj.state = opt.step(traj.theta, traj.state, g, s + 1)
+    return traj
+
+
+HVP_METHODS = ("jvp", "double_backward")
+
+
+def hvp(
+    inner_loss: Callable[..., torch.Tensor],
+    theta: Params,
+    eta: Params,
+    batch: Any,
+    v: Params,
+    method: str = "jvp",
+) -> Params:
+    """``H_theta theta L_in(theta, eta; batch) v``: forward-over-reverse (``"jvp"``, the jvp
+    of the gradient) or reverse-over-reverse (``"double_backward"``)."""
+    if method == "jvp":
+        return jvp(lambda th: grad(inner_loss)(th, eta, batch), (theta,), (v,))[1]
+    return _double_backward(inner_loss, theta, eta, batch, v, wrt_eta=False)[0]
+
+
+def mixed_products(
+    inner_loss: Callable[..., torch.Tensor],
+    theta: Params,
+    eta: Params,
+    batch: Any,
+    v: Params,
+    method: str = "jvp",
+) -> tuple[Params, Params]:
+    """``(H_theta theta L_in v, (d/d eta grad_theta L_in)^T v)``.
+
+    ``"jvp"``: one forward-over-reverse pass, the jvp in ``theta`` along ``v`` of the joint
+    gradient ``(grad_theta, grad_eta)`` (the joint Hessian is symmetric, so the tangent of
+    ``grad_eta`` along ``theta`` is the transposed mixed block applied to ``v``).
+    ``"double_backward"``: the gradient of ``<grad_theta L_in, v>`` in ``(theta, eta)``.
+    """
+    if method == "jvp":
+
+        def joint_grad(th: Params) -> tuple[Params, Params]:
+            return grad(inner_loss, argnums=(0, 1))(th, eta, batch)
+
+        return jvp(joint_grad, (theta,), (v,))[1]
+    return _double_backward(inner_loss, theta, eta, batch, v, wrt_eta=True)
+
+
+def _double_backward(
+    inner_loss: Callable[..., torch.Tensor],
+    theta: Params,
+    eta: Params,
+    batch: Any,
+    v: Params,
+    wrt_eta: bool,
+) -> tuple[Params, Params]:
+    th = {k: t.detach().requires_grad_() for k, t in theta.items()}
+    et = {k: t.detach().requires_grad_(wrt_eta) for k, t in eta.items()}
+    with torch.enable_grad():
+        loss = inner_loss(th, et, batch)
+        gs = torch.autograd.grad(loss, list(th.values()), create_graph=True, allow_unused=True)
+        dot = sum(
+            ((g * v[k]).sum() for k, g in zip(th, gs, strict=True) if g is not None),
+            start=loss.new_zeros(()),
+        )
+        wrt = list(th.values()) + (list(et.values()) if wrt_eta else [])
+        out = torch.autograd.grad(dot, wrt, allow_unused=True) if dot.requires_grad else None
+    if out is None:
+        out = (None,) * len(wrt)
+    fill = [torch.zeros_like(t) if o is None else o for t, o in zip(wrt, out, strict=True)]
+    n = len(th)
+    h_eta = dict(zip(et, fill[n:], strict=True)) if wrt_eta else {}
+    return dict(zip(th, fill[:n], strict=True)), h_eta
+
+
+def _zeros(tree: Params) -> Params:
+    return {k: torch.zeros_like(v) for k, v in tree.items()}
+
+
+def tree_add(a: Params, b: Params, scale: float = 1.0) -> Params:
+    return {k: a[k] + scale * b[k] for k in a}

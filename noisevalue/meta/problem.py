@@ -1,0 +1,190 @@
+"""The bilevel problem of rater meta-training, written as pure functions of parameter dicts.
+
+Grouped noise sampling: every training sample ``(x0, y, t)`` of an inner batch comes with
+``K`` candidate noises. The rater scores all ``B * K`` candidates, the scores are turned into
+weights by a softmax *within each group of K* (so a per-group offset of the scores, e.g. one
+that depends on the image or the label, changes nothing), and the inner loss is::
+
+    L_in(theta, eta) = mean_b sum_k w[b, k] * ||eps[b, k] - eps_theta(x_t[b, k], t[b], y[b])||^2
+
+with the squared error averaged over ``C, H, W``. The outer (validation) loss is the plain
+epsilon loss on a held-out batch with one fixed noise per sample.
+
+Labels are dropped by the caller (a fixed mask), noises and timesteps are fixed, so both
+losses are deterministic functions of the parameters, as finite differences and
+recomputation in the meta-gradient engines require.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from noisevalue.interfaces import BilevelProblem, Params
+
+__all__ = [
+    "GroupedBatch",
+    "PlainBatch",
+    "make_problem",
+    "param_dict",
+    "epsilon_loss",
+    "group_scores",
+    "group_weights",
+    "group_stats",
+    "math_sdpa",
+]
+
+
+@dataclass
+class GroupedBatch:
+    """One inner batch: ``x0`` ``[B, C, H, W]``, ``y`` ``[B]`` long (labels already dropped)
+    or ``None``, ``t`` ``[B]`` long, ``noise`` ``[B, K, C, H, W]`` (K candidates per sample)."""
+
+    x0: torch.Tensor
+    y: torch.Tensor | None
+    t: torch.Tensor
+    noise: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.noise.shape[1]
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(x0, y, t, noise)`` with the ``B * K`` candidates as one batch (group-major)."""
+        b, k = self.noise.shape[:2]
+        if self.x0.shape[0] != b or self.t.shape != (b,):
+            raise ValueError(
+                f"grouped batch: x0 {list(self.x0.shape)}, t {list(self.t.shape)} and noise "
+                f"{list(self.noise.shape)} disagree on the batch size"
+            )
+        y = None if self.y is None else self.y.repeat_interleave(k, 0)
+        return (
+            self.x0.repeat_interleave(k, 0),
+            y,
+            self.t.repeat_interleave(k, 0),
+            self.noise.reshape(b * k, *self.noise.shape[2:]),
+        )
+
+
+@dataclass
+class PlainBatch:
+    """A validation batch: ``x0``, ``noise`` ``[B, C, H, W]``, ``y`` ``[B]`` or ``None``,
+    ``t`` ``[B]``."""
+
+    x0: torch.Tensor
+    y: torch.Tensor | None
+    t: torch.Tensor
+    noise: torch.Tensor
+
+
+def math_sdpa() -> Any:
+    """Context forcing the math attention kernel: the fused kernels support neither double
+    backward nor forward-mode AD, which every meta-gradient path needs."""
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def param_dict(module: nn.Module) -> Params:
+    """The trainable parameters of ``module`` as a detached dict (the ``theta`` / ``eta`` the
+    meta-optimizers take). Frozen parameters (``requires_grad=False``, e.g. DiT's fixed
+    ``pos_embed``) and buffers are left out: the functional calls fall back to the module's
+    own tensors for them, so the inner optimizer never moves them."""
+    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Half precision upcast to float32; float32 / float64 kept as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def epsilon_loss(
+    diffusion: Any,
+    model: Callable[..., torch.Tensor],
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor | None,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """``||eps - eps_theta(x_t, t, y)||^2`` averaged over C, H, W, one value per sample.
+
+    The same quantity as ``Diffusion.per_sample_loss``, but float64 stays float64 (that one
+    casts to float32, which would spoil float64 derivative checks); half precision is still
+    upcast to float32.
+    """
+    x_t = diffusion.q_sample(x0, t, noise)
+    pred = model(x_t, t, y)[:, : x0.shape[1]]
+    return _wide(noise - pred).pow(2).flatten(1).mean(dim=1)
+
+
+def group_scores(rater: nn.Module, eta: Params, batch: GroupedBatch) -> torch.Tensor:
+    """Rater scores of every candidate, ``[B, K]``."""
+    x0, y, t, noise = batch.flat()
+    scores = functional_call(rater, eta, (noise, t, x0, y))
+    return scores.reshape(batch.noise.shape[0], batch.k)
+
+
+def group_weights(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the K candidates of each group (``[B, K]`` -> ``[B, K]``), in float32 or
+    wider."""
+    return torch.softmax(_wide(scores), dim=1)
+
+
+@torch.no_grad()
+def group_stats(rater: nn.Module, eta: Params, batch: GroupedBatch) -> dict[str, float]:
+    """Logging statistics of the group-wise weights: the mean within-group standard deviation
+    of the scores, the mean entropy of the weights (``log K`` is uniform) and the mean
+    largest weight."""
+    scores = _wide(group_scores(rater, eta, batch))
+    w = group_weights(scores)
+    entropy = -(w * torch.log(w.clamp_min(torch.finfo(w.dtype).tiny))).sum(dim=1)
+    return {
+        "score_std": scores.std(dim=1, correction=0).mean().item(),
+        "weight_entropy": entropy.mean().item(),
+        "weight_max": w.max(dim=1).values.mean().item(),
+    }
+
+
+def make_problem(
+    backbone: nn.Module,
+    rater: nn.Module,
+    diffusion: Any,
+    inner_batches: list[GroupedBatch],
+    val_batch: PlainBatch,
+    inner_optimizer: str = "sgd",
+    inner_lr: float = 1e-4,
+    inner_options: dict[str, Any] | None = None,
+) -> BilevelProblem:
+    """The :class:`BilevelProblem` of one outer step, through ``torch.func.functional_call``.
+
+    ``theta`` / ``eta`` dicts need only hold the trainable parameters (see
+    :func:`param_dict`); anything missing is taken from the modules. The modules themselves
+    are never modified.
+    """
+
+    def eps_model(theta: Params) -> Callable[..., torch.Tensor]:
+        return lambda x, t, y: functional_call(backbone, theta, (x, t, y))
+
+    def inner_loss(theta: Params, eta: Params, batch: GroupedBatch) -> torch.Tensor:
+        w = group_weights(group_scores(rater, eta, batch))
+        x0, y, t, noise = batch.flat()
+        losses = epsilon_loss(diffusion, eps_model(theta), x0, t, y, noise)
+        return (w * losses.reshape(w.shape)).sum(dim=1).mean()
+
+    def outer_loss(theta: Params, batch: PlainBatch) -> torch.Tensor:
+        losses = epsilon_loss(diffusion, eps_model(theta), batch.x0, batch.t, batch.y, batch.noise)
+        return losses.mean()
+
+    return BilevelProblem(
+        inner_loss=inner_loss,
+        outer_loss=outer_loss,
+        inner_batches=list(inner_batches),
+        val_batch=val_batch,
+        inner_optimizer=inner_optimizer,
+        inner_lr=inner_lr,
+        inner_options=dict(inner_options or {}),
+    )
