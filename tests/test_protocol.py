@@ -107,7 +107,7 @@ def test_nan_meta_gradient_stops_and_keeps_last_good_rater(tmp_path, pretrained)
     try:
         out = tmp_path / "nan"
         result = invoke(*meta_args(pretrained, out, "meta.outer_steps=5", "meta.ckpt_every=10",
-                                   "meta.optimizer={name: nan_after_two}"))
+                                   "meta.optimizer.name=nan_after_two", "~meta.optimizer.params"))
     finally:
         registry.reset()
     assert result.exit_code == 2

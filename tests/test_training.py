@@ -116,3 +116,17 @@ def test_latent_pipeline_with_a_local_vae_and_image_folder(tmp_path, tiny_overri
     from PIL import Image as PILImage
 
     assert PILImage.open(run / "samples" / "step_0000004.png").size == (1 * 33 + 1, 2 * 33 + 1)
+
+
+def test_selection_with_k1_reproduces_vanilla_training_exactly(tmp_path, tiny_overrides):
+    base = [o for o in tiny_overrides if not o.startswith("output_dir")]
+    assert cli("run", *base, f"output_dir={tmp_path / 'vanilla'}").exit_code == 0
+    for name in ("max_norm", "min_norm"):
+        result = cli("run", *base, f"output_dir={tmp_path / name}", f"train.selector={{name: {name}, params: {{k: 1}}}}")
+        assert result.exit_code == 0, result.output
+        a, b = tensors(tmp_path / "vanilla", 4, "model"), tensors(tmp_path / name, 4, "model")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # with k=4 the max-norm selector trains on other noises: the weights differ
+    assert cli("run", *base, f"output_dir={tmp_path / 'k4'}", "train.selector={name: max_norm, params: {k: 4}}").exit_code == 0
+    a, b = tensors(tmp_path / "vanilla", 4, "model"), tensors(tmp_path / "k4", 4, "model")
+    assert any(not torch.equal(a[k], b[k]) for k in a)

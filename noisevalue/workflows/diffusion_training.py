@@ -76,6 +76,8 @@ class DiffusionTraining:
             self._restore()
         elif r.train.init_from:
             self.load(ckpt.resolve_checkpoint(r.train.init_from), with_optimizer=True)
+        # evaluations are counted from where this run started (a continuation's origin)
+        self.origin = int(ckpt.read_meta(ckpt.resolve_checkpoint(r.train.init_from))["step"]) if r.train.init_from else 0
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -175,7 +177,7 @@ class DiffusionTraining:
                     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
                 if self.step % r.train.ckpt_every == 0 or self.step == total:
                     self.save_checkpoint()
-                if r.eval.every and self.step % r.eval.every == 0 and self.step != total:
+                if r.eval.every and (self.step - self.origin) % r.eval.every == 0 and self.step != total:
                     self.evaluate()
 
     def log_scalars(self, scalars: dict[str, float]) -> None:
