@@ -112,3 +112,13 @@ def test_autoload_can_be_disabled(plugin_env):
     out = run_py("from noisevalue import registry; print(registry.names('backbone'))", env)
     assert "example-mlp" not in out.stdout and "broken" not in out.stdout
     assert "DiT-S/2" in out.stdout
+
+
+def test_cli_help_does_not_import_torch():
+    """`noisevalue --help` must answer at once: heavy imports happen inside commands."""
+    code = "import sys, noisevalue.cli; print(sorted(m for m in ('torch', 'diffusers', 'timm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    help_out = subprocess.run([sys.executable, "-m", "noisevalue.cli", "--help"], capture_output=True, text=True)
+    assert help_out.returncode == 0 and "run" in help_out.stdout and "plugins" in help_out.stdout
