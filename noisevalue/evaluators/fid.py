@@ -231,8 +231,10 @@ class FIDEvaluator(Evaluator):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                count = {} if self._reference_count is None else {"n": self._reference_count}
-                np.savez(fh, mu=mu, sigma=sigma, **count)
+                arrays: dict[str, np.ndarray] = {"mu": mu, "sigma": sigma}
+                if self._reference_count is not None:
+                    arrays["n"] = np.asarray(self._reference_count)
+                np.savez(fh, **arrays)  # type: ignore[arg-type]
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -274,6 +276,7 @@ class FIDEvaluator(Evaluator):
         self.metric.reset()  # generated side only (reset_real_features=False)
         self._accumulate(generated, real=False)
         mu, sigma = self._statistics(real=False)
+        assert self._reference_root is not None  # set with the reference statistics
         value = _frechet(mu, sigma, _psd_sqrt(sigma), mu_ref, sigma_ref, self._reference_root)
         return {self.metric_name: value}
 

@@ -221,9 +221,8 @@ def _double_backward(
         )
         wrt = list(th.values()) + (list(et.values()) if wrt_eta else [])
         out = torch.autograd.grad(dot, wrt, allow_unused=True) if dot.requires_grad else None
-    if out is None:
-        out = (None,) * len(wrt)
-    fill = [torch.zeros_like(t) if o is None else o for t, o in zip(wrt, out, strict=True)]
+    grads: tuple[torch.Tensor | None, ...] = (None,) * len(wrt) if out is None else tuple(out)
+    fill = [torch.zeros_like(t) if o is None else o for t, o in zip(wrt, grads, strict=True)]
     n = len(th)
     h_eta = dict(zip(et, fill[n:], strict=True)) if wrt_eta else {}
     return dict(zip(th, fill[:n], strict=True)), h_eta

@@ -74,6 +74,7 @@ def _reverse(problem: BilevelProblem, theta: Params, eta: Params) -> MetaGradien
         g = {k: torch.zeros_like(th[k]) if gk is None else gk for k, gk in zip(th, gs, strict=True)}
         th, state = opt.step(th, state, g, s + 1)
     val = problem.outer_loss(th, problem.val_batch)
+    ge: tuple[torch.Tensor | None, ...]
     if val.requires_grad:
         ge = torch.autograd.grad(val, list(eta_l.values()), allow_unused=True)
     else:  # S == 0: L_val does not depend on eta
@@ -102,7 +103,7 @@ def _mixed(problem: BilevelProblem, theta: Params, eta: Params, method: str) -> 
             return opt.step(th, st, g, count)
 
         th_s, st_s, g_s = traj.thetas.pop(), traj.states.pop(), traj.grads.pop()
-        _, back = vjp(update, th_s, st_s, g_s)
+        _, back = vjp(update, th_s, st_s, g_s)  # type: ignore[misc]
         a_th, a_state, a_g = back((a_theta, a_state))
         del back, st_s, g_s
         h_theta, h_eta = mixed_products(

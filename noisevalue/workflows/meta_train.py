@@ -206,7 +206,8 @@ class RaterMetaTraining:
 
     def _stop_on_nan(self, outer: int) -> None:
         """Keep the last good rater (the one before this update) and stop with one line."""
-        if ckpt.latest_checkpoint(self.ckpt_dir) is None or int(ckpt.read_meta(ckpt.latest_checkpoint(self.ckpt_dir))["step"]) != outer:
+        latest = ckpt.latest_checkpoint(self.ckpt_dir)
+        if latest is None or int(ckpt.read_meta(latest)["step"]) != outer:
             self.save_checkpoint()
         last = ckpt.latest_checkpoint(self.ckpt_dir)
         raise UserError(

@@ -103,9 +103,8 @@ def primary_metric(row: dict) -> str | None:
 
 def comparison_rows(results: dict[str, list[dict]], start: dict, offset: int) -> tuple[str, list[int], dict]:
     """(metric name, continuation steps, {method: {step: value}})."""
-    metric = primary_metric(start) or next(
-        (primary_metric(h[0]) for h in results.values() if h and primary_metric(h[0])), "loss"
-    )
+    candidates = [primary_metric(start)] + [primary_metric(h[0]) for h in results.values() if h]
+    metric = next((m for m in candidates if m), "loss")
     steps = sorted({h["step"] - offset for rows in results.values() for h in rows})
     table = {m: {h["step"] - offset: h.get(metric) for h in rows} for m, rows in results.items()}
     return metric, steps, table
