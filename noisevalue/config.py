@@ -39,7 +39,7 @@ class DataConfig(_Strict):
     cache_shard_size: int = Field(default=4096, gt=0)
     encode_batch_size: int = Field(default=64, gt=0)
     random_flip: bool = False
-    num_workers: int = Field(default=0, ge=0)
+    num_workers: int = Field(default=0, ge=0)  # image readers while encoding the latent cache
 
 
 class DiffusionConfig(_Strict):

@@ -104,7 +104,7 @@ def test_latent_pipeline_with_a_local_vae_and_image_folder(tmp_path, tiny_overri
         *tiny_overrides, "~data.dataset.params", "~data.eval_dataset",
         "data.dataset.name=image_folder", f"data.dataset.params.root={tmp_path / 'images'}",
         "data.dataset.params.image_size=16", "data.random_flip=true", "data.cache_shard_size=5",
-        "data.encoder.name=sd_vae", f"data.encoder.params.local_path={tmp_path / 'vae'}",
+        "data.encoder.name=sd_vae", f"data.encoder.params.local_path={tmp_path / 'vae'}", "data.num_workers=1",
     ]
     result = CliRunner().invoke(app, ["run", *overrides])
     assert result.exit_code == 0, (result.output, result.exception)

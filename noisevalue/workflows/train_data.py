@@ -109,6 +109,7 @@ def load_train_data(recipe: Recipe, run_dir: Path, info: DistInfo) -> tuple[Trai
             fingerprint=fp,
             include_flips=recipe.data.random_flip,
             device=info.device,
+            num_workers=recipe.data.num_workers,
         )
         barrier(info)
         if info.is_main:
