@@ -169,7 +169,12 @@ def load_tensors(ckpt: str | Path, name: str, device: str | torch.device = "cpu"
 
 def load_state_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming the mismatch."""
-    own = module.state_dict()
+    check_state(module.state_dict(), state, where)
+    module.load_state_dict(dict(state), strict=True)
+
+
+def check_state(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], where: str) -> None:
+    """CheckpointError unless ``state`` has exactly the names and shapes of ``own``."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -184,4 +189,3 @@ def load_state_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], 
                 f"{where}: '{key}' has shape {tuple(value.shape)} in the checkpoint but "
                 f"{tuple(own[key].shape)} in the model"
             )
-    module.load_state_dict(dict(state), strict=True)

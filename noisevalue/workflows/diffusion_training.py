@@ -108,7 +108,7 @@ class DiffusionTraining:
         model = unwrap(self.model)
         ckpt.load_state_into(model, ckpt.load_tensors(path, "model", self.info.device), str(path))
         ema_state = ckpt.load_tensors(path, "ema", self.info.device)
-        ckpt.load_state_into(copy.deepcopy(model), ema_state, f"{path} (ema)")
+        ckpt.check_state(model.state_dict(), ema_state, f"{path} (ema)")
         self.ema.load_state_dict(ema_state)
         if with_optimizer:
             flat = ckpt.load_tensors(path, "optimizer", self.info.device)
