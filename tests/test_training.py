@@ -130,3 +130,29 @@ def test_selection_with_k1_reproduces_vanilla_training_exactly(tmp_path, tiny_ov
     assert cli("run", *base, f"output_dir={tmp_path / 'k4'}", "train.selector={name: max_norm, params: {k: 4}}").exit_code == 0
     a, b = tensors(tmp_path / "vanilla", 4, "model"), tensors(tmp_path / "k4", 4, "model")
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluation_suite_prepares_once_and_reuses_baselines():
+    from noisevalue.config import load_recipe
+    from noisevalue.data.digits import DigitsDataset
+    from noisevalue.workflows.evaluate import EvaluationSuite
+
+    class MeanEvaluator:
+        prepared = 0
+
+        def prepare(self, reference):
+            MeanEvaluator.prepared += 1
+            self.ref = torch.cat(list(reference)).mean().item()
+
+        def evaluate(self, generated):
+            return {"gap": abs(torch.cat(list(generated)).mean().item() - self.ref)}
+
+    recipe = load_recipe("digits", ["eval.num_samples=50"])
+    suite = EvaluationSuite(recipe, [MeanEvaluator()], DigitsDataset(split="train"))
+    first = suite.evaluate(torch.full((10, 1, 8, 8), 0.9))
+    second = suite.evaluate(torch.full((10, 1, 8, 8), 0.65))  # both above the mean digit
+    assert MeanEvaluator.prepared == 1
+    assert first["baseline_train_images/gap"] == second["baseline_train_images/gap"]
+    assert first["gap"] - second["gap"] == pytest.approx(0.25)
+    # the shuffled-pixel baseline keeps the pixel values: the same mean as the real images
+    assert first["baseline_shuffled_pixels/gap"] == pytest.approx(first["baseline_train_images/gap"], abs=1e-6)

@@ -46,6 +46,9 @@ class DiffusionTraining:
         self.evaluators = build_evaluators(r) if info.is_main else []
         self.selector = create("selector", r.train.selector, "train.selector")
         self.data, self.encoder = load_train_data(r, self.run_dir, info)
+        pixels = r.data.encoder.name == "identity" and hasattr(self.data, "images")
+        train_set = _ImagesView(self.data.images) if pixels else None  # type: ignore[attr-defined]
+        self.evaluation = ev.EvaluationSuite(r, self.evaluators, train_set)
         self.encoder.to(info.device)
         self.latent_shape = self.data.latent_shape
         self.num_classes = self.data.num_classes
@@ -229,9 +232,7 @@ class DiffusionTraining:
                     model, self.diffusion, self.encoder, r.eval.num_samples, labels,
                     self.latent_shape, self.num_classes, r, dev, (r.seed, STREAM_EVAL),
                 )
-                pixels = r.data.encoder.name == "identity" and hasattr(self.data, "images")
-                train_set = _ImagesView(self.data.images) if pixels else None  # type: ignore[attr-defined]
-                metrics = ev.evaluate_samples(r, self.evaluators, generated, train_set)
+                metrics = self.evaluation.evaluate(generated)
             ev.update_metrics_file(self.run_dir / "metrics.json", self.step, metrics)
             self.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
             if self.writer is not None:

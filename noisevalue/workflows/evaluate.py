@@ -92,28 +92,45 @@ def _batches(images: torch.Tensor, size: int = 256) -> Iterator[torch.Tensor]:
         yield images[start : start + size]
 
 
-def evaluate_samples(
-    recipe: Recipe, evaluators: list[Any], generated: torch.Tensor, train_dataset: Any = None
-) -> dict:
-    """Run every evaluator; optional real/shuffled baselines for scale."""
-    if not evaluators:
-        return {}
-    reference = image_to_unit(reference_images(recipe, recipe.eval.num_samples, recipe.seed))
-    results: dict[str, float] = {}
-    for evaluator in evaluators:
-        evaluator.prepare(_batches(reference))
-        results.update({k: float(v) for k, v in evaluator.evaluate(_batches(generated)).items()})
-        if recipe.eval.baselines and train_dataset is not None:
-            real = image_to_unit(dataset_images(train_dataset, recipe.eval.num_samples, recipe.seed + 1))
-            for k, v in evaluator.evaluate(_batches(real)).items():
-                results[f"baseline_train_images/{k}"] = float(v)
-            g = seeded_generator(recipe.seed, 0, STREAM_EVAL)
+class EvaluationSuite:
+    """The recipe's evaluators, prepared once against the reference images.
+
+    The reference statistics and the optional baselines (real training images, a floor;
+    pixel-shuffled ones, a ceiling) do not change during a run, so they are computed at the
+    first evaluation and reused at every later one.
+    """
+
+    def __init__(self, recipe: Recipe, evaluators: list[Any], train_dataset: Any = None) -> None:
+        self.recipe, self.evaluators, self.train_dataset = recipe, evaluators, train_dataset
+        self._baselines: dict[str, float] | None = None
+
+    def _prepare(self) -> dict[str, float]:
+        r = self.recipe
+        reference = image_to_unit(reference_images(r, r.eval.num_samples, r.seed))
+        for evaluator in self.evaluators:
+            evaluator.prepare(_batches(reference))
+        baselines: dict[str, float] = {}
+        if r.eval.baselines and self.train_dataset is not None:
+            real = image_to_unit(dataset_images(self.train_dataset, r.eval.num_samples, r.seed + 1))
+            g = seeded_generator(r.seed, 0, STREAM_EVAL)
             flat = real.flatten(1)
             perm = torch.argsort(torch.rand(flat.shape, generator=g), dim=1)
             shuffled = torch.gather(flat, 1, perm).view_as(real)
-            for k, v in evaluator.evaluate(_batches(shuffled)).items():
-                results[f"baseline_shuffled_pixels/{k}"] = float(v)
-    return results
+            for evaluator in self.evaluators:
+                for label, images in (("train_images", real), ("shuffled_pixels", shuffled)):
+                    for k, v in evaluator.evaluate(_batches(images)).items():
+                        baselines[f"baseline_{label}/{k}"] = float(v)
+        return baselines
+
+    def evaluate(self, generated: torch.Tensor) -> dict[str, float]:
+        if not self.evaluators:
+            return {}
+        if self._baselines is None:
+            self._baselines = self._prepare()
+        results: dict[str, float] = {}
+        for evaluator in self.evaluators:
+            results.update({k: float(v) for k, v in evaluator.evaluate(_batches(generated)).items()})
+        return {**results, **self._baselines}
 
 
 def update_metrics_file(path: Path, step: int, metrics: dict[str, float]) -> dict:
