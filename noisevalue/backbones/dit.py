@@ -51,6 +51,22 @@ def _linear(seq: nn.Sequential, index: int) -> nn.Linear:
     return cast(nn.Linear, seq[index])
 
 
+def shape_problem(
+    input_size: int, patch_size: int, in_channels: int, depth: int, hidden_size: int,
+    num_heads: int, num_classes: int,
+) -> str | None:
+    """What is wrong with a patch-transformer's shape settings, or None (shared with the rater)."""
+    if patch_size < 1 or input_size < 1 or input_size % patch_size:
+        return f"input_size {input_size} is not divisible by patch size {patch_size}"
+    if in_channels < 1 or depth < 1:
+        return f"in_channels ({in_channels}) and depth ({depth}) must be >= 1"
+    if num_heads < 1 or hidden_size % num_heads or hidden_size % 4:
+        return f"hidden size {hidden_size} must be divisible by 4 and by {num_heads} heads"
+    if num_classes < 0:
+        return f"num_classes must be >= 0 (0 = unconditional), got {num_classes}"
+    return None
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -181,16 +197,8 @@ class DiT(Backbone):
             arch = (depth, hidden_size, num_heads, patch_size)
             config_name = next((n for n, a in CONFIGS.items() if a == arch), "DiT-custom")
         self.config_name = config_name
-        problem = None
-        if patch_size < 1 or input_size < 1 or input_size % patch_size:
-            problem = f"input_size {input_size} is not divisible by patch size {patch_size}"
-        elif in_channels < 1 or depth < 1:
-            problem = f"in_channels ({in_channels}) and depth ({depth}) must be >= 1"
-        elif num_heads < 1 or hidden_size % num_heads or hidden_size % 4:
-            problem = f"hidden size {hidden_size} must be divisible by 4 and by {num_heads} heads"
-        elif num_classes < 0:
-            problem = f"num_classes must be >= 0 (0 = unconditional), got {num_classes}"
-        elif not 0 <= class_dropout_prob < 1:
+        problem = shape_problem(input_size, patch_size, in_channels, depth, hidden_size, num_heads, num_classes)
+        if problem is None and not 0 <= class_dropout_prob < 1:
             problem = f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}"
         if problem is not None:
             raise ConfigError(f"model: {problem} of {config_name}")

@@ -31,7 +31,12 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Mlp, PatchEmbed
 from torch import nn
 
-from noisevalue.backbones.dit import TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from noisevalue.backbones.dit import (
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    modulate,
+    shape_problem,
+)
 from noisevalue.errors import ConfigError
 from noisevalue.interfaces import Rater
 
@@ -203,16 +208,8 @@ class DualStreamRater(Rater):
         per_stream_attention_weights: bool = False,
     ):
         super().__init__()
-        problem = None
-        if patch_size < 1 or input_size < 1 or input_size % patch_size:
-            problem = f"input_size {input_size} is not divisible by patch size {patch_size}"
-        elif in_channels < 1 or depth < 1:
-            problem = f"in_channels ({in_channels}) and depth ({depth}) must be >= 1"
-        elif num_heads < 1 or hidden_size % num_heads or hidden_size % 4:
-            problem = f"hidden size {hidden_size} must be divisible by 4 and by {num_heads} heads"
-        elif num_classes < 0:
-            problem = f"num_classes must be >= 0 (0 = unconditional), got {num_classes}"
-        elif mlp_ratio <= 0:
+        problem = shape_problem(input_size, patch_size, in_channels, depth, hidden_size, num_heads, num_classes)
+        if problem is None and mlp_ratio <= 0:
             problem = f"mlp_ratio must be > 0, got {mlp_ratio}"
         if problem is not None:
             raise ConfigError(f"rater: {problem}")
