@@ -13,7 +13,6 @@ import contextlib
 import copy
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -27,6 +26,7 @@ from noisevalue.workflows import evaluate as ev
 from noisevalue.workflows.batches import STREAM_EVAL, GlobalOrder, draw_step, local_batch_size
 from noisevalue.workflows.build import backbone_params, build_backbone, build_evaluators, create
 from noisevalue.workflows.progress import StepProgress
+from noisevalue.workflows.run_log import RunLog
 from noisevalue.workflows.train_data import load_train_data
 
 
@@ -36,7 +36,7 @@ class DiffusionTraining:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
-        self.writer: Any = None
+        self.log = RunLog()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -87,10 +87,7 @@ class DiffusionTraining:
         if r.train.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.order = GlobalOrder(self.data.num_items, r.seed)
-        if info.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
+        self.log = RunLog(self.run_dir, info.is_main, self.step)
 
     def _identity(self) -> dict:
         return {"name": self.recipe.model.name, "params": self.model_params}
@@ -184,10 +181,7 @@ class DiffusionTraining:
                     self.evaluate()
 
     def log_scalars(self, scalars: dict[str, float]) -> None:
-        if self.writer is not None:
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, self.step)
-            self.writer.flush()
+        self.log.scalars(scalars, self.step)
 
     def save_checkpoint(self) -> None:
         if self.info.is_main:
@@ -235,16 +229,14 @@ class DiffusionTraining:
                 metrics = self.evaluation.evaluate(generated)
             ev.update_metrics_file(self.run_dir / "metrics.json", self.step, metrics)
             self.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
-            if self.writer is not None:
-                from torchvision.utils import make_grid
+            from torchvision.utils import make_grid
 
-                self.writer.add_image("samples", make_grid(images, nrow=nrow), self.step)
+            self.log.image("samples", make_grid(images, nrow=nrow), self.step)
         barrier(self.info)
         return metrics
 
     def cleanup(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.log.close()
 
 
 class _ImagesView:

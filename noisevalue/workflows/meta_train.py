@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -32,6 +31,7 @@ from noisevalue.workflows.batches import (
 )
 from noisevalue.workflows.build import create, shape_params
 from noisevalue.workflows.progress import StepProgress
+from noisevalue.workflows.run_log import RunLog
 from noisevalue.workflows.train_data import load_train_data
 
 
@@ -65,7 +65,7 @@ class RaterMetaTraining:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
-        self.writer: Any = None
+        self.log = RunLog()
         self.theta: dict[str, torch.Tensor] | None = None
 
     def setup(self) -> None:
@@ -111,10 +111,7 @@ class RaterMetaTraining:
         self.val_order = GlobalOrder(len(self.val_idx), r.seed + 1)
         if self.resume:
             self._restore()
-        if info.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step or None)
+        self.log = RunLog(self.run_dir, info.is_main, self.step)
 
     # ------------------------------------------------------------------ batches
     def _batch(self, order: GlobalOrder, pool: torch.Tensor, key: int, size: int, k: int, stream: int, part: int):
@@ -217,10 +214,7 @@ class RaterMetaTraining:
         )
 
     def log_scalars(self, scalars: dict[str, float]) -> None:
-        if self.writer is not None:
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, self.step)
-            self.writer.flush()
+        self.log.scalars(scalars, self.step)
 
     def _identity(self) -> dict:
         assert self.recipe.rater is not None
@@ -263,5 +257,4 @@ class RaterMetaTraining:
         return {}
 
     def cleanup(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.log.close()
