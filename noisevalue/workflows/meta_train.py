@@ -26,6 +26,7 @@ from noisevalue.workflows.batches import (
     STREAM_SPLIT,
     STREAM_VAL,
     GlobalOrder,
+    StepDraws,
     draw_step,
     seeded_generator,
 )
@@ -67,6 +68,7 @@ class RaterMetaTraining:
         self.step = 0
         self.log = RunLog()
         self.theta: dict[str, torch.Tensor] | None = None
+        self._draws: dict[tuple[int, int], tuple[torch.Tensor, StepDraws]] = {}  # this outer step's
 
     def setup(self) -> None:
         r, info, m = self.recipe, self.info, self.recipe.meta
@@ -118,9 +120,13 @@ class RaterMetaTraining:
         """Sub-problem ``part``'s slice (``size`` items) of the global batch ``key``."""
         r, info = self.recipe, self.info
         global_size = size * r.meta.subproblems
-        idx = pool[order.batch(key, global_size)]
-        draws = draw_step(r.seed, key, global_size, self.latent_shape, self.diffusion.num_timesteps,
-                          self.drop_prob, r.data.random_flip, k=k, stream=stream)
+        if (stream, key) not in self._draws:  # drawn once, sliced by each local sub-problem
+            self._draws[stream, key] = (
+                pool[order.batch(key, global_size)],
+                draw_step(r.seed, key, global_size, self.latent_shape, self.diffusion.num_timesteps,
+                          self.drop_prob, r.data.random_flip, k=k, stream=stream),
+            )
+        idx, draws = self._draws[stream, key]
         lo, hi = part * size, (part + 1) * size
         mine = draws.slice(lo, hi)
         x0, y = self.data.fetch(idx[lo:hi], mine.flip)
@@ -158,6 +164,7 @@ class RaterMetaTraining:
 
     def outer_step(self, outer: int) -> dict[str, float]:
         m, info = self.recipe.meta, self.info
+        self._draws.clear()
         theta = self.theta0 if (m.reset_theta or self.theta is None) else self.theta
         eta = param_dict(self.rater)
         n = self.local_subproblems
