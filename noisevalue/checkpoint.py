@@ -83,8 +83,13 @@ def save_checkpoint(
     tensors: Mapping[str, Mapping[str, torch.Tensor]],
     meta: Mapping[str, Any],
     keep: int | None = None,
+    keep_every: int | None = None,
 ) -> Path:
-    """Write ``{name}.safetensors`` per tensor group plus ``meta.json`` atomically."""
+    """Write ``{name}.safetensors`` per tensor group plus ``meta.json`` atomically.
+
+    Only the newest ``keep`` checkpoints are retained, except those at multiples of
+    ``keep_every``, which are never pruned (a trajectory to analyse or transfer from).
+    """
     from safetensors.torch import save_file
 
     root = Path(root)
@@ -110,6 +115,8 @@ def save_checkpoint(
     atomic_write_text(root / LATEST, final.name + "\n")
     if keep is not None:
         for old_dir in list_checkpoints(root)[:-keep]:
+            if keep_every and checkpoint_step(old_dir) % keep_every == 0:
+                continue
             shutil.rmtree(old_dir, ignore_errors=True)
     return final
 
@@ -121,6 +128,11 @@ def list_checkpoints(root: str | Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
     return sorted((p for p in found if (p / META).is_file()), key=lambda p: p.name)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a checkpoint folder, from its name (``step_0001500`` -> 1500)."""
+    return int(Path(path).name[len(_PREFIX):])
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:

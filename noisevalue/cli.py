@@ -116,6 +116,138 @@ def _print_result(run_dir: Path, metrics: dict | None) -> None:
     typer.echo(f"done: {run_dir}  {shown}")
 
 
+def _experiment(command: str, recipe: str | None, overrides: list[str] | None, options: dict, launch: dict) -> None:
+    """Load the recipe, then run an experiment command here or under torch.distributed.run."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from noisevalue import checkpoint as ckpt
+    from noisevalue import distributed
+    from noisevalue.config import check_components, load_recipe_dict, parse_recipe
+    from noisevalue.workflows.worker import JOB, RESOLVED_RECIPE
+
+    source, extra = _split_recipe_arg(recipe, overrides)
+    data = load_recipe_dict(source, extra)
+    parsed = parse_recipe(data, str(source or "<built-in recipe 'digits'>"))
+    check_components(parsed)
+    job_dir = Path(parsed.output_dir) / command
+    typer.echo(
+        f"noisevalue {command}: recipe '{parsed.name}' -> {job_dir}  (model {parsed.model.name}, "
+        f"seeds {parsed.continuation_seeds()}, processes {launch['nproc_per_node']})"
+    )
+    if launch["nproc_per_node"] == 1 and launch["nnodes"] == "1" and launch["rdzv_endpoint"] is None:
+        from noisevalue.workflows.experiments import run_experiment
+
+        info = distributed.init(parsed.train.device)
+        outputs = run_experiment(command, parsed, info, options)
+    else:
+        ckpt.atomic_write_text(job_dir / RESOLVED_RECIPE, OmegaConf.to_yaml(OmegaConf.create(data)))
+        ckpt.atomic_write_text(job_dir / JOB, json.dumps({"command": command, "options": options}, indent=2))
+        args = distributed.launcher_args(["--run-dir", str(job_dir), "--job"], **launch)
+        typer.echo("torch.distributed.run " + " ".join(args))
+        code = distributed.launch(args)
+        if code:
+            raise typer.Exit(code)
+        outputs = sorted(p for p in job_dir.iterdir() if p.suffix in (".md", ".csv", ".png"))
+    typer.echo(f"{command} done; tables and figures:")
+    for path in outputs:
+        typer.echo(f"  {path}")
+
+
+def _launch(nproc_per_node: int, nnodes: str, node_rank: int, rdzv_endpoint: str | None, rdzv_id: str) -> dict:
+    return {"nproc_per_node": nproc_per_node, "nnodes": nnodes, "node_rank": node_rank,
+            "rdzv_endpoint": rdzv_endpoint, "rdzv_id": rdzv_id}
+
+
+NprocOpt = typer.Option(1, "--nproc-per-node", min=1, help="Processes (GPUs) per machine.")
+NnodesOpt = typer.Option("1", "--nnodes", help="Number of machines (or MIN:MAX).")
+NodeRankOpt = typer.Option(0, "--node-rank", help="This machine's rank (with --rdzv-endpoint).")
+RdzvOpt = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT for several machines.")
+RdzvIdOpt = typer.Option("noisevalue", "--rdzv-id", help="Rendezvous id shared by all machines.")
+
+
+@app.command()
+def ablate(
+    recipe: str | None = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    remove: list[str] | None = typer.Option(
+        None, "--remove", help="A rater input to remove: timestep, image or label (repeatable: one variant)."
+    ),
+    noise_only: bool = typer.Option(False, "--noise-only", help="The variant that sees the noise only."),
+    nproc_per_node: int = NprocOpt,
+    nnodes: str = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    rdzv_endpoint: str | None = RdzvOpt,
+    rdzv_id: str = RdzvIdOpt,
+) -> None:
+    """Rater input ablation (paper Table 2): a rater per variant on the same stage-(i)
+    checkpoint, a continuation with each, and a table against the full rater.
+    Without --remove/--noise-only: all of the recipe's ablate.variants."""
+    with user_errors():
+        from noisevalue.config import ABLATION_INPUTS
+        from noisevalue.errors import ConfigError
+
+        variants = None
+        if remove or noise_only:
+            bad = [r for r in remove or [] if r not in ABLATION_INPUTS]
+            if bad:
+                raise ConfigError(f"--remove {bad[0]}: expected one of {', '.join(ABLATION_INPUTS)}")
+            variants = [sorted(set(remove or []))] if remove else []
+            if noise_only:
+                variants.append(list(ABLATION_INPUTS))
+        _experiment("ablate", recipe, overrides, {"variants": variants},
+                    _launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id))
+
+
+@app.command()
+def transfer(
+    recipe: str | None = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    rater: str | None = typer.Option(
+        None, "--rater", help="A trained rater (run or checkpoint folder). Default: the recipe's stage-(ii) rater."
+    ),
+    to: list[str] | None = typer.Option(
+        None, "--to", help="A larger backbone (registered name; repeatable). Default: transfer.targets."
+    ),
+    nproc_per_node: int = NprocOpt,
+    nnodes: str = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    rdzv_endpoint: str | None = RdzvOpt,
+    rdzv_id: str = RdzvIdOpt,
+) -> None:
+    """Apply a frozen rater to larger backbones (paper Table 4), each continued from the
+    checkpoint whose training loss matches the rater's source (appendix B.4)."""
+    with user_errors():
+        _experiment("transfer", recipe, overrides, {"rater": rater, "targets": list(to) if to else None},
+                    _launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id))
+
+
+@app.command()
+def analyze(
+    recipe: str | None = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    checkpoints: list[str] | None = typer.Option(
+        None, "--checkpoint", "--checkpoints", help="A diffusion checkpoint folder to probe (repeatable)."
+    ),
+    steps: list[int] | None = typer.Option(
+        None, "--step", "--steps",
+        help="A stage-(i) step to probe (repeatable; 0 is the initial weights). Default: analyze.steps.",
+    ),
+    nproc_per_node: int = NprocOpt,
+    nnodes: str = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    rdzv_endpoint: str | None = RdzvOpt,
+    rdzv_id: str = RdzvIdOpt,
+) -> None:
+    """What the rater learns (paper section 5.3): a short-trained rater per diffusion
+    checkpoint; score-norm Spearman correlation and score std by stage and timestep."""
+    with user_errors():
+        _experiment("analyze", recipe, overrides,
+                    {"checkpoints": list(checkpoints) if checkpoints else None, "steps": list(steps) if steps else None},
+                    _launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id))
+
+
 @recipe_app.command("validate")
 def recipe_validate(
     recipe: str = typer.Argument(..., help="Recipe file or built-in name."),
@@ -172,6 +304,12 @@ def plugins_list(kind: str | None = typer.Option(None, help="Only this kind.")) 
             except Exception as exc:
                 status = f"  [FAILED: {exc}]"
             typer.echo(f"  {entry.name:<16} {entry.distribution:<20} {entry.target}{status}")
+
+
+from noisevalue.cli_sampling import evaluate, sample  # noqa: E402
+
+app.command("sample")(sample)
+app.command("eval")(evaluate)
 
 
 def main() -> None:

@@ -68,6 +68,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(default=50, gt=0)
     ckpt_every: int = Field(default=1000, gt=0)
     keep_checkpoints: int = Field(default=2, ge=1)
+    keep_every: int | None = Field(default=None, gt=0)  # also keep checkpoints at multiples
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
@@ -117,6 +118,61 @@ class SelectConfig(_Strict):
             "min_norm": Component(name="min_norm", params={"k": 4}),
         }
     )
+    # Seeds of everything after the shared stage-(i) checkpoint (rater meta-training and
+    # continuations). Default: the recipe's seed. With several, tables give mean and 95% CI.
+    seeds: list[int] | None = Field(default=None, min_length=1)
+
+
+ABLATION_INPUTS = ("timestep", "image", "label")
+
+
+class AblateConfig(_Strict):
+    """``noisevalue ablate``: raters with inputs removed (paper Table 2), each trained on the
+    stage-(i) checkpoint and used for a stage-(iii) continuation beside the full rater."""
+
+    # each variant is the set of rater inputs it removes; the full rater is always the reference
+    variants: list[list[Literal["timestep", "image", "label"]]] = Field(
+        default_factory=lambda: [["timestep"], ["image"], ["image", "label"], ["timestep", "image", "label"]]
+    )
+    k: int = Field(default=4, ge=2)  # candidates per sample in the continuations
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AblateConfig:
+        seen = [frozenset(v) for v in self.variants]
+        if any(not v for v in seen):
+            raise ValueError("a variant must remove at least one input (the full rater is always run)")
+        if len(set(seen)) != len(seen):
+            raise ValueError("the same variant is listed twice")
+        return self
+
+
+class TransferConfig(_Strict):
+    """``noisevalue transfer`` (paper Table 4, appendix B.4): a frozen rater applied to the
+    continuation of larger backbones, each from its loss-matched checkpoint."""
+
+    targets: list[Component] = Field(
+        default_factory=lambda: [Component(name="DiT-B/2"), Component(name="DiT-L/2")]
+    )
+    pretrain_steps: int | None = Field(default=None, gt=0)  # per target; default train.steps
+    smoothing_window: int = Field(default=500, gt=0)  # centred rolling mean, in logged points
+    stability_window: int = Field(default=1000, ge=0)  # W, in logged points
+    k: int = Field(default=2, ge=2)  # candidates per sample with the rater
+
+
+class AnalyzeConfig(_Strict):
+    """``noisevalue analyze`` (paper section 5.3): what a rater learns at each training stage."""
+
+    steps: list[int] | None = None  # pretrain checkpoints to probe (0: the initial weights)
+    outer_steps: int = Field(default=500, gt=0)  # rater meta-training per checkpoint
+    num_images: int = Field(default=2000, gt=0)
+    candidates: int = Field(default=16, ge=2)
+    timesteps: list[float] = Field(default_factory=lambda: [i / 10 for i in range(11)])
+
+    @model_validator(mode="after")
+    def _unit_interval(self) -> AnalyzeConfig:
+        if any(not 0.0 <= t <= 1.0 for t in self.timesteps):
+            raise ValueError("timesteps are normalised: each must lie in [0, 1]")
+        return self
 
 
 class SampleConfig(_Strict):
@@ -150,6 +206,12 @@ class Recipe(_Strict):
     rater: Component | None = None
     meta: MetaConfig = Field(default_factory=MetaConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
+    ablate: AblateConfig = Field(default_factory=AblateConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+    analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
+
+    def continuation_seeds(self) -> list[int]:
+        return list(dict.fromkeys(self.select.seeds or [self.seed]))
 
     @model_validator(mode="after")
     def _rater_needed(self) -> Recipe:
@@ -262,6 +324,8 @@ def component_slots(recipe: Recipe) -> list[tuple[str, str, Component]]:
     for i, ev in enumerate(recipe.eval.evaluators):
         slots.append((f"eval.evaluators.{i}", "evaluator", ev))
     slots.append(("train.selector", "selector", recipe.train.selector))
+    for i, target in enumerate(recipe.transfer.targets):
+        slots.append((f"transfer.targets.{i}", "backbone", target))
     if recipe.rater is not None:
         slots.append(("rater", "rater", recipe.rater))
         slots.append(("meta.optimizer", "meta_optimizer", recipe.meta.optimizer))

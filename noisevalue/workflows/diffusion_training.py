@@ -200,7 +200,10 @@ class DiffusionTraining:
                 "ema": self.ema.state_dict(),
                 "optimizer": opt_tensors,
             }
-            ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.recipe.train.keep_checkpoints)
+            ckpt.save_checkpoint(
+                self.ckpt_dir, self.step, tensors, meta, keep=self.recipe.train.keep_checkpoints,
+                keep_every=self.recipe.train.keep_every,
+            )
         barrier(self.info)
 
     # ------------------------------------------------------------------ evaluation

@@ -1,25 +1,36 @@
-"""TensorBoard events of one run: written by rank 0 only, a no-op on the other ranks."""
+"""Scalars of one run: TensorBoard events plus ``scalars.jsonl``, a plain log that other
+commands read back (``transfer`` matches checkpoints on the training-loss curve).
+Written by rank 0 only, a no-op on the other ranks."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+SCALARS = "scalars.jsonl"
 
 
 class RunLog:
     def __init__(self, run_dir: Path | None = None, enabled: bool = False, start_step: int = 0) -> None:
         self.writer: Any = None
+        self.jsonl: Path | None = None
         if enabled and run_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             # a resumed run drops events past its checkpoint, so curves have no doubled steps
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+            self.jsonl = run_dir / SCALARS
+            _truncate(self.jsonl, start_step)
 
     def scalars(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
             self.writer.flush()
+        if self.jsonl is not None:
+            with self.jsonl.open("a") as f:
+                f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
     def image(self, tag: str, image: Any, step: int) -> None:
         if self.writer is not None:
@@ -28,3 +39,40 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _truncate(path: Path, start_step: int) -> None:
+    """Drop lines past ``start_step`` (left by an interrupted run that is now resumed)."""
+    if not path.is_file():
+        return
+    if start_step == 0:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text().splitlines() if _step(line) is not None and _step(line) <= start_step]
+    from noisevalue.checkpoint import atomic_write_text
+
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a crash
+
+
+def read_scalar(run_dir: str | Path, tag: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one scalar tag in a run's ``scalars.jsonl``, in step order."""
+    path = Path(run_dir) / SCALARS
+    if not path.is_file():
+        return [], []
+    by_step: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if tag in row:
+            by_step[int(row["step"])] = float(row[tag])
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]

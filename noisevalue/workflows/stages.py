@@ -1,0 +1,181 @@
+"""Stages: the runs that the protocol and the experiment commands are made of.
+
+A stage is one recipe run (pretrain, meta_train, or a continuation) in a folder of its own.
+A stage whose folder holds a ``DONE`` marker is reused; one with checkpoints but no marker
+is resumed. Each stage records the settings it ran with (``stage.json``): reusing a folder
+with settings that would change its result is an error, never a silent mix of two runs.
+
+Shared layout under a recipe's ``output_dir`` (what every command reuses):
+
+    pretrain/                 stage (i)
+    rater/                    stage (ii): the full rater on the stage-(i) checkpoint
+    select/<method>/          stage (iii) per selection method
+    <dir>-seed<N>/            the same stage with another seed (``select.seeds``)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from noisevalue.checkpoint import atomic_write_text, latest_checkpoint
+from noisevalue.config import Component, Recipe, parse_recipe
+from noisevalue.distributed import DistInfo, barrier
+from noisevalue.errors import ConfigError
+
+DONE = "DONE"
+STAGE_SETTINGS = "stage.json"
+
+# the sections that decide a stage's result, per workflow
+_RELEVANT = {
+    "pretrain": ("seed", "data", "model", "diffusion", "train", "sample", "eval"),
+    "meta_train": ("seed", "data", "model", "diffusion", "rater", "meta"),
+}
+# settings that change speed or placement, not results
+_IGNORED = {
+    "data.latent_cache", "data.num_workers", "data.encode_batch_size", "data.cache_shard_size",
+    "train.threads", "train.device", "train.log_every", "sample.batch_size", "meta.log_every",
+}
+
+Say = Callable[[str], Any]
+
+
+def stage_recipe(recipe: Recipe, output_dir: Path, **updates: Any) -> Recipe:
+    """A copy of ``recipe`` for one stage: dotted keys in ``updates`` replace values."""
+    data = recipe.model_dump(mode="json")
+    data["output_dir"] = str(output_dir)
+    for dotted, value in updates.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return parse_recipe(data, f"recipe '{recipe.name}' ({output_dir.name} stage)")
+
+
+def seeded_dir(base: Path, seed: int, recipe: Recipe) -> Path:
+    """``base`` for the recipe's own seed, ``base-seed<N>`` for the others."""
+    return base if seed == recipe.seed else base.with_name(f"{base.name}-seed{seed}")
+
+
+def stage_settings(recipe: Recipe) -> dict[str, Any]:
+    data = recipe.model_dump(mode="json")
+    flat: dict[str, Any] = {"workflow": recipe.workflow}
+    for section in _RELEVANT.get(recipe.workflow, ()):
+        _flatten(data[section], section, flat)
+    return {k: v for k, v in flat.items() if k not in _IGNORED}
+
+
+def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(node, dict) and node and not prefix.endswith(".params"):
+        for k, v in node.items():
+            _flatten(v, f"{prefix}.{k}", out)
+    else:
+        out[prefix] = node
+
+
+def check_stage_settings(recipe: Recipe) -> None:
+    """Refuse to reuse a stage folder that ran with different settings."""
+    path = Path(recipe.output_dir) / STAGE_SETTINGS
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    new = stage_settings(recipe)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        k = changed[0]
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise ConfigError(
+            f"stage '{recipe.output_dir}' ran with {k}={old.get(k)!r}, the recipe now says "
+            f"{new.get(k)!r}{more}; remove that folder to rerun it, or set output_dir=... for a new run"
+        )
+
+
+def run_stage(recipe: Recipe, info: DistInfo, say: Say) -> dict:
+    """Run (or reuse, or resume) one stage; returns its final metrics."""
+    from noisevalue.workflows import run_single
+
+    run_dir = Path(recipe.output_dir)
+    check_stage_settings(recipe)
+    marker = run_dir / DONE
+    if marker.is_file():
+        say(f"stage {run_dir}: done already, reused")
+        return json.loads(marker.read_text()).get("metrics", {})
+    resume = latest_checkpoint(run_dir / "checkpoints") is not None
+    say(f"stage {run_dir}: {'resuming' if resume else 'starting'} ({recipe.workflow})")
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / STAGE_SETTINGS, json.dumps(stage_settings(recipe), indent=1, sort_keys=True))
+    barrier(info)
+    metrics = run_single(recipe, run_dir, info, resume=resume)
+    if info.is_main:
+        atomic_write_text(marker, json.dumps({"metrics": metrics}, indent=2))
+    barrier(info)
+    return metrics
+
+
+def latent_cache(recipe: Recipe) -> str:
+    return recipe.data.latent_cache or str(Path(recipe.output_dir) / "latents")
+
+
+def pretrain(recipe: Recipe, info: DistInfo, say: Say, run_dir: Path | None = None, **updates: Any) -> Path:
+    """Stage (i) (default folder ``<output_dir>/pretrain``); returns its folder."""
+    run_dir = run_dir or Path(recipe.output_dir) / "pretrain"
+    stage = stage_recipe(recipe, run_dir, workflow="pretrain", **{"data.latent_cache": latent_cache(recipe), **updates})
+    run_stage(stage, info, say)
+    return run_dir
+
+
+def train_rater(
+    recipe: Recipe, info: DistInfo, say: Say, pretrained: str | Path, run_dir: Path,
+    rater: Component | None = None, seed: int | None = None, **updates: Any,
+) -> Path:
+    """Stage (ii): meta-train ``rater`` (default: the recipe's) on ``pretrained``."""
+    assert rater is not None or recipe.rater is not None
+    stage = stage_recipe(
+        recipe, run_dir, workflow="meta_train",
+        **{
+            "data.latent_cache": latent_cache(recipe),
+            "meta.pretrained": str(pretrained),
+            "rater": (rater or recipe.rater).model_dump(mode="json"),  # type: ignore[union-attr]
+            "seed": recipe.seed if seed is None else seed,
+            **updates,
+        },
+    )
+    run_stage(stage, info, say)
+    return run_dir
+
+
+def continue_training(
+    recipe: Recipe, info: DistInfo, say: Say, init_from: str | Path, run_dir: Path,
+    selector: Component, steps: int, seed: int | None = None, **updates: Any,
+) -> list[dict]:
+    """Stage (iii): ``steps`` more steps from ``init_from`` with ``selector`` choosing the
+    noise; returns the evaluation rows after the starting step."""
+    from noisevalue.checkpoint import read_meta, resolve_checkpoint
+
+    origin = int(read_meta(resolve_checkpoint(init_from))["step"])
+    stage = stage_recipe(
+        recipe, run_dir, workflow="pretrain",
+        **{
+            "data.latent_cache": latent_cache(recipe),
+            "train.steps": origin + steps,
+            "train.init_from": str(init_from),
+            "train.selector": selector.model_dump(mode="json"),
+            "eval.every": recipe.select.eval_every,
+            "seed": recipe.seed if seed is None else seed,
+            **updates,
+        },
+    )
+    run_stage(stage, info, say)
+    return evaluations(run_dir, after=origin)
+
+
+def evaluations(run_dir: Path, after: int = -1) -> list[dict]:
+    """The evaluation rows (``{"step": ..., metric: value}``) of a run after step ``after``."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise ConfigError(f"'{path}' is missing: the run in '{run_dir}' has not been evaluated")
+    return [h for h in json.loads(path.read_text())["history"] if h["step"] > after]
