@@ -36,6 +36,7 @@ CONFIGS: dict[str, tuple[int, int, int, int]] = {
     f"DiT-{size}/{patch}": (*arch, patch) for size, arch in _SIZES.items() for patch in (2, 4, 8)
 }
 CONFIGS["DiT-Tiny/2"] = (4, 128, 4, 2)
+CONFIGS["DiT-Tiny-B/2"] = (4, 192, 6, 2)  # 1.5x wider: the digits default's transfer target
 
 
 def dit_config(name: str) -> dict[str, int]:
@@ -372,3 +373,4 @@ DiT_XL_4 = _factory("DiT-XL/4")
 DiT_XL_8 = _factory("DiT-XL/8")
 # A CPU-sized model; its defaults fit 8x8 single-channel digits with 10 classes.
 DiT_Tiny_2 = _factory("DiT-Tiny/2", size=8, channels=1, classes=10)
+DiT_Tiny_B_2 = _factory("DiT-Tiny-B/2", size=8, channels=1, classes=10)
