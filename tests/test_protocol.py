@@ -159,14 +159,15 @@ def test_protocol_end_to_end_with_skip_on_rerun(tmp_path, tiny_overrides):
     assert result.exit_code == 0, (result.output, result.exception)
     root = tmp_path / "run"
     rows = list(csv.DictReader((root / "comparison.csv").open()))
-    methods = {r["method"] for r in rows}
+    methods = {r["run"] for r in rows}
     assert methods == {"vanilla", "rater", "max_norm", "min_norm"}
     assert {int(r["step"]) for r in rows} == {4, 6, 8}  # start + each evaluation
     md = (root / "comparison.md").read_text()
-    assert "| method | start (step 4) | +2 | +4 |" in md
+    assert "| run | start (step 4) | +2 | +4 |" in md
+    assert "One seed (0)" in md  # nothing is called significant on one seed
     assert (root / "comparison.png").stat().st_size > 0
     starts = {r["fd_digits"] for r in rows if r["step"] == "4"}
     assert len(starts) == 1  # every method continues from the same checkpoint
     again = invoke(*args)
     assert again.exit_code == 0
-    assert again.output.count("skipped") == 6
+    assert again.output.count("reused") == 6

@@ -1,0 +1,103 @@
+"""``noisevalue ablate``: the rater input ablation of the paper's Table 2.
+
+Each variant removes some of the rater's inputs (timestep embedding, image stream, class
+label; "noise only" removes all three) through the rater's ``use_<input>=False`` switches.
+Every variant's rater is meta-trained on the same stage-(i) checkpoint with the same seed
+and settings as the full rater, then used for the same stage-(iii) continuation; the table
+has the full rater as its reference row, and vanilla training for context.
+
+    <output_dir>/pretrain/, rater/, select/rater/, select/vanilla/   shared with the protocol
+    <output_dir>/ablate/<variant>/rater/, .../select/                per variant
+    <output_dir>/ablate/ablation.{md,csv,png}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from noisevalue import registry
+from noisevalue.config import ABLATION_INPUTS, Component, Recipe
+from noisevalue.distributed import DistInfo, barrier
+from noisevalue.errors import ConfigError
+from noisevalue.workflows import stages
+from noisevalue.workflows.protocol import VANILLA, primary_metric, seed_rater, start_row
+from noisevalue.workflows.tables import ResultTable, Row, write_table
+
+FULL = "full rater"
+
+
+def variant_label(removed: Sequence[str]) -> str:
+    """The paper's row names: 'w/o timestep', 'w/o image, label', 'noise only'."""
+    if set(removed) >= set(ABLATION_INPUTS):
+        return "noise only"
+    return "w/o " + ", ".join(i for i in ABLATION_INPUTS if i in removed)
+
+
+def variant_dir(removed: Sequence[str]) -> str:
+    if set(removed) >= set(ABLATION_INPUTS):
+        return "noise-only"
+    return "no-" + "-".join(i for i in ABLATION_INPUTS if i in removed)
+
+
+def ablated_rater(rater: Component, removed: Sequence[str]) -> Component:
+    """The recipe's rater with the ``use_<input>`` switch of each removed input off."""
+    params = {**rater.params, **{f"use_{i}": False for i in removed}}
+    registry.check_params("rater", rater.name, params, where=f"rater '{rater.name}' (ablation switches)")
+    return Component(name=rater.name, params=params)
+
+
+def run_ablate(
+    recipe: Recipe, info: DistInfo, say: stages.Say, variants: list[list[str]] | None = None
+) -> list[Path]:
+    if recipe.rater is None:
+        raise ConfigError("rater: the ablation needs the recipe's rater section")
+    chosen = recipe.ablate.variants if variants is None else variants
+    if not chosen:
+        raise ConfigError("ablate: no variant to run (pass --remove INPUT or --noise-only)")
+    raters = {tuple(v): ablated_rater(recipe.rater, v) for v in chosen}  # fail before training
+    root, out = Path(recipe.output_dir), Path(recipe.output_dir) / "ablate"
+    k = recipe.ablate.k
+    selector = Component(name="rater", params={"k": k})
+    # the protocol's rater continuation is the full-rater row when it is the same run
+    shared = recipe.select.methods.get("rater") == selector
+    full_base = root / "select" / "rater" if shared else out / "full" / "select"
+
+    pretrained = stages.pretrain(recipe, info, say)
+    start = start_row(pretrained)
+    metric = primary_metric(start) or "loss"
+    origin = int(start["step"])
+    rows = {FULL: Row(f"{FULL} (k={k})", origin)}
+    rows.update({variant_label(v): Row(variant_label(v), origin) for v in raters})
+    rows[VANILLA] = Row(f"{VANILLA} (k=1)", origin)
+
+    def add(label: str, seed: int, run_dir: Path, sel: Component) -> None:
+        history = stages.continue_training(recipe, info, say, pretrained, run_dir, sel, recipe.select.steps, seed=seed)
+        if start.get(metric) is not None:
+            rows[label].start[seed] = float(start[metric])
+        rows[label].add(seed, history, metric)
+
+    for seed in recipe.continuation_seeds():
+        full = seed_rater(recipe, info, say, pretrained, seed)
+        add(FULL, seed, stages.seeded_dir(full_base, seed, recipe), _with_checkpoint(selector, full))
+        for removed, rater in raters.items():
+            base = out / variant_dir(removed)
+            rater_dir = seed_rater(recipe, info, say, pretrained, seed, rater=rater, base=base / "rater")
+            add(variant_label(removed), seed, stages.seeded_dir(base / "select", seed, recipe),
+                _with_checkpoint(selector, rater_dir))
+        vanilla = recipe.select.methods.get(VANILLA, Component(name="random", params={"k": 1}))
+        add(VANILLA, seed, stages.seeded_dir(root / "select" / VANILLA, seed, recipe), vanilla)
+
+    table = ResultTable(
+        f"rater input ablation, k={k}, from step {origin}", metric, list(rows.values()),
+        reference=rows[FULL].label,
+    )
+    paths: list[Path] = []
+    if info.is_main:
+        paths = list(write_table(table, out, "ablation"))
+    barrier(info)
+    return paths
+
+
+def _with_checkpoint(selector: Component, rater_dir: Path) -> Component:
+    return Component(name=selector.name, params={**selector.params, "checkpoint": str(rater_dir)})
