@@ -1,0 +1,149 @@
+"""Regenerate the example outputs in the command pages of these docs from the digits default.
+
+    python docs/make_examples.py                 # all commands, outputs under runs/digits
+    python docs/make_examples.py analyze eval    # only some
+
+Each command runs exactly as a user would type it (stages already on disk are reused). The
+tables are pasted into ``docs/<command>.md`` between ``<!-- example: NAME -->`` and
+``<!-- /example: NAME -->``, the figures copied into ``docs/figures/``, with the wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+FIGURES = DOCS / "figures"
+RUN = Path("runs/digits")
+COMMANDS = ("ablate", "transfer", "analyze", "sample", "eval")
+
+
+def noisevalue(*args: str) -> tuple[str, float]:
+    """Run the CLI; returns its output and wall time in seconds."""
+    cmd = [sys.executable, "-m", "noisevalue.cli", *args]
+    print("$ noisevalue " + " ".join(args), flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"noisevalue {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return done.stdout, elapsed
+
+
+def figure(path: Path, name: str) -> str:
+    FIGURES.mkdir(exist_ok=True)
+    shutil.copyfile(path, FIGURES / name)
+    return f"![{name}](figures/{name})"
+
+
+def paste(page: str, name: str, body: str) -> None:
+    path = DOCS / page
+    text = path.read_text()
+    start, end = f"<!-- example: {name} -->", f"<!-- /example: {name} -->"
+    if start not in text:
+        sys.exit(f"{path}: no '{start}' marker to paste the example after")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1] if end in rest else rest
+    path.write_text(f"{head}{start}\n{body.strip()}\n{end}{tail}")
+    print(f"  -> {path.relative_to(DOCS.parent)}")
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def ablate() -> None:
+    _, t = noisevalue("ablate")
+    out = RUN / "ablate"
+    paste("ablate.md", "ablate", f"""
+`noisevalue ablate` (all variants; {minutes(t)} on 2 CPU cores with stage (i) already done):
+
+{(out / "ablation.md").read_text()}
+{figure(out / "ablation.png", "ablation.png")}
+""")
+
+
+def transfer() -> None:
+    _, t = noisevalue("transfer")
+    out = RUN / "transfer"
+    paste("transfer.md", "transfer", f"""
+`noisevalue transfer` ({minutes(t)} on 2 CPU cores with stages (i) and (ii) already done):
+
+{(out / "matching.md").read_text()}
+{figure(out / "loss_curves.png", "transfer_loss_curves.png")}
+
+{(out / "transfer.md").read_text()}
+{figure(out / "transfer.png", "transfer.png")}
+""")
+
+
+def analyze() -> None:
+    _, t = noisevalue("analyze")
+    out = RUN / "analyze"
+    paste("analyze.md", "analyze", f"""
+`noisevalue analyze` (checkpoints 0, 500 and 1500; {minutes(t)} on 2 CPU cores with stage (i) already done):
+
+{(out / "summary.md").read_text()}
+{figure(out / "by_stage.png", "analyze_by_stage.png")}
+{figure(out / "by_timestep.png", "analyze_by_timestep.png")}
+""")
+
+
+def sample() -> None:
+    out = RUN / "docs-samples"
+    shutil.rmtree(out, ignore_errors=True)
+    printed, t = noisevalue("sample", str(RUN / "pretrain"), "--num", "400", "--out", str(out))
+    import numpy as np
+
+    arr = np.load(out / "samples.npz")["arr_0"]
+    grid = sorted(out.glob("*.png"))[0]
+    paste("sample.md", "sample", f"""
+`noisevalue sample {RUN / "pretrain"} --num 400 --out {out}` ({t:.0f} s on 2 CPU cores):
+
+```
+{printed.strip()}
+```
+
+`samples.npz`: `arr_0` {arr.dtype} {tuple(arr.shape)} (NHWC).
+
+{figure(grid, "sample_grid.png")}
+""")
+
+
+def eval_() -> None:
+    npz = RUN / "docs-samples" / "samples.npz"
+    if not npz.is_file():
+        sample()
+    printed, t = noisevalue("eval", str(npz), "--reference", "digits")
+    result = json.loads((npz.parent / "eval.json").read_text())
+    paste("eval.md", "eval", f"""
+`noisevalue eval {npz} --reference digits` ({t:.0f} s on 2 CPU cores):
+
+```
+{printed.strip()}
+```
+
+`eval.json`:
+
+```json
+{json.dumps(result, indent=2)}
+```
+""")
+
+
+def main(argv: list[str]) -> None:
+    chosen = argv or list(COMMANDS)
+    unknown = [c for c in chosen if c not in COMMANDS]
+    if unknown:
+        sys.exit(f"unknown command {unknown[0]}; choose from {', '.join(COMMANDS)}")
+    for name in chosen:
+        {"ablate": ablate, "transfer": transfer, "analyze": analyze, "sample": sample, "eval": eval_}[name]()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
