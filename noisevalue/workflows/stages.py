@@ -93,12 +93,27 @@ def check_stage_settings(recipe: Recipe) -> None:
         )
 
 
+def write_stage_recipe(recipe: Recipe) -> None:
+    """The stage's own resolved recipe, ``recipe.yaml`` (what ``noisevalue sample`` reads)."""
+    from omegaconf import OmegaConf
+
+    from noisevalue.workflows.worker import RESOLVED_RECIPE
+
+    path = Path(recipe.output_dir) / RESOLVED_RECIPE
+    text = OmegaConf.to_yaml(OmegaConf.create(recipe.model_dump(mode="json")))
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+
+
 def run_stage(recipe: Recipe, info: DistInfo, say: Say) -> dict:
     """Run (or reuse, or resume) one stage; returns its final metrics."""
     from noisevalue.workflows import run_single
 
     run_dir = Path(recipe.output_dir)
     check_stage_settings(recipe)
+    if info.is_main:
+        write_stage_recipe(recipe)
     marker = run_dir / DONE
     if marker.is_file():
         say(f"stage {run_dir}: done already, reused")
@@ -106,7 +121,6 @@ def run_stage(recipe: Recipe, info: DistInfo, say: Say) -> dict:
     resume = latest_checkpoint(run_dir / "checkpoints") is not None
     say(f"stage {run_dir}: {'resuming' if resume else 'starting'} ({recipe.workflow})")
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / STAGE_SETTINGS, json.dumps(stage_settings(recipe), indent=1, sort_keys=True))
     barrier(info)
     metrics = run_single(recipe, run_dir, info, resume=resume)

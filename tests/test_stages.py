@@ -1,0 +1,57 @@
+"""Stage folders: settings checks, kept trajectories, and the plain scalar log."""
+
+import json
+
+import pytest
+import torch
+
+from noisevalue import checkpoint
+from noisevalue.config import load_recipe
+from noisevalue.errors import ConfigError
+from noisevalue.workflows import stages
+from noisevalue.workflows.run_log import RunLog, read_scalar
+from tests.conftest import TINY
+
+
+def stage(tmp_path, *extra):
+    recipe = load_recipe(None, [*TINY, f"output_dir={tmp_path}", *extra])
+    return stages.stage_recipe(recipe, tmp_path / "pretrain", workflow="pretrain")
+
+
+def test_a_stage_refuses_other_settings_but_not_other_speeds(tmp_path):
+    first = stage(tmp_path)
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / stages.STAGE_SETTINGS).write_text(json.dumps(stages.stage_settings(first)))
+    stages.check_stage_settings(stage(tmp_path, "train.threads=2", "train.log_every=7", "meta.outer_steps=9"))
+    with pytest.raises(ConfigError, match=r"ran with train\.lr=0\.001, the recipe now says 0\.5"):
+        stages.check_stage_settings(stage(tmp_path, "train.lr=0.5"))
+    with pytest.raises(ConfigError, match=r"train\.selector\.params"):
+        stages.check_stage_settings(stage(tmp_path, "train.selector={name: random, params: {k: 2}}"))
+
+
+def test_seeded_dir_names(tmp_path):
+    recipe = stage(tmp_path)
+    assert stages.seeded_dir(tmp_path / "rater", 0, recipe) == tmp_path / "rater"
+    assert stages.seeded_dir(tmp_path / "rater", 3, recipe) == tmp_path / "rater-seed3"
+
+
+def test_keep_every_retains_a_trajectory(tmp_path):
+    for step in range(1, 9):
+        checkpoint.save_checkpoint(tmp_path, step, {"m": {"w": torch.zeros(1)}}, {}, keep=2, keep_every=3)
+    kept = [checkpoint.checkpoint_step(p) for p in checkpoint.list_checkpoints(tmp_path)]
+    assert kept == [3, 6, 7, 8]
+
+
+def test_scalar_log_drops_lines_past_a_resumed_step(tmp_path):
+    log = RunLog(tmp_path, enabled=True)
+    for step in (10, 20, 30):
+        log.scalars({"train/loss": step / 10}, step)
+    log.close()
+    with (tmp_path / "scalars.jsonl").open("a") as f:
+        f.write('{"step": 40, "train/lo')  # cut short by a crash
+    resumed = RunLog(tmp_path, enabled=True, start_step=20)
+    resumed.scalars({"train/loss": 9.0}, 30)
+    resumed.close()
+    assert read_scalar(tmp_path, "train/loss") == ([10, 20, 30], [1.0, 2.0, 9.0])
+    RunLog(tmp_path, enabled=True).close()  # a fresh run starts a fresh log
+    assert read_scalar(tmp_path, "train/loss") == ([], [])
