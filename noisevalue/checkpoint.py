@@ -30,6 +30,15 @@ def step_dir_name(step: int) -> str:
     return f"{_PREFIX}{step:07d}"
 
 
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Move a finished temporary file or folder into place atomically, with the permissions
+    a plain ``open`` or ``mkdir`` would have given it (``mkstemp`` makes them private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, (0o777 if Path(tmp).is_dir() else 0o666) & ~mask)
+    os.replace(tmp, path)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -38,7 +47,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -105,10 +114,10 @@ def save_checkpoint(
             old = root / f".{final.name}.old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(tmp, final)
+            publish(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, final)
+            publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -95,3 +95,16 @@ def test_mismatched_model_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"'0.bias' has shape \(8,\) in the checkpoint but \(16,\)"):
         ckpt.load_state_into(other, ckpt.load_tensors(path, "model"), str(path))
     assert json.loads((path / "meta.json").read_text())["x"] == 1
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        ckpt.atomic_write_text(tmp_path / "a.txt", "x")
+        step = ckpt.save_checkpoint(tmp_path / "c", 1, {"m": {"w": torch.zeros(1)}}, {})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0o600
+    assert step.stat().st_mode & 0o777 == 0o755

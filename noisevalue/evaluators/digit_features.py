@@ -50,6 +50,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from noisevalue.checkpoint import publish
+
 __all__ = [
     "DigitFeatureConfig",
     "DigitFeatureExtractor",
@@ -202,7 +204,7 @@ class DigitFeatureExtractor(nn.Module):
         try:
             meta = {"accuracy": repr(accuracy), "config": json.dumps(asdict(self.config))}
             save_file(state, tmp, metadata=meta)
-            os.replace(tmp, path)
+            publish(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

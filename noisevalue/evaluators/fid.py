@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from noisevalue.checkpoint import publish
 from noisevalue.errors import ConfigError, WeightsUnavailableError
 from noisevalue.interfaces import Evaluator
 
@@ -235,7 +236,7 @@ class FIDEvaluator(Evaluator):
                 if self._reference_count is not None:
                     arrays["n"] = np.asarray(self._reference_count)
                 np.savez(fh, **arrays)  # type: ignore[arg-type]
-            os.replace(tmp, path)
+            publish(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from noisevalue import checkpoint as ckpt
+from noisevalue.checkpoint import publish
 from noisevalue.config import Recipe, TrainConfig
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import CheckpointError, ConfigError
@@ -387,7 +388,7 @@ def save_scores(path: Path, step: int, scores: np.ndarray, norms: np.ndarray, pr
                 timesteps=np.asarray(probe.recipe.analyze.timesteps, dtype=np.float64),
                 discrete=probe.timesteps.numpy(), fingerprint=np.str_(fp),
             )
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

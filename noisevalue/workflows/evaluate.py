@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from noisevalue.checkpoint import atomic_write_text
+from noisevalue.checkpoint import atomic_write_text, publish
 from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion, ddim_sample, guided_eps
 from noisevalue.workflows.batches import STREAM_EVAL, STREAM_SAMPLE, seeded_generator
@@ -67,7 +67,7 @@ def save_png_atomic(grid_images: torch.Tensor, path: Path, nrow: int) -> None:
     os.close(fd)
     try:
         save_image(grid_images, tmp, nrow=nrow, padding=1, pad_value=1.0)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

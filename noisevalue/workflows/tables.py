@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from noisevalue.checkpoint import atomic_write_text
+from noisevalue.checkpoint import atomic_write_text, publish
 
 ALPHA = 0.05
 
@@ -79,7 +79,7 @@ def p_value(reference: dict[int, float], other: dict[int, float]) -> float | Non
     if len(shared) >= 2:
         a = [reference[s] for s in shared]
         b = [other[s] for s in shared]
-        if all(x == y for x, y in zip(a, b)):
+        if all(x == y for x, y in zip(a, b, strict=True)):
             return 1.0
         return float(stats.ttest_rel(a, b).pvalue)
     if len(reference) >= 2 and len(other) >= 2:
@@ -197,7 +197,7 @@ def save_figure(fig: object, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp)  # type: ignore[attr-defined]
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
