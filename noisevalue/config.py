@@ -123,7 +123,13 @@ class SelectConfig(_Strict):
     seeds: list[int] | None = Field(default=None, min_length=1)
 
 
-ABLATION_INPUTS = ("timestep", "image", "label")
+AblationInput = Literal["timestep", "image", "label"]
+ABLATION_INPUTS: tuple[AblationInput, ...] = ("timestep", "image", "label")
+
+
+def _paper_ablation_variants() -> list[list[AblationInput]]:
+    """Table 2's rows: w/o timestep, w/o image, w/o image and label, noise only."""
+    return [["timestep"], ["image"], ["image", "label"], ["timestep", "image", "label"]]
 
 
 class AblateConfig(_Strict):
@@ -131,9 +137,7 @@ class AblateConfig(_Strict):
     stage-(i) checkpoint and used for a stage-(iii) continuation beside the full rater."""
 
     # each variant is the set of rater inputs it removes; the full rater is always the reference
-    variants: list[list[Literal["timestep", "image", "label"]]] = Field(
-        default_factory=lambda: [["timestep"], ["image"], ["image", "label"], ["timestep", "image", "label"]]
-    )
+    variants: list[list[AblationInput]] = Field(default_factory=_paper_ablation_variants)
     k: int = Field(default=4, ge=2)  # candidates per sample in the continuations
 
     @model_validator(mode="after")

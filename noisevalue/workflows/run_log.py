@@ -48,7 +48,8 @@ def _truncate(path: Path, start_step: int) -> None:
     if start_step == 0:
         path.unlink()
         return
-    kept = [line for line in path.read_text().splitlines() if _step(line) is not None and _step(line) <= start_step]
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if (step := _step(line)) is not None and step <= start_step]
     from noisevalue.checkpoint import atomic_write_text
 
     atomic_write_text(path, "".join(line + "\n" for line in kept))
