@@ -1,15 +1,207 @@
-"""``noisevalue sample`` and ``noisevalue eval`` (registered on the app in :mod:`noisevalue.cli`)."""
+"""``noisevalue sample`` and ``noisevalue eval`` (registered on the app in :mod:`noisevalue.cli`).
+
+The work is done by :mod:`noisevalue.workflows.sampling` and
+:mod:`noisevalue.workflows.scoring`; torch is imported inside the commands only.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
 
+RunArg = typer.Argument(
+    ..., metavar="RUN_OR_CHECKPOINT",
+    help="A run folder, its checkpoints/ folder or a step_XXXXXXX checkpoint folder.",
+)
+RecipeOpt = typer.Option(
+    None, "--recipe",
+    help="The recipe the run was trained with (default: recipe.yaml of the run or the nearest folder above).",
+)
+NumOpt = typer.Option(None, "--num", help="Number of samples (default: the recipe's eval.num_samples).")
+CfgOpt = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale (default: sample.cfg_scale).")
+StepsOpt = typer.Option(None, "--steps", help="DDIM steps (default: sample.num_steps).")
+EtaOpt = typer.Option(None, "--eta", help="DDIM eta; 0 is deterministic (default: sample.eta).")
+SeedOpt = typer.Option(None, "--seed", help="Sampling seed (default: the run's seed).")
+ClassOpt = typer.Option(None, "--class", help="Draw every sample of this class (default: sample i gets class i % classes).")
+NoEmaOpt = typer.Option(False, "--no-ema", help="Use the raw weights instead of the EMA weights.")
+OutOpt = typer.Option(
+    None, "--out", help="Output folder (default: <run>/samples/step_XXXXXXX-<settings>/)."
+)
+BatchOpt = typer.Option(None, "--batch-size", help="Images per model batch and per shard (default: sample.batch_size).")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda (default: the recipe's train.device).")
+NprocOpt = typer.Option(1, "--nproc-per-node", min=1, help="Processes (GPUs) per machine.")
+NnodesOpt = typer.Option("1", "--nnodes", help="Number of machines (or MIN:MAX).")
+NodeRankOpt = typer.Option(0, "--node-rank", help="This machine's rank (with --rdzv-endpoint).")
+RdzvOpt = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT for several machines.")
+RdzvIdOpt = typer.Option("noisevalue", "--rdzv-id", help="Rendezvous id shared by all machines.")
 
-def sample() -> None:
-    """Draw DDIM samples from a run or checkpoint (not implemented yet)."""
-    raise typer.Exit(2)
+
+def sample(
+    run: str = RunArg,
+    num: int | None = NumOpt,
+    cfg_scale: float | None = CfgOpt,
+    steps: int | None = StepsOpt,
+    eta: float | None = EtaOpt,
+    seed: int | None = SeedOpt,
+    class_label: int | None = ClassOpt,
+    no_ema: bool = NoEmaOpt,
+    out: Path | None = OutOpt,
+    batch_size: int | None = BatchOpt,
+    recipe: str | None = RecipeOpt,
+    device: str | None = DeviceOpt,
+    nproc_per_node: int = NprocOpt,
+    nnodes: str = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    rdzv_endpoint: str | None = RdzvOpt,
+    rdzv_id: str = RdzvIdOpt,
+) -> None:
+    """DDIM samples of a run or checkpoint (EMA weights by default) as samples.npz in the
+    ADM format (arr_0 uint8 NHWC, arr_1 labels) plus grid.png. Resumable; the images do not
+    depend on the number of processes."""
+    from noisevalue.cli import user_errors
+
+    with user_errors():
+        from noisevalue.workflows import sampling as sp
+
+        ctx = sp.resolve_run(run, recipe)
+        settings = sp.sample_settings(
+            ctx, num=num, cfg_scale=cfg_scale, steps=steps, eta=eta, seed=seed,
+            use_ema=not no_ema, class_label=class_label, batch_size=batch_size, device=device,
+        )
+        folder = Path(out) if out is not None else sp.default_out_dir(ctx, settings)
+        launch = {"nproc_per_node": nproc_per_node, "nnodes": nnodes, "node_rank": node_rank,
+                  "rdzv_endpoint": rdzv_endpoint, "rdzv_id": rdzv_id}
+        _draw(sp, ctx, settings, folder, batch_size is not None, launch)
 
 
-def evaluate() -> None:
-    """Score samples against reference statistics (not implemented yet)."""
-    raise typer.Exit(2)
+def _draw(sp: Any, ctx: Any, settings: Any, folder: Path, batch_size_given: bool, launch: dict) -> Path:
+    """Sample into ``folder`` here or under torch.distributed.run; print where the files are."""
+    from noisevalue import distributed
+
+    settings = sp.prepare_out_dir(folder, settings, batch_size_given)
+    npz, grid = folder / sp.SAMPLES_FILE, folder / sp.GRID_FILE
+    world = launch["nproc_per_node"] * int(str(launch["nnodes"]).split(":")[-1])
+    typer.echo(
+        f"noisevalue sample: {ctx.checkpoint} ({'EMA' if settings.use_ema else 'raw'} weights, "
+        f"recipe {ctx.recipe_source}) -> {folder}  ({settings.num} images, {settings.num_steps} DDIM "
+        f"steps, eta {settings.eta:g}, cfg {settings.cfg_scale:g}, seed {settings.seed}, processes {world})"
+    )
+    if npz.is_file():
+        typer.echo(f"complete already, reused: {npz}")
+    elif launch["nproc_per_node"] == 1 and launch["nnodes"] == "1" and launch["rdzv_endpoint"] is None:
+        info = distributed.init(settings.device)
+        sp.run_sampling(folder, info, say=typer.echo)
+    else:
+        args = sp.launcher_args(folder, **launch)
+        typer.echo("torch.distributed.run " + " ".join(args))
+        code = distributed.launch(args)
+        if code:
+            raise typer.Exit(code)
+    typer.echo(f"samples: {npz}")
+    if grid.is_file():
+        typer.echo(f"grid: {grid}")
+    return npz
+
+
+def evaluate(
+    samples: str = typer.Argument(
+        ..., metavar="RUN_OR_NPZ", help="A samples .npz (uint8 arr_0, NHWC) or a run/checkpoint folder (sampled first)."
+    ),
+    reference: str | None = typer.Option(
+        None, "--reference",
+        help="An .npz with mu and sigma, an .npz with arr_0 images, an image folder, or 'digits'. "
+        "Default for a run: the recipe's evaluation reference (data.eval_dataset).",
+    ),
+    metric: str | None = typer.Option(
+        None, "--metric",
+        help="fid or fd_digits (default: the run's evaluator; else fd_digits for 8x8 1-channel images, fid otherwise).",
+    ),
+    weights: Path | None = typer.Option(None, "--weights", help="InceptionV3 FID weights file (for fid)."),
+    antialias: bool | None = typer.Option(
+        None, "--antialias/--no-antialias",
+        help="Antialiased resize to 299x299 (torchmetrics >= 1.8). Default off: matches TF-FID/ADM numbers.",
+    ),
+    num: int | None = typer.Option(
+        None, "--num", help="Score the first N images (a run: draw N samples; default eval.num_samples)."
+    ),
+    stats_cache: Path | None = typer.Option(
+        None, "--stats-cache", help="Folder of cached reference statistics (default: ~/.cache/noisevalue/reference_stats)."
+    ),
+    recipe: str | None = RecipeOpt,
+    batch_size: int | None = BatchOpt,
+    device: str | None = DeviceOpt,
+) -> None:
+    """Fréchet distance (FID or fd_digits) of samples to a reference, with the evaluator used
+    during training; writes eval.json next to the samples."""
+    from noisevalue.cli import user_errors
+
+    with user_errors():
+        from noisevalue.errors import DataError
+        from noisevalue.workflows import scoring
+
+        path = Path(samples)
+        evaluator: Any = None
+        params: dict[str, Any] | None = None
+        ref: Any = reference
+        label = reference
+        if path.is_dir():
+            npz, metric, evaluator, ref, label = _sample_for_eval(
+                path, recipe, num, metric, weights, antialias, reference, batch_size, device
+            )
+        elif path.is_file():
+            npz = path
+            if reference is None:
+                from noisevalue.errors import ConfigError
+
+                raise ConfigError(
+                    "--reference is required for an .npz: an .npz with mu and sigma, an .npz with arr_0 "
+                    f"images, an image folder or '{scoring.DIGITS_REFERENCE}'"
+                )
+        else:
+            raise DataError(f"'{path}' not found: expected a samples .npz (uint8 arr_0, NHWC) or a run folder")
+        record = scoring.score_samples(
+            npz, ref, metric=metric, weights=weights, antialias=antialias, num=num,
+            stats_cache=stats_cache, evaluator_params=params, reference_label=label, say=typer.echo,
+            evaluator=evaluator,
+        )
+        typer.echo(f"{record['metric']} {record['value']:.6g}  ({record['n']} samples vs {record['reference']})")
+        typer.echo(f"written: {npz.parent / scoring.EVAL_FILE}")
+
+
+def _sample_for_eval(
+    run: Path, recipe: str | None, num: int | None, metric: str | None, weights: Path | None,
+    antialias: bool | None, reference: str | None, batch_size: int | None, device: str | None,
+) -> tuple[Path, str | None, Any, Any, str | None]:
+    """A run: the metric and reference of its FID evaluator (checked before sampling, so
+    that missing weights fail at once), then its samples with the recipe's settings (drawn
+    unless a complete samples.npz with those settings is there)."""
+    from noisevalue.workflows import sampling as sp
+    from noisevalue.workflows import scoring
+
+    ctx = sp.resolve_run(run, recipe)
+    r = ctx.recipe
+    settings = sp.sample_settings(ctx, num=num, use_ema=r.sample.use_ema, batch_size=batch_size, device=device)
+    params: dict | None = None
+    for comp in r.eval.evaluators:  # the run's own FID evaluator, if it has one
+        if comp.name == "fid":
+            features = comp.params.get("features", "inception")
+            name = next((m for m, f in scoring.METRICS.items() if f == features), None)
+            if metric is None or metric == name:
+                metric, params = name, dict(comp.params)
+            break
+    evaluator = scoring.build_evaluator(metric, weights, antialias, params) if metric else None
+    if reference is not None:
+        ref: Any = reference
+        label: str | None = reference
+    elif params and params.get("reference_stats"):
+        ref = label = str(params["reference_stats"])
+    else:
+        ref = r.data.eval_dataset or r.data.dataset
+        label = f"{'data.eval_dataset' if r.data.eval_dataset else 'data.dataset'} ({ref.name})"
+    if isinstance(ref, str):
+        scoring.parse_reference(ref)  # a missing reference fails before sampling
+    npz = _draw(sp, ctx, settings, sp.default_out_dir(ctx, settings), batch_size is not None,
+                {"nproc_per_node": 1, "nnodes": "1", "node_rank": 0, "rdzv_endpoint": None, "rdzv_id": "noisevalue"})
+    return npz, metric, evaluator, ref, label

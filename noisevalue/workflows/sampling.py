@@ -1,0 +1,580 @@
+"""``noisevalue sample``: DDIM samples of a trained run, written in the ADM ``.npz`` format.
+
+What a sample is depends only on its index: image ``i`` starts from noise drawn by a
+generator seeded with ``(seed, STREAM_SAMPLES, i)``, and the DDIM steps (``eta > 0``) draw
+their noise from the same generator. Work is cut into shards of ``batch_size`` consecutive
+images; each shard is one batch of the model, written to ``shards/`` as soon as it is done
+(temporary file + rename), so
+
+* any number of processes gives exactly the images of one process (each rank takes a
+  disjoint set of whole shards; a shard's batch is the same whoever samples it);
+* an interrupted run continues where it stopped: shards already on disk are skipped;
+* once every shard is there, rank 0 streams them into ``samples.npz`` (``arr_0`` uint8
+  ``[N, H, W, C]``, ``arr_1`` int64 labels when class-conditional), writes ``grid.png``
+  and removes ``shards/``. A folder with ``samples.npz`` is complete and is reused.
+
+Multi-process runs start this module under ``torch.distributed.run`` (``main``); every rank
+reads the settings the CLI wrote to ``<out>/settings.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from noisevalue import checkpoint as ckpt
+from noisevalue.config import (
+    Component,
+    DiffusionConfig,
+    Recipe,
+    load_recipe,
+    load_recipe_dict,
+    parse_recipe,
+)
+from noisevalue.distributed import DistInfo, barrier
+from noisevalue.errors import CheckpointError, ConfigError, DataError, UserError
+
+__all__ = [
+    "GRID_FILE",
+    "SAMPLES_FILE",
+    "SETTINGS_FILE",
+    "SHARDS_DIR",
+    "STREAM_SAMPLES",
+    "RunContext",
+    "SampleSettings",
+    "Sampler",
+    "default_out_dir",
+    "display_path",
+    "image_generators",
+    "launcher_args",
+    "main",
+    "prepare_out_dir",
+    "read_settings",
+    "resolve_run",
+    "run_sampling",
+    "sample_settings",
+    "to_uint8_nhwc",
+    "write_images_npz",
+]
+
+SAMPLES_FILE = "samples.npz"
+GRID_FILE = "grid.png"
+SETTINGS_FILE = "settings.json"
+SHARDS_DIR = "shards"
+RECIPE_FILE = "recipe.yaml"  # as written by ``noisevalue run`` (workflows.worker.RESOLVED_RECIPE)
+STAGE_FILE = "stage.json"  # a protocol stage's settings (workflows.stages.STAGE_SETTINGS)
+STREAM_SAMPLES = 16  # seeded_generator stream of `noisevalue sample` (training uses 0..6)
+RECIPE_SEARCH_DEPTH = 3  # how many folders above a run to look for recipe.yaml
+# settings that do not change the images: where they are drawn, and where the checkpoint
+# lies now (the weights are identified by weights_fingerprint)
+_PLACEMENT = ("checkpoint", "device", "threads")
+
+
+# -------------------------------------------------------------------------- the run
+@dataclass
+class RunContext:
+    """A diffusion checkpoint and the recipe it was trained with."""
+
+    checkpoint: Path
+    run_dir: Path
+    meta: dict[str, Any]
+    recipe: Recipe
+    recipe_source: str  # where the recipe came from, for messages
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.meta["latent_shape"]
+        return int(c), int(h), int(w)
+
+
+def resolve_run(path: str | Path, recipe: str | Path | None = None) -> RunContext:
+    """The newest checkpoint of a run (or the given checkpoint) and its recipe.
+
+    ``path``: a run folder, its ``checkpoints/`` folder or a ``step_XXXXXXX`` folder. The
+    model, diffusion schedule, latent shape and class count come from the checkpoint's
+    ``meta.json``; the rest (encoder, sampling and evaluation defaults) from ``recipe`` if
+    given, else from ``recipe.yaml`` in the run folder or the nearest folder above it
+    (a protocol stage such as ``runs/digits/pretrain`` uses ``runs/digits/recipe.yaml``,
+    updated with the stage's own ``stage.json``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"'{path}' not found: expected a run folder or a checkpoint folder")
+    checkpoint = ckpt.resolve_checkpoint(path)
+    meta = ckpt.read_meta(checkpoint)
+    missing = [k for k in ("backbone", "latent_shape", "num_classes", "diffusion") if k not in meta]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint '{checkpoint}' is not a diffusion checkpoint ({ckpt.META} has no "
+            f"{missing[0]}; a rater checkpoint cannot be sampled)"
+        )
+    parent = checkpoint.parent
+    run_dir = parent.parent if parent.name == "checkpoints" else parent
+    parsed, source = _load_run_recipe(run_dir, recipe)
+    return RunContext(checkpoint, run_dir, meta, parsed, source)
+
+
+def _load_run_recipe(run_dir: Path, explicit: str | Path | None) -> tuple[Recipe, str]:
+    if explicit is not None:
+        return load_recipe(explicit), str(explicit)
+    for folder in [run_dir, *list(run_dir.resolve().parents)[:RECIPE_SEARCH_DEPTH]]:
+        found = folder / RECIPE_FILE
+        if found.is_file():
+            break
+    else:
+        raise ConfigError(
+            f"no {RECIPE_FILE} in '{run_dir}' or the {RECIPE_SEARCH_DEPTH} folders above it: pass "
+            "--recipe FILE (the recipe the run was trained with)"
+        )
+    data = load_recipe_dict(found)
+    label = display_path(found)
+    stage = run_dir / STAGE_FILE
+    if folder.resolve() != run_dir.resolve() and stage.is_file():
+        try:
+            settings = json.loads(stage.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"'{stage}' is corrupt ({exc})") from None
+        for dotted, value in settings.items():
+            _set_dotted(data, dotted, value)
+        label = f"{display_path(found)} + {display_path(stage)}"
+    data["workflow"] = "pretrain"  # what a diffusion checkpoint was trained by
+    data["output_dir"] = str(run_dir)
+    return parse_recipe(data, label), label
+
+
+def display_path(path: str | Path) -> str:
+    """``path`` for messages: relative to the working folder when inside it, else with
+    the home folder written ``~``."""
+    path = Path(path)
+    if not path.is_absolute():
+        return str(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        pass
+    try:
+        return str(Path("~") / path.relative_to(Path.home()))
+    except (ValueError, RuntimeError):
+        return str(path)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[leaf] = value
+
+
+# -------------------------------------------------------------------------- settings
+@dataclass
+class SampleSettings:
+    """Everything that decides the samples (and, last, where they are drawn)."""
+
+    checkpoint: str
+    step: int
+    backbone: dict[str, Any]
+    diffusion: dict[str, Any]
+    encoder: dict[str, Any]
+    latent_shape: list[int]
+    num_classes: int
+    num: int
+    num_steps: int
+    cfg_scale: float
+    eta: float
+    seed: int
+    use_ema: bool
+    class_label: int | None
+    batch_size: int
+    weights_fingerprint: str = ""  # identifies the weights file wherever the run is moved
+    device: str = "auto"
+    threads: int | None = None
+
+    def tag(self) -> str:
+        """A short folder name for these settings."""
+        parts = [
+            ckpt.step_dir_name(self.step), f"n{self.num}", f"ddim{self.num_steps}",
+            f"cfg{self.cfg_scale:g}", f"eta{self.eta:g}", f"seed{self.seed}",
+        ]
+        if not self.use_ema:
+            parts.append("noema")
+        if self.class_label is not None:
+            parts.append(f"class{self.class_label}")
+        return "-".join(parts)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the images (not where or how fast they are drawn)."""
+        data = asdict(self)
+        for key in _PLACEMENT:
+            data.pop(key)
+        return data
+
+    def labels(self, start: int, stop: int) -> torch.Tensor | None:
+        """Class labels of samples ``start..stop-1``: ``i % num_classes`` or the fixed class."""
+        if self.num_classes == 0:
+            return None
+        if self.class_label is not None:
+            return torch.full((stop - start,), self.class_label, dtype=torch.long)
+        return torch.arange(start, stop, dtype=torch.long) % self.num_classes
+
+    def shards(self) -> list[tuple[int, int]]:
+        bs = self.batch_size
+        return [(s, min(s + bs, self.num)) for s in range(0, self.num, bs)]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SampleSettings:
+        return cls(**data)
+
+
+def sample_settings(
+    run: RunContext,
+    num: int | None = None,
+    cfg_scale: float | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    seed: int | None = None,
+    use_ema: bool = True,
+    class_label: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+) -> SampleSettings:
+    """Settings from the options given, the rest from the run's recipe (``sample`` and
+    ``eval.num_samples``); checked here so that mistakes fail before any work."""
+    r = run.recipe
+    settings = SampleSettings(
+        checkpoint=str(run.checkpoint.resolve()),
+        step=run.step,
+        backbone=dict(run.meta["backbone"]),
+        diffusion=dict(run.meta["diffusion"]),
+        encoder=r.data.encoder.model_dump(mode="json"),
+        latent_shape=list(run.latent_shape),
+        num_classes=run.num_classes,
+        num=r.eval.num_samples if num is None else int(num),
+        num_steps=r.sample.num_steps if steps is None else int(steps),
+        cfg_scale=r.sample.cfg_scale if cfg_scale is None else float(cfg_scale),
+        eta=r.sample.eta if eta is None else float(eta),
+        seed=int(run.meta.get("seed", r.seed)) if seed is None else int(seed),
+        use_ema=bool(use_ema),
+        class_label=class_label,
+        batch_size=r.sample.batch_size if batch_size is None else int(batch_size),
+        device=device or r.train.device,
+        threads=r.train.threads,
+        weights_fingerprint=_fingerprint(run.checkpoint / f"{'ema' if use_ema else 'model'}.safetensors"),
+    )
+    if settings.num < 1:
+        raise ConfigError(f"--num: expected a positive number of samples, got {settings.num}")
+    if settings.num_steps < 1:
+        raise ConfigError(f"--steps: expected a positive number of DDIM steps, got {settings.num_steps}")
+    if settings.batch_size < 1:
+        raise ConfigError(f"--batch-size: expected a positive integer, got {settings.batch_size}")
+    if settings.eta < 0:
+        raise ConfigError(f"--eta: expected a value >= 0, got {settings.eta:g}")
+    if settings.cfg_scale < 0:
+        raise ConfigError(f"--cfg-scale: expected a value >= 0, got {settings.cfg_scale:g}")
+    if settings.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device: expected auto, cpu or cuda, got {settings.device!r}")
+    if settings.num_classes == 0 and settings.cfg_scale != 1.0:
+        if cfg_scale is not None:
+            raise ConfigError(
+                f"--cfg-scale {cfg_scale:g}: the model in '{run.checkpoint}' is unconditional "
+                "(no guidance); leave --cfg-scale out"
+            )
+        settings.cfg_scale = 1.0  # the recipe's scale means nothing without labels
+    if class_label is not None:
+        if settings.num_classes == 0:
+            raise ConfigError(f"--class {class_label}: the model in '{run.checkpoint}' is unconditional")
+        if not 0 <= class_label < settings.num_classes:
+            raise ConfigError(
+                f"--class {class_label}: expected a class in 0..{settings.num_classes - 1}"
+            )
+    return settings
+
+
+def _fingerprint(path: Path, edge: int = 1 << 20) -> str:
+    """sha256 of a file's size and its first and last MiB (cheap for any size)."""
+    import hashlib
+
+    if not path.is_file():
+        return ""  # reported as missing when the weights are loaded
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        digest.update(fh.read(edge))
+        fh.seek(max(size - edge, 0))
+        digest.update(fh.read(edge))
+    return digest.hexdigest()[:16]
+
+
+def default_out_dir(run: RunContext, settings: SampleSettings) -> Path:
+    """``<run>/samples/step_XXXXXXX-n<N>-ddim<D>-cfg<S>-eta<E>-seed<SEED>[-noema][-class<C>]``."""
+    return run.run_dir / "samples" / settings.tag()
+
+
+def prepare_out_dir(out: Path, settings: SampleSettings, batch_size_given: bool = True) -> SampleSettings:
+    """Write ``settings.json`` into ``out`` (or check the one there) and return the settings
+    to use. A folder sampled with other settings is refused; when ``--batch-size`` was not
+    given, the batch size of an unfinished folder is adopted (it decides the shards)."""
+    path = out / SETTINGS_FILE
+    if path.is_file():
+        try:
+            old = SampleSettings.from_json(json.loads(path.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            raise DataError(f"'{path}' is corrupt ({exc}); remove the folder '{out}'") from None
+        if not batch_size_given and old.batch_size != settings.batch_size:
+            settings = SampleSettings(**{**asdict(settings), "batch_size": old.batch_size})
+        new_id, old_id = settings.identity(), old.identity()
+        changed = sorted(k for k in new_id if new_id[k] != old_id.get(k))
+        if changed:
+            key = changed[0]
+            hint = f"pass --batch-size {old.batch_size}, " if key == "batch_size" else ""
+            raise ConfigError(
+                f"'{out}' holds samples drawn with {key}={old_id.get(key)!r}, not "
+                f"{new_id[key]!r}; {hint}choose another --out or remove that folder"
+            )
+    ckpt.atomic_write_text(path, json.dumps(asdict(settings), indent=2, sort_keys=True))
+    return settings
+
+
+def read_settings(out: Path) -> SampleSettings:
+    path = Path(out) / SETTINGS_FILE
+    try:
+        return SampleSettings.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise DataError(f"'{path}' is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+        raise DataError(f"'{path}' is corrupt ({exc})") from None
+
+
+# -------------------------------------------------------------------------- sampling
+def image_generators(seed: int, start: int, stop: int) -> list[torch.Generator]:
+    """One generator per image ``start..stop-1``, seeded by ``(seed, STREAM_SAMPLES, i)``."""
+    from noisevalue.workflows.batches import seeded_generator
+
+    return [seeded_generator(seed, STREAM_SAMPLES, i) for i in range(start, stop)]
+
+
+class Sampler:
+    """The model (EMA or raw weights), schedule and decoder of one checkpoint."""
+
+    def __init__(self, settings: SampleSettings, device: torch.device) -> None:
+        from noisevalue.diffusion import Diffusion
+        from noisevalue.workflows.build import create
+
+        self.settings, self.device = settings, device
+        path = Path(settings.checkpoint)
+        name = "ema" if settings.use_ema else "model"
+        if not (path / f"{name}.safetensors").is_file():
+            hint = "; pass --no-ema to use the raw weights" if settings.use_ema else ""
+            raise CheckpointError(f"checkpoint '{path}': {name}.safetensors is missing{hint}")
+        backbone = Component(name=settings.backbone["name"], params=settings.backbone.get("params", {}))
+        model = create("backbone", backbone, "model")
+        ckpt.load_state_into(model, ckpt.load_tensors(path, name), f"{path} ({name})")
+        self.model = model.to(device).eval()
+        dropout = float(getattr(model, "class_dropout_prob", 0.0))
+        if settings.num_classes and settings.cfg_scale != 1.0 and dropout <= 0:
+            raise ConfigError(
+                f"--cfg-scale {settings.cfg_scale:g}: guidance needs a model trained with label "
+                "dropout (class_dropout_prob > 0); use --cfg-scale 1"
+            )
+        self.diffusion = Diffusion.from_config(DiffusionConfig(**settings.diffusion))
+        self.encoder = create("encoder", Component(**settings.encoder), "data.encoder")
+        self.encoder.to(device)
+
+    @torch.no_grad()
+    def images(self, start: int, stop: int) -> np.ndarray:
+        """Samples ``start..stop-1`` as uint8 ``[n, H, W, C]`` (one model batch)."""
+        from noisevalue.diffusion import ddim_sample, guided_eps
+        from noisevalue.workflows.build import image_to_unit
+
+        s = self.settings
+        gens = image_generators(s.seed, start, stop)
+        shape = (1, *s.latent_shape)
+        noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(self.device)
+        labels = s.labels(start, stop)
+        y = labels.to(self.device) if labels is not None else None
+        eps = guided_eps(self.model, s.num_classes, y, s.cfg_scale)
+        # a list of generators: diffusers draws each image's DDIM noise from its own one
+        z = ddim_sample(eps, self.diffusion, noise, num_steps=s.num_steps, eta=s.eta, generator=gens)  # type: ignore[arg-type]
+        unit = image_to_unit(self.encoder.decode(z))
+        return to_uint8_nhwc(unit)
+
+
+def to_uint8_nhwc(unit: torch.Tensor) -> np.ndarray:
+    """Float images in [0, 1] ``[n, C, H, W]`` -> uint8 ``[n, H, W, C]`` (rounded, as PNG)."""
+    q = (unit.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return q.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _shard_path(out: Path, start: int, stop: int) -> Path:
+    return out / SHARDS_DIR / f"{start:09d}-{stop:09d}.npy"
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+        ckpt.publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_sampling(out: Path, info: DistInfo, say: Any = print) -> Path:
+    """Draw this rank's missing shards of the samples in ``out`` (``settings.json``), then
+    on rank 0 assemble ``samples.npz`` and ``grid.png``. Returns the npz path."""
+    from noisevalue.workflows.progress import StepProgress
+
+    out = Path(out)
+    settings = read_settings(out)
+    final = out / SAMPLES_FILE
+    if final.is_file():
+        return final
+    if settings.threads and info.device.type == "cpu":
+        torch.set_num_threads(settings.threads)
+    shards = settings.shards()
+    missing = [s for s in shards if not _shard_path(out, *s).is_file()]
+    barrier(info)  # every rank lists the same missing shards before any is written
+    mine = missing[info.rank :: info.world_size]
+    if info.is_main:
+        done = len(shards) - len(missing)
+        say(f"sampling {settings.num} images in {len(shards)} shards of {settings.batch_size} "
+            f"({done} done already) with {info.world_size} process(es) on {info.device}")
+    if mine:
+        sampler = Sampler(settings, info.device)
+        with StepProgress("sample", len(mine), enabled=info.is_main,
+                          print_every=max(1, len(mine) // 10)) as bar:
+            for start, stop in mine:
+                _save_npy_atomic(_shard_path(out, start, stop), sampler.images(start, stop))
+                bar.advance()
+    barrier(info)
+    if info.is_main:
+        _assemble(out, settings)
+    barrier(info)
+    return final
+
+
+def _assemble(out: Path, settings: SampleSettings) -> None:
+    shards = settings.shards()
+    paths = [_shard_path(out, *s) for s in shards]
+    absent = [p for p in paths if not p.is_file()]
+    if absent:
+        raise DataError(f"'{absent[0]}' is missing ({len(absent)} shards): run the same `noisevalue sample` again")
+    first = np.load(paths[0], mmap_mode="r")
+    shape = (settings.num, *first.shape[1:])
+    labels = settings.labels(0, settings.num)
+    write_images_npz(
+        out / SAMPLES_FILE, shape, (np.load(p) for p in paths),
+        labels.numpy() if labels is not None else None,
+    )
+    _write_grid(out / GRID_FILE, paths, settings)
+    shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
+
+
+def _write_grid(path: Path, shard_paths: list[Path], settings: SampleSettings) -> None:
+    """The first images: one column per class (up to 16 classes) or 8 columns, 8 rows."""
+    from noisevalue.workflows.evaluate import save_png_atomic
+
+    k = settings.num_classes
+    nrow = k if 2 <= k <= 16 and settings.class_label is None else 8
+    count = min(settings.num, nrow * 8)
+    parts, have = [], 0
+    for p in shard_paths:
+        if have >= count:
+            break
+        chunk = np.load(p)[: count - have]
+        parts.append(chunk)
+        have += len(chunk)
+    images = torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).float() / 255
+    save_png_atomic(images, path, nrow)
+
+
+def write_images_npz(
+    path: Path, shape: tuple[int, ...], chunks: Iterator[np.ndarray] | Any, labels: np.ndarray | None = None
+) -> None:
+    """Stream uint8 image chunks into ``path`` as ``arr_0`` of ``shape`` (and ``arr_1`` =
+    ``labels``), in the ADM evaluation-suite format readable by ``np.load``; atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as fh:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                          "fortran_order": False, "shape": tuple(int(s) for s in shape)}
+                np.lib.format.write_array_header_1_0(fh, header)
+                written = 0
+                for chunk in chunks:
+                    chunk = np.ascontiguousarray(chunk, dtype=np.uint8)
+                    if chunk.shape[1:] != tuple(shape[1:]):
+                        raise ValueError(f"chunk of shape {chunk.shape} in an array of shape {shape}")
+                    fh.write(chunk.tobytes())
+                    written += len(chunk)
+                if written != shape[0]:
+                    raise ValueError(f"wrote {written} images, expected {shape[0]}")
+            if labels is not None:
+                with zf.open("arr_1.npy", "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.asarray(labels, dtype=np.int64))
+        ckpt.publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -------------------------------------------------------------------------- torchrun entry
+def main(argv: list[str] | None = None) -> int:
+    """One rank of ``noisevalue sample --nproc-per-node N`` (started by torch.distributed.run)."""
+    parser = argparse.ArgumentParser(prog="noisevalue-sample-worker")
+    parser.add_argument("--out", required=True, help=f"the samples folder holding {SETTINGS_FILE}")
+    args = parser.parse_args(argv)
+    from noisevalue import distributed
+
+    info = None
+    try:
+        settings = read_settings(Path(args.out))
+        info = distributed.init(settings.device)
+        run_sampling(Path(args.out), info)
+    except UserError as exc:
+        print(f"noisevalue: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        if info is not None:
+            distributed.cleanup(info)
+    return 0
+
+
+def launcher_args(out: Path, **launch: Any) -> list[str]:
+    """``torch.distributed.run`` arguments starting :func:`main` on every rank."""
+    from noisevalue import distributed
+
+    args = distributed.launcher_args([], **launch)
+    args[args.index("-m") + 1] = "noisevalue.workflows.sampling"
+    return [*args, "--out", str(out)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
