@@ -57,11 +57,20 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
+def reused(*stages: str) -> str:
+    """Which shared stages were on disk before the command ran (read before running it)."""
+    done = [s for s in stages if (RUN / s / "DONE").is_file()]
+    if not done:
+        return "from scratch"
+    return "with " + " and ".join(done) + " already done"
+
+
 def ablate() -> None:
+    before = reused("pretrain", "rater")
     _, t = noisevalue("ablate")
     out = RUN / "ablate"
     paste("ablate.md", "ablate", f"""
-`noisevalue ablate` (all variants; {minutes(t)} on 2 CPU cores with stage (i) already done):
+`noisevalue ablate` (all variants; {minutes(t)} on 2 CPU cores, {before}):
 
 {(out / "ablation.md").read_text()}
 {figure(out / "ablation.png", "ablation.png")}
@@ -69,10 +78,11 @@ def ablate() -> None:
 
 
 def transfer() -> None:
+    before = reused("pretrain", "rater")
     _, t = noisevalue("transfer")
     out = RUN / "transfer"
     paste("transfer.md", "transfer", f"""
-`noisevalue transfer` ({minutes(t)} on 2 CPU cores with stages (i) and (ii) already done):
+`noisevalue transfer` ({minutes(t)} on 2 CPU cores, {before}):
 
 {(out / "matching.md").read_text()}
 {figure(out / "loss_curves.png", "transfer_loss_curves.png")}
@@ -83,10 +93,11 @@ def transfer() -> None:
 
 
 def analyze() -> None:
+    before = reused("pretrain")
     _, t = noisevalue("analyze")
     out = RUN / "analyze"
     paste("analyze.md", "analyze", f"""
-`noisevalue analyze` (checkpoints 0, 500 and 1500; {minutes(t)} on 2 CPU cores with stage (i) already done):
+`noisevalue analyze` (checkpoints 0, 500 and 1500; {minutes(t)} on 2 CPU cores, {before}):
 
 {(out / "summary.md").read_text()}
 {figure(out / "by_stage.png", "analyze_by_stage.png")}

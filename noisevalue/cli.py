@@ -9,6 +9,17 @@ from pathlib import Path
 
 import typer
 
+from noisevalue.cli_options import (
+    NnodesOpt,
+    NodeRankOpt,
+    NprocOpt,
+    RdzvIdOpt,
+    RdzvOpt,
+    launch_settings,
+    single_process,
+    world_size,
+)
+
 app = typer.Typer(
     help="noisevalue: training-time noise valuation for diffusion models.",
     no_args_is_help=True,
@@ -50,11 +61,11 @@ def run(
     recipe: str | None = RecipeArg,
     overrides: list[str] | None = OverridesArg,
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
-    nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Processes (GPUs) per machine."),
-    nnodes: str = typer.Option("1", "--nnodes", help="Number of machines (or MIN:MAX)."),
-    node_rank: int = typer.Option(0, "--node-rank", help="This machine's rank (with --rdzv-endpoint)."),
-    rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT for several machines."),
-    rdzv_id: str = typer.Option("noisevalue", "--rdzv-id", help="Rendezvous id shared by all machines."),
+    nproc_per_node: int = NprocOpt,
+    nnodes: str = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    rdzv_endpoint: str | None = RdzvOpt,
+    rdzv_id: str = RdzvIdOpt,
 ) -> None:
     """Run a recipe: train, checkpoint, sample and evaluate into its output_dir."""
     with user_errors():
@@ -83,23 +94,21 @@ def run(
 
         ckpt.atomic_write_text(run_dir / RESOLVED_RECIPE, OmegaConf.to_yaml(OmegaConf.create(data)))
         worker_args = ["--run-dir", str(run_dir)] + (["--resume"] if resume else [])
-        world = nproc_per_node * (int(nnodes.split(":")[-1]) if nnodes else 1)
+        launch = launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id)
         typer.echo(
             f"noisevalue run: recipe '{parsed.name}' -> {run_dir}  "
             f"(workflow {parsed.workflow}, model {parsed.model.name}, {parsed.train.steps} steps, "
             f"global batch {parsed.train.global_batch_size}, seed {parsed.seed}, "
-            f"processes {world}{', resuming' if resume else ''})"
+            f"processes {world_size(launch)}{', resuming' if resume else ''})"
         )
-        if nproc_per_node == 1 and nnodes == "1" and rdzv_endpoint is None:
+        if single_process(launch):
             from noisevalue.workflows import run_workflow
 
             info = distributed.init(parsed.train.device)
             metrics = run_workflow(parsed, run_dir, info, resume=resume)
             _print_result(run_dir, metrics)
             return
-        args = distributed.launcher_args(
-            worker_args, nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id
-        )
+        args = distributed.launcher_args(worker_args, **launch)
         typer.echo("torch.distributed.run " + " ".join(args))
         code = distributed.launch(args)
         if code:
@@ -134,9 +143,9 @@ def _experiment(command: str, recipe: str | None, overrides: list[str] | None, o
     job_dir = Path(parsed.output_dir) / command
     typer.echo(
         f"noisevalue {command}: recipe '{parsed.name}' -> {job_dir}  (model {parsed.model.name}, "
-        f"seeds {parsed.continuation_seeds()}, processes {launch['nproc_per_node']})"
+        f"seeds {parsed.continuation_seeds()}, processes {world_size(launch)})"
     )
-    if launch["nproc_per_node"] == 1 and launch["nnodes"] == "1" and launch["rdzv_endpoint"] is None:
+    if single_process(launch):
         from noisevalue.workflows.experiments import run_experiment
 
         info = distributed.init(parsed.train.device)
@@ -153,18 +162,6 @@ def _experiment(command: str, recipe: str | None, overrides: list[str] | None, o
     typer.echo(f"{command} done; tables and figures:")
     for path in outputs:
         typer.echo(f"  {path}")
-
-
-def _launch(nproc_per_node: int, nnodes: str, node_rank: int, rdzv_endpoint: str | None, rdzv_id: str) -> dict:
-    return {"nproc_per_node": nproc_per_node, "nnodes": nnodes, "node_rank": node_rank,
-            "rdzv_endpoint": rdzv_endpoint, "rdzv_id": rdzv_id}
-
-
-NprocOpt = typer.Option(1, "--nproc-per-node", min=1, help="Processes (GPUs) per machine.")
-NnodesOpt = typer.Option("1", "--nnodes", help="Number of machines (or MIN:MAX).")
-NodeRankOpt = typer.Option(0, "--node-rank", help="This machine's rank (with --rdzv-endpoint).")
-RdzvOpt = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT for several machines.")
-RdzvIdOpt = typer.Option("noisevalue", "--rdzv-id", help="Rendezvous id shared by all machines.")
 
 
 @app.command()
@@ -197,7 +194,7 @@ def ablate(
             if noise_only:
                 variants.append(list(ABLATION_INPUTS))
         _experiment("ablate", recipe, overrides, {"variants": variants},
-                    _launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id))
+                    launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id))
 
 
 @app.command()
@@ -220,7 +217,7 @@ def transfer(
     checkpoint whose training loss matches the rater's source (appendix B.4)."""
     with user_errors():
         _experiment("transfer", recipe, overrides, {"rater": rater, "targets": list(to) if to else None},
-                    _launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id))
+                    launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id))
 
 
 @app.command()
@@ -245,7 +242,7 @@ def analyze(
     with user_errors():
         _experiment("analyze", recipe, overrides,
                     {"checkpoints": list(checkpoints) if checkpoints else None, "steps": list(steps) if steps else None},
-                    _launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id))
+                    launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id))
 
 
 @recipe_app.command("validate")

@@ -11,6 +11,17 @@ from typing import Any
 
 import typer
 
+from noisevalue.cli_options import (
+    NnodesOpt,
+    NodeRankOpt,
+    NprocOpt,
+    RdzvIdOpt,
+    RdzvOpt,
+    launch_settings,
+    single_process,
+    world_size,
+)
+
 RunArg = typer.Argument(
     ..., metavar="RUN_OR_CHECKPOINT",
     help="A run folder, its checkpoints/ folder or a step_XXXXXXX checkpoint folder.",
@@ -31,11 +42,6 @@ OutOpt = typer.Option(
 )
 BatchOpt = typer.Option(None, "--batch-size", help="Images per model batch and per shard (default: sample.batch_size).")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda (default: the recipe's train.device).")
-NprocOpt = typer.Option(1, "--nproc-per-node", min=1, help="Processes (GPUs) per machine.")
-NnodesOpt = typer.Option("1", "--nnodes", help="Number of machines (or MIN:MAX).")
-NodeRankOpt = typer.Option(0, "--node-rank", help="This machine's rank (with --rdzv-endpoint).")
-RdzvOpt = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT for several machines.")
-RdzvIdOpt = typer.Option("noisevalue", "--rdzv-id", help="Rendezvous id shared by all machines.")
 
 
 def sample(
@@ -71,8 +77,7 @@ def sample(
             use_ema=not no_ema, class_label=class_label, batch_size=batch_size, device=device,
         )
         folder = Path(out) if out is not None else sp.default_out_dir(ctx, settings)
-        launch = {"nproc_per_node": nproc_per_node, "nnodes": nnodes, "node_rank": node_rank,
-                  "rdzv_endpoint": rdzv_endpoint, "rdzv_id": rdzv_id}
+        launch = launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id)
         _draw(sp, ctx, settings, folder, batch_size is not None, launch)
 
 
@@ -82,7 +87,7 @@ def _draw(sp: Any, ctx: Any, settings: Any, folder: Path, batch_size_given: bool
 
     settings = sp.prepare_out_dir(folder, settings, batch_size_given)
     npz, grid = folder / sp.SAMPLES_FILE, folder / sp.GRID_FILE
-    world = launch["nproc_per_node"] * int(str(launch["nnodes"]).split(":")[-1])
+    world = world_size(launch)
     typer.echo(
         f"noisevalue sample: {ctx.checkpoint} ({'EMA' if settings.use_ema else 'raw'} weights, "
         f"recipe {ctx.recipe_source}) -> {folder}  ({settings.num} images, {settings.num_steps} DDIM "
@@ -90,7 +95,7 @@ def _draw(sp: Any, ctx: Any, settings: Any, folder: Path, batch_size_given: bool
     )
     if npz.is_file():
         typer.echo(f"complete already, reused: {npz}")
-    elif launch["nproc_per_node"] == 1 and launch["nnodes"] == "1" and launch["rdzv_endpoint"] is None:
+    elif single_process(launch):
         info = distributed.init(settings.device)
         sp.run_sampling(folder, info, say=typer.echo)
     else:
@@ -203,5 +208,5 @@ def _sample_for_eval(
     if isinstance(ref, str):
         scoring.parse_reference(ref)  # a missing reference fails before sampling
     npz = _draw(sp, ctx, settings, sp.default_out_dir(ctx, settings), batch_size is not None,
-                {"nproc_per_node": 1, "nnodes": "1", "node_rank": 0, "rdzv_endpoint": None, "rdzv_id": "noisevalue"})
+                launch_settings(1, "1", 0, None, "noisevalue"))
     return npz, metric, evaluator, ref, label

@@ -44,7 +44,7 @@ from noisevalue.config import (
     parse_recipe,
 )
 from noisevalue.distributed import DistInfo, barrier
-from noisevalue.errors import CheckpointError, ConfigError, DataError, UserError
+from noisevalue.errors import CheckpointError, ConfigError, DataError
 
 __all__ = [
     "GRID_FILE",
@@ -551,20 +551,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noisevalue-sample-worker")
     parser.add_argument("--out", required=True, help=f"the samples folder holding {SETTINGS_FILE}")
     args = parser.parse_args(argv)
-    from noisevalue import distributed
+    from noisevalue.workflows.worker import run_rank
 
-    info = None
-    try:
-        settings = read_settings(Path(args.out))
-        info = distributed.init(settings.device)
-        run_sampling(Path(args.out), info)
-    except UserError as exc:
-        print(f"noisevalue: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    finally:
-        if info is not None:
-            distributed.cleanup(info)
-    return 0
+    out = Path(args.out)
+
+    def prepare() -> tuple[str, Any]:
+        return read_settings(out).device, lambda info: run_sampling(out, info)
+
+    return run_rank(prepare)
 
 
 def launcher_args(out: Path, **launch: Any) -> list[str]:

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from noisevalue.errors import UserError
+
+if TYPE_CHECKING:
+    from noisevalue.distributed import DistInfo
 
 RESOLVED_RECIPE = "recipe.yaml"
 JOB = "job.json"  # an experiment command and its options (ablate, transfer, analyze)
@@ -22,23 +27,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--job", action="store_true", help=f"run the experiment in RUN_DIR/{JOB}")
     args = parser.parse_args(argv)
-    from noisevalue import distributed
     from noisevalue.config import load_recipe
     from noisevalue.workflows import run_workflow
 
+    def prepare() -> tuple[str, Callable[[DistInfo], object]]:
+        recipe = load_recipe(Path(args.run_dir) / RESOLVED_RECIPE)
+
+        def body(info: DistInfo) -> None:
+            if args.job:
+                import json
+
+                from noisevalue.workflows.experiments import run_experiment
+
+                job = json.loads((Path(args.run_dir) / JOB).read_text())
+                run_experiment(job["command"], recipe, info, job["options"])
+            else:
+                run_workflow(recipe, args.run_dir, info, resume=args.resume)
+
+        return recipe.train.device, body
+
+    return run_rank(prepare)
+
+
+def run_rank(prepare: Callable[[], tuple[str, Callable[[DistInfo], object]]]) -> int:
+    """One rank: ``prepare()`` gives the device and the work; joins the process group, does
+    the work, and always leaves the group. A user error (in ``prepare`` too) is printed as one
+    line and its exit code returned."""
+    from noisevalue import distributed
+
     info = None
     try:
-        recipe = load_recipe(Path(args.run_dir) / RESOLVED_RECIPE)
-        info = distributed.init(recipe.train.device)
-        if args.job:
-            import json
-
-            from noisevalue.workflows.experiments import run_experiment
-
-            job = json.loads((Path(args.run_dir) / JOB).read_text())
-            run_experiment(job["command"], recipe, info, job["options"])
-        else:
-            run_workflow(recipe, args.run_dir, info, resume=args.resume)
+        device, body = prepare()
+        info = distributed.init(device)
+        body(info)
     except UserError as exc:
         print(f"noisevalue: error: {exc}", file=sys.stderr)
         return exc.exit_code
