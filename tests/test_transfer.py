@@ -214,9 +214,16 @@ def test_transfer_end_to_end(transferred):
     rows = read_csv(root / "transfer.csv")
     base = f"DiT-Tiny-B/2 (from step {chosen})"
     assert {r["run"] for r in rows} == {base, f"{base} + rater (k=2)"}
-    assert {int(r["step"]) for r in rows} == {chosen + 2}
+    assert {int(r["step"]) for r in rows} == {chosen, chosen + 2}
+    # the start column: the target pretraining's own evaluation at the chosen checkpoint
+    # (evaluated every train.keep_every steps, since the recipe sets no eval.every)
+    evaluated = json.loads((root / "DiT-Tiny-B_2" / "pretrain" / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in evaluated] == list(range(2, 17, 2))
+    start = next(h["fd_digits"] for h in evaluated if h["step"] == chosen)
+    assert {float(r["fd_digits"]) for r in rows if int(r["step"]) == chosen} == {start}
     md = (root / "transfer.md").read_text()
-    assert f"| {base} |" in md and f"| {base} + rater (k=2) |" in md and "| +2 |" in md
+    assert f"| {base} | {start:.3f} |" in md and f"| {base} + rater (k=2) | {start:.3f} |" in md
+    assert f"| start (step {chosen}) | +2 |" in md
 
 
 def test_second_invocation_reuses_every_stage(transferred):

@@ -271,7 +271,11 @@ def match_target(recipe: Recipe, info: DistInfo, say: stages.Say, target: Compon
     folder = out / target_folder(target)
     run_dir = folder / "pretrain"
     label = target_label(target)
-    updates = {"model": target_model(recipe, target).model_dump(mode="json"), "train.steps": steps}
+    updates = {
+        "model": target_model(recipe, target).model_dump(mode="json"), "train.steps": steps,
+        # evaluated where it may be continued from, for the table's start column
+        "eval.every": recipe.eval.every or recipe.train.keep_every,
+    }
     extend_if_longer(recipe, info, say, run_dir, updates)
     stages.pretrain(recipe, info, say, run_dir=run_dir, **updates)
     logged, raw = read_scalar(run_dir, LOSS_TAG)
