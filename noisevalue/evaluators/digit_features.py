@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from noisevalue.checkpoint import publish
+from noisevalue.checkpoint import atomic_file
 
 __all__ = [
     "DigitFeatureConfig",
@@ -198,16 +197,9 @@ class DigitFeatureExtractor(nn.Module):
                 log.warning("ignoring unreadable digit-feature cache %s (%s)", path, exc)
         state, accuracy = _train(self.config)
         log.info("trained digit features: held-out accuracy %.4f -> %s", accuracy, path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            meta = {"accuracy": repr(accuracy), "config": json.dumps(asdict(self.config))}
-            save_file(state, tmp, metadata=meta)
-            publish(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        meta = {"accuracy": repr(accuracy), "config": json.dumps(asdict(self.config))}
+        with atomic_file(path) as tmp:
+            save_file(state, str(tmp), metadata=meta)
         return state, accuracy
 
     def train(self, mode: bool = True) -> DigitFeatureExtractor:

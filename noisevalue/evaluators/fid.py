@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from noisevalue.checkpoint import publish
+from noisevalue.checkpoint import atomic_file
 from noisevalue.errors import ConfigError, WeightsUnavailableError
 from noisevalue.interfaces import Evaluator
 
@@ -227,19 +226,11 @@ class FIDEvaluator(Evaluator):
     def save_reference_stats(self, path: str | os.PathLike) -> None:
         """Write ``mu``, ``sigma`` (and the image count ``n`` if known) to ``.npz``, atomically."""
         mu, sigma = self.reference_statistics
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                arrays: dict[str, np.ndarray] = {"mu": mu, "sigma": sigma}
-                if self._reference_count is not None:
-                    arrays["n"] = np.asarray(self._reference_count)
-                np.savez(fh, **arrays)  # type: ignore[arg-type]
-            publish(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        arrays: dict[str, np.ndarray] = {"mu": mu, "sigma": sigma}
+        if self._reference_count is not None:
+            arrays["n"] = np.asarray(self._reference_count)
+        with atomic_file(Path(path).expanduser()) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]
 
     def _load_stats(self, path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
         try:

@@ -29,8 +29,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ import numpy as np
 import torch
 
 from noisevalue import checkpoint as ckpt
-from noisevalue.checkpoint import publish
+from noisevalue.checkpoint import atomic_file
 from noisevalue.config import Recipe, TrainConfig
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import CheckpointError, ConfigError
@@ -378,20 +376,13 @@ def candidate_noise(seed: int, positions: range | list[int], k: int, shape: tupl
 
 
 def save_scores(path: Path, step: int, scores: np.ndarray, norms: np.ndarray, probe: ScoringInputs, fp: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f, step=np.int64(step), scores=scores, norms=norms,
-                image_index=probe.image_index.numpy(), labels=probe.labels.numpy(),
-                timesteps=np.asarray(probe.recipe.analyze.timesteps, dtype=np.float64),
-                discrete=probe.timesteps.numpy(), fingerprint=np.str_(fp),
-            )
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, suffix=".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f, step=np.int64(step), scores=scores, norms=norms,
+            image_index=probe.image_index.numpy(), labels=probe.labels.numpy(),
+            timesteps=np.asarray(probe.recipe.analyze.timesteps, dtype=np.float64),
+            discrete=probe.timesteps.numpy(), fingerprint=np.str_(fp),
+        )
 
 
 def load_scores(path: Path) -> StageScores:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from noisevalue.checkpoint import atomic_write_text, publish
+from noisevalue.checkpoint import atomic_file, atomic_write_text
 from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion, ddim_sample, guided_eps
 from noisevalue.workflows.batches import STREAM_EVAL, STREAM_SAMPLE, seeded_generator
@@ -62,15 +60,8 @@ def save_png_atomic(grid_images: torch.Tensor, path: Path, nrow: int) -> None:
     if size < 32:
         grid_images = torch.nn.functional.interpolate(grid_images, scale_factor=-(-32 // size), mode="nearest")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         save_image(grid_images, tmp, nrow=nrow, padding=1, pad_value=1.0)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def sample_grid(

@@ -12,13 +12,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from noisevalue.checkpoint import atomic_write_text, publish
+from noisevalue.checkpoint import atomic_file, atomic_write_text
 
 ALPHA = 0.05
 
@@ -192,14 +190,8 @@ def save_figure(fig: object, path: Path) -> None:
     """Save a matplotlib figure atomically (a crash never leaves half a PNG) and close it."""
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
     try:
-        fig.savefig(tmp)  # type: ignore[attr-defined]
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_file(path, suffix=path.suffix) as tmp:
+            fig.savefig(tmp)  # type: ignore[attr-defined]
     finally:
         plt.close(fig)  # type: ignore[arg-type]
