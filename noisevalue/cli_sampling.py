@@ -148,7 +148,6 @@ def evaluate(
 
         path = Path(samples)
         evaluator: Any = None
-        params: dict[str, Any] | None = None
         ref: Any = reference
         label = reference
         if path.is_dir():
@@ -168,7 +167,7 @@ def evaluate(
             raise DataError(f"'{path}' not found: expected a samples .npz (uint8 arr_0, NHWC) or a run folder")
         record = scoring.score_samples(
             npz, ref, metric=metric, weights=weights, antialias=antialias, num=num,
-            stats_cache=stats_cache, evaluator_params=params, reference_label=label, say=typer.echo,
+            stats_cache=stats_cache, reference_label=label, say=typer.echo,
             evaluator=evaluator,
         )
         typer.echo(f"{record['metric']} {record['value']:.6g}  ({record['n']} samples vs {record['reference']})")

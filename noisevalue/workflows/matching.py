@@ -42,15 +42,21 @@ def smooth(values: Sequence[float], window: int) -> list[float]:
     return ((csum[hi] - csum[lo]) / (hi - lo)).tolist()
 
 
+def nearest_index(steps: Sequence[int], step: int) -> int:
+    """The index of the entry of ``steps`` nearest to ``step``; on a tie the earlier step."""
+    if not steps:
+        raise ValueError("no steps to choose from")
+    return min(range(len(steps)), key=lambda j: (abs(steps[j] - step), steps[j]))
+
+
 def level_at(steps: Sequence[int], losses: Sequence[float], step: int, smoothing_window: int) -> tuple[int, float]:
     """(logged step, smoothed loss) at the logged step nearest to ``step`` (ties: the earlier).
 
     This is the source's loss level at the checkpoint its rater was trained on."""
     if not steps:
         raise ValueError("empty loss curve")
-    smoothed = smooth(losses, smoothing_window)
-    i = min(range(len(steps)), key=lambda j: (abs(steps[j] - step), steps[j]))
-    return int(steps[i]), smoothed[i]
+    i = nearest_index(steps, step)
+    return int(steps[i]), smooth(losses, smoothing_window)[i]
 
 
 def matched_index(smoothed: Sequence[float], level: float, stability_window: int) -> int | None:
@@ -84,4 +90,4 @@ def nearest_checkpoint(checkpoint_steps: Sequence[int], step: int) -> int:
     loss is still at or above the level rather than past it)."""
     if not checkpoint_steps:
         raise ValueError("no checkpoints to choose from")
-    return int(min(checkpoint_steps, key=lambda s: (abs(s - step), s)))
+    return int(checkpoint_steps[nearest_index(checkpoint_steps, step)])

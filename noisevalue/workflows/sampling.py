@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -45,6 +43,8 @@ from noisevalue.config import (
 )
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import CheckpointError, ConfigError, DataError
+from noisevalue.workflows.stages import STAGE_SETTINGS, set_dotted
+from noisevalue.workflows.worker import RESOLVED_RECIPE
 
 __all__ = [
     "GRID_FILE",
@@ -73,8 +73,6 @@ SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"
 SETTINGS_FILE = "settings.json"
 SHARDS_DIR = "shards"
-RECIPE_FILE = "recipe.yaml"  # as written by ``noisevalue run`` (workflows.worker.RESOLVED_RECIPE)
-STAGE_FILE = "stage.json"  # a protocol stage's settings (workflows.stages.STAGE_SETTINGS)
 STREAM_SAMPLES = 16  # seeded_generator stream of `noisevalue sample` (training uses 0..6)
 RECIPE_SEARCH_DEPTH = 3  # how many folders above a run to look for recipe.yaml
 # settings that do not change the images: where they are drawn, and where the checkpoint
@@ -138,24 +136,24 @@ def _load_run_recipe(run_dir: Path, explicit: str | Path | None) -> tuple[Recipe
     if explicit is not None:
         return load_recipe(explicit), str(explicit)
     for folder in [run_dir, *list(run_dir.resolve().parents)[:RECIPE_SEARCH_DEPTH]]:
-        found = folder / RECIPE_FILE
+        found = folder / RESOLVED_RECIPE
         if found.is_file():
             break
     else:
         raise ConfigError(
-            f"no {RECIPE_FILE} in '{run_dir}' or the {RECIPE_SEARCH_DEPTH} folders above it: pass "
+            f"no {RESOLVED_RECIPE} in '{run_dir}' or the {RECIPE_SEARCH_DEPTH} folders above it: pass "
             "--recipe FILE (the recipe the run was trained with)"
         )
     data = load_recipe_dict(found)
     label = display_path(found)
-    stage = run_dir / STAGE_FILE
+    stage = run_dir / STAGE_SETTINGS
     if folder.resolve() != run_dir.resolve() and stage.is_file():
         try:
             settings = json.loads(stage.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"'{stage}' is corrupt ({exc})") from None
         for dotted, value in settings.items():
-            _set_dotted(data, dotted, value)
+            set_dotted(data, dotted, value)
         label = f"{display_path(found)} + {display_path(stage)}"
     data["workflow"] = "pretrain"  # what a diffusion checkpoint was trained by
     data["output_dir"] = str(run_dir)
@@ -176,16 +174,6 @@ def display_path(path: str | Path) -> str:
         return str(Path("~") / path.relative_to(Path.home()))
     except (ValueError, RuntimeError):
         return str(path)
-
-
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    node = data
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        if not isinstance(node.get(key), dict):
-            node[key] = {}
-        node = node[key]
-    node[leaf] = value
 
 
 # -------------------------------------------------------------------------- settings
@@ -432,15 +420,8 @@ def _shard_path(out: Path, start: int, stop: int) -> Path:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        ckpt.publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with ckpt.atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
 
 
 def run_sampling(out: Path, info: DistInfo, say: Any = print) -> Path:
@@ -517,11 +498,7 @@ def write_images_npz(
 ) -> None:
     """Stream uint8 image chunks into ``path`` as ``arr_0`` of ``shape`` (and ``arr_1`` =
     ``labels``), in the ADM evaluation-suite format readable by ``np.load``; atomic."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with ckpt.atomic_file(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as fh:
                 header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
@@ -539,10 +516,6 @@ def write_images_npz(
             if labels is not None:
                 with zf.open("arr_1.npy", "w", force_zip64=True) as fh:
                     np.lib.format.write_array(fh, np.asarray(labels, dtype=np.int64))
-        ckpt.publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -------------------------------------------------------------------------- torchrun entry

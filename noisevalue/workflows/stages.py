@@ -47,12 +47,19 @@ def stage_recipe(recipe: Recipe, output_dir: Path, **updates: Any) -> Recipe:
     data = recipe.model_dump(mode="json")
     data["output_dir"] = str(output_dir)
     for dotted, value in updates.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        set_dotted(data, dotted, value)
     return parse_recipe(data, f"recipe '{recipe.name}' ({output_dir.name} stage)")
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """``data["a"]["b"] = value`` for ``dotted`` = ``"a.b"``, creating missing sections."""
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[leaf] = value
 
 
 def seeded_dir(base: Path, seed: int, recipe: Recipe) -> Path:

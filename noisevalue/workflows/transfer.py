@@ -47,8 +47,7 @@ class Curve:
 
     def at(self, step: int) -> float:
         """The smoothed loss at the logged step nearest to ``step`` (ties: the earlier)."""
-        i = min(range(len(self.steps)), key=lambda j: (abs(self.steps[j] - step), self.steps[j]))
-        return self.smoothed[i]
+        return self.smoothed[matching.nearest_index(self.steps, step)]
 
 
 @dataclass
@@ -328,13 +327,10 @@ def _primary(row: dict) -> str | None:
 
 def _start_value(run_dir: Path, step: int, metric: str) -> float | None:
     """The target pretraining's evaluation at the chosen checkpoint, if it made one there."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
+    if not (run_dir / "metrics.json").is_file():
         return None
-    for row in json.loads(path.read_text()).get("history", []):
-        if row.get("step") == step and row.get(metric) is not None:
-            return float(row[metric])
-    return None
+    return next((float(row[metric]) for row in stages.evaluations(run_dir)
+                 if row["step"] == step and row.get(metric) is not None), None)
 
 
 def matching_rows(recipe: Recipe, source: Source, matches: list[Match]) -> list[dict[str, Any]]:
