@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +71,17 @@ def backbone_params(recipe: Recipe, latent_shape: tuple[int, int, int], num_clas
 def build_backbone(recipe: Recipe, params: dict) -> torch.nn.Module:
     model = create("backbone", Component(name=recipe.model.name, params=params), "model")
     model.config_name = recipe.model.name
+    return model
+
+
+def checkpoint_backbone(path: Path, identity: dict, weights: str, where: str, label: str) -> torch.nn.Module:
+    """The backbone that a checkpoint's ``meta.json`` names (``identity``: name and params),
+    with the checkpoint's ``weights`` group (``model`` or ``ema``) loaded and checked;
+    ``where`` names it in recipe errors, ``label`` in weight errors."""
+    from noisevalue import checkpoint as ckpt
+
+    model = create("backbone", Component(name=identity["name"], params=identity.get("params", {})), where)
+    ckpt.load_state_into(model, ckpt.load_tensors(path, weights), label)
     return model
 
 

@@ -30,7 +30,7 @@ from noisevalue.workflows.batches import (
     draw_step,
     seeded_generator,
 )
-from noisevalue.workflows.build import create, shape_params
+from noisevalue.workflows.build import checkpoint_backbone, create, shape_params
 from noisevalue.workflows.progress import StepProgress
 from noisevalue.workflows.run_log import RunLog
 from noisevalue.workflows.train_data import load_train_data
@@ -93,8 +93,7 @@ class RaterMetaTraining:
                 f"{meta.get('num_classes')} classes, but the data gives {tuple(self.latent_shape)} "
                 f"with {self.num_classes}"
             )
-        backbone = create("backbone", Component(name=identity["name"], params=identity["params"]), "meta.pretrained")
-        ckpt.load_state_into(backbone, ckpt.load_tensors(path, "model"), str(path))
+        backbone = checkpoint_backbone(path, identity, "model", "meta.pretrained", str(path))
         self.backbone = backbone.to(info.device)  # its parameters are only read, via theta
         self.pretrained = path
         self.drop_prob = float(getattr(backbone, "class_dropout_prob", 0.0)) if self.num_classes else 0.0

@@ -368,7 +368,7 @@ class Sampler:
 
     def __init__(self, settings: SampleSettings, device: torch.device) -> None:
         from noisevalue.diffusion import Diffusion
-        from noisevalue.workflows.build import create
+        from noisevalue.workflows.build import checkpoint_backbone, create
 
         self.settings, self.device = settings, device
         path = Path(settings.checkpoint)
@@ -376,9 +376,7 @@ class Sampler:
         if not (path / f"{name}.safetensors").is_file():
             hint = "; pass --no-ema to use the raw weights" if settings.use_ema else ""
             raise CheckpointError(f"checkpoint '{path}': {name}.safetensors is missing{hint}")
-        backbone = Component(name=settings.backbone["name"], params=settings.backbone.get("params", {}))
-        model = create("backbone", backbone, "model")
-        ckpt.load_state_into(model, ckpt.load_tensors(path, name), f"{path} ({name})")
+        model = checkpoint_backbone(path, settings.backbone, name, "model", f"{path} ({name})")
         self.model = model.to(device).eval()
         dropout = float(getattr(model, "class_dropout_prob", 0.0))
         if settings.num_classes and settings.cfg_scale != 1.0 and dropout <= 0:
