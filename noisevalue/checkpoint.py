@@ -185,6 +185,19 @@ def read_meta(ckpt: str | Path) -> dict[str, Any]:
     return meta
 
 
+def require_optimizer_state(ckpt: str | Path, where: str) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint that must hold the trainer's optimizer state; a
+    CheckpointError naming ``where`` (the recipe key that needs it) otherwise."""
+    ckpt = Path(ckpt)
+    meta = read_meta(ckpt)
+    if "optimizer" not in meta or not (ckpt / "optimizer.safetensors").is_file():
+        raise CheckpointError(
+            f"{where} needs the optimizer state saved with the diffusion checkpoint, but "
+            f"'{ckpt}' holds none; use meta.inner_optimizer=sgd or adamw_fresh"
+        )
+    return meta
+
+
 def load_tensors(ckpt: str | Path, name: str, device: str | torch.device = "cpu") -> dict:
     """Load one tensor group; a truncated or corrupt file is a CheckpointError."""
     from safetensors.torch import load_file

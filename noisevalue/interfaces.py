@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ __all__ = [
     "Backbone",
     "Rater",
     "NoiseSelector",
+    "TrainingContext",
     "MetaOptimizer",
     "BilevelProblem",
     "MetaGradient",
@@ -89,6 +90,23 @@ class Rater(nn.Module, ABC):
         ...
 
 
+@dataclass
+class TrainingContext:
+    """What the diffusion trainer hands a selector that declares ``needs_training_context``.
+
+    ``model``: the backbone being trained (unwrapped; its weights change in place every
+    step). ``diffusion``: the forward process (``q_sample``, ``per_sample_loss``).
+    ``validation_batch(n)``: ``(x0, y, t, noise)`` for ``n`` held-out samples (the meta
+    validation split), drawn from a generator seeded by the run's seed and the current
+    ``step``, so a resumed run sees the same batches.
+    """
+
+    model: nn.Module
+    diffusion: Any
+    validation_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]
+    step: int = 0
+
+
 class NoiseSelector(ABC):
     """Chooses one noise per training sample among ``k`` i.i.d. Gaussian candidates.
 
@@ -98,9 +116,19 @@ class NoiseSelector(ABC):
     the index of the chosen candidate per sample, long ``[N]``. Must not mutate its inputs
     and must run without building an autograd graph.
     ``to(device)`` moves any state (e.g. a frozen rater) and returns ``self``.
+
+    Optional declarations (class attributes; the defaults need nothing):
+
+    * ``needs_rater``: ``"trained"`` or ``"untrained"``: the protocol fills the
+      ``checkpoint`` parameter with the rater meta-trained for the run's seed, or with that
+      rater's initial (untrained) weights.
+    * ``needs_training_context``: the trainer calls :meth:`bind` once with a
+      :class:`TrainingContext` before the first step and keeps its ``step`` current.
     """
 
     k: int = 1
+    needs_rater: ClassVar[Literal["trained", "untrained"] | None] = None
+    needs_training_context: ClassVar[bool] = False
 
     @abstractmethod
     def select(
@@ -114,6 +142,9 @@ class NoiseSelector(ABC):
 
     def to(self, device: torch.device | str) -> NoiseSelector:
         return self
+
+    def bind(self, context: TrainingContext) -> None:
+        """Receive the trainer's context (only called with ``needs_training_context``)."""
 
 
 Params = dict[str, torch.Tensor]
@@ -129,7 +160,11 @@ class BilevelProblem:
     ``inner_batches`` holds the S batches of the inner loop (fixed noises, timesteps and
     label masks, so the function differentiated is deterministic); ``inner_optimizer`` and
     ``inner_lr`` / ``inner_options`` describe the diffusion optimizer that is unrolled
-    (``"sgd"``, ``"adam"`` or ``"adamw"``).
+    (``"sgd"``, ``"adam"`` or ``"adamw"``). ``inner_state`` is the state that optimizer
+    starts from (``{"m": ..., "v": ...}`` for Adam, ``{"buf": ...}`` for SGD with
+    momentum, each keyed like ``theta``), for example the diffusion trainer's moments saved
+    in its checkpoint, and ``inner_step`` the number of steps it has already taken; ``None``
+    and 0 mean a fresh optimizer.
     """
 
     inner_loss: Callable[[Params, Params, Any], torch.Tensor]
@@ -139,6 +174,8 @@ class BilevelProblem:
     inner_optimizer: str = "sgd"
     inner_lr: float = 1e-4
     inner_options: dict[str, Any] = field(default_factory=dict)
+    inner_state: dict[str, Params] | None = None
+    inner_step: int = 0
 
 
 @dataclass
@@ -149,6 +186,7 @@ class MetaGradient:
     theta: Params  # theta_S, detached, for the "carry theta along" option
     outer_loss: float
     info: dict[str, float] = field(default_factory=dict)  # e.g. solver residual
+    inner_state: dict[str, Params] | None = None  # the optimizer state at theta_S, if unrolled
 
 
 class MetaOptimizer(ABC):

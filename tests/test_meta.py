@@ -474,7 +474,7 @@ def test_bad_options_and_signatures():
         make_inner_optimizer("sgd", 0.1, {"betas": (0.9, 0.99)})
     with pytest.raises(ConfigError):
         make_inner_optimizer("adam", 0.1, {"eps_root": 0.0})
-    assert make_inner_optimizer("adamw", 0.1).weight_decay == 1e-2
+    assert make_inner_optimizer("adamw", 0.1).weight_decay == 0.0  # no hidden regulariser
     with pytest.raises(ValueError):
         Unrolled("forward")
     with pytest.raises(ValueError):

@@ -1,4 +1,4 @@
-"""Noise selectors (random, norm baselines, frozen rater) and the group softmax."""
+"""Noise selectors: random, the norm baselines, a frozen rater."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from noisevalue.selectors import (
     MinNormSelector,
     RandomSelector,
     RaterSelector,
-    group_softmax,
 )
 
 TINY_PARAMS = {"depth": 1, "hidden_size": 32, "num_heads": 2}
@@ -109,23 +108,6 @@ def test_rater_selector_with_norm_rater_matches_max_and_min_norm():
         sel = RaterSelector(k=4, rater=NormRater(sign=sign))
         assert torch.equal(sel.select(x0, y, t, cands), baseline.select(x0, y, t, cands))
         sel.check_compatible((4, 32, 32), 1000)  # fits anything
-
-
-def test_group_softmax():
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randn(7, 5, generator=g, dtype=torch.float64) * 3
-    w = group_softmax(scores)
-    assert w.shape == (7, 5)
-    torch.testing.assert_close(w.sum(1), torch.ones(7, dtype=torch.float64), rtol=0, atol=1e-12)
-    shift = torch.randn(7, 1, generator=g, dtype=torch.float64) * 100
-    torch.testing.assert_close(group_softmax(scores + shift), w, rtol=0, atol=1e-12)
-    expected = scores.exp() / scores.exp().sum(1, keepdim=True)
-    torch.testing.assert_close(w, expected, rtol=0, atol=1e-12)
-    assert torch.equal(group_softmax(scores).argmax(1), scores.argmax(1))
-    # Equal scores give uniform weights (why a zero-initialised rater would never learn).
-    torch.testing.assert_close(group_softmax(torch.zeros(2, 4)), torch.full((2, 4), 0.25))
-    with pytest.raises(ValueError, match="groups, K"):
-        group_softmax(torch.zeros(3))
 
 
 def save_tiny(tmp_path, rater, params, step=7):

@@ -20,6 +20,7 @@ from noisevalue.meta.problem import (
     make_problem,
     math_sdpa,
     param_dict,
+    weighted_group_loss,
 )
 from noisevalue.meta.unrolled import Unrolled
 
@@ -31,6 +32,7 @@ __all__ = [
     "group_scores",
     "group_weights",
     "group_stats",
+    "weighted_group_loss",
     "math_sdpa",
     "InnerOptimizer",
     "make_inner_optimizer",

@@ -108,7 +108,7 @@ class Implicit(MetaOptimizer):
         info.update(residual=float(res), iterations=float(iters))
         if traj.losses:
             info.update(inner_loss_first=traj.losses[0], inner_loss_last=traj.losses[-1])
-        return MetaGradient(grad, th, float(val), info)
+        return MetaGradient(grad, th, float(val), info, inner_state=traj.state)
 
     def _solve(
         self, matvec: Operator, b: torch.Tensor, inner_lr: float

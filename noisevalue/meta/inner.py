@@ -9,13 +9,16 @@ steps) and ``torch.func.vjp`` (the hand-written mixed-mode backward) both see th
   buffer ``buf = momentum * buf + g`` (a zero buffer makes the first step ``buf = g``).
 * ``adam``: bias-corrected Adam, L2 weight decay added to the gradient (as
   ``torch.optim.Adam``); ``adamw``: decoupled weight decay ``theta - lr * wd * theta`` (as
-  ``torch.optim.AdamW``, whose default ``weight_decay=1e-2`` it mirrors). The step is
-  ``m_hat / (sqrt(v_hat + eps_root) + eps)`` with ``eps_root > 0`` (as in optax/torchopt):
-  without it ``d sqrt(v) / dv`` is infinite where ``v == 0`` and meta-gradients turn NaN.
+  ``torch.optim.AdamW``). The step is ``m_hat / (sqrt(v_hat + eps_root) + eps)`` with
+  ``eps_root > 0`` (as in optax/torchopt): without it ``d sqrt(v) / dv`` is infinite where
+  ``v == 0`` and meta-gradients turn NaN. Every option defaults to 0 / PyTorch's value except
+  weight decay, which is 0 for every optimizer (no hidden regulariser).
 
-The optimizer state (moments, momentum buffer) starts at zero at the start of every outer
-step: the unrolled S steps model a fresh optimizer attached to ``theta``, not the diffusion
-trainer's running state, so the meta-gradient is a function of ``(theta, eta)`` alone.
+The optimizer state the S steps start from is the problem's ``inner_state`` (for example
+the diffusion trainer's AdamW moments saved in the checkpoint, Algorithm 1's "optimizer D"
+with its state), counted from ``inner_step``; without one it is a fresh zero state counted
+from 1. Either way the starting state is a constant: the meta-gradient is a function of
+``(theta, eta)`` alone.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ _OPTIONS = {
 
 @dataclass(frozen=True)
 class InnerOptimizer:
-    """A differentiable optimizer; ``count`` in :meth:`step` is the 1-based step number."""
+    """A differentiable optimizer; ``count`` in :meth:`step` is the 1-based step number
+    (for Adam, the step count that its bias corrections use)."""
 
     name: str
     lr: float
@@ -102,8 +106,6 @@ def make_inner_optimizer(
             f"inner optimizer '{name}' has no option(s) {', '.join(sorted(unknown))}; "
             f"known: {', '.join(sorted(_OPTIONS[name]))}"
         )
-    if name == "adamw":
-        options.setdefault("weight_decay", 1e-2)
     if "betas" in options:
         options["betas"] = tuple(float(b) for b in options["betas"])
     opt = InnerOptimizer(name=name, lr=float(lr), **options)
@@ -127,6 +129,34 @@ def from_problem(problem: BilevelProblem) -> InnerOptimizer:
     return make_inner_optimizer(problem.inner_optimizer, problem.inner_lr, problem.inner_options)
 
 
+def initial_state(problem: BilevelProblem, opt: InnerOptimizer, theta: Params) -> State:
+    """The optimizer state the inner loop starts from: the problem's ``inner_state`` (checked
+    against ``theta``, detached, moved to its dtype and device) or a fresh zero state."""
+    fresh = opt.init(theta)
+    given = problem.inner_state
+    if given is None:
+        return fresh
+    if set(given) != set(fresh):
+        raise ValueError(
+            f"inner_state holds {sorted(given)}, but the '{opt.name}' inner optimizer "
+            f"needs {sorted(fresh)}"
+        )
+    state: State = {}
+    for part, zeros in fresh.items():
+        if set(given[part]) != set(zeros):
+            missing = sorted(set(zeros) - set(given[part]))[:3]
+            raise ValueError(f"inner_state['{part}'] does not match theta (missing e.g. {missing})")
+        state[part] = {}
+        for k, z in zeros.items():
+            v = given[part][k]
+            if v.shape != z.shape:
+                raise ValueError(
+                    f"inner_state['{part}']['{k}'] has shape {list(v.shape)}, theta {list(z.shape)}"
+                )
+            state[part][k] = v.detach().to(dtype=z.dtype, device=z.device)
+    return state
+
+
 @dataclass
 class Trajectory:
     """The inner unroll without any graph. ``thetas[s]``, ``states[s]``, ``grads[s]`` are the
@@ -147,7 +177,7 @@ def unroll(
     opt = from_problem(problem)
     theta = {k: v.detach() for k, v in theta.items()}
     eta = {k: v.detach() for k, v in eta.items()}
-    traj = Trajectory(theta=theta, state=opt.init(theta))
+    traj = Trajectory(theta=theta, state=initial_state(problem, opt, theta))
     for s, batch in enumerate(problem.inner_batches):
         g, loss = grad_and_value(problem.inner_loss)(traj.theta, eta, batch)
         traj.losses.append(float(loss))
@@ -156,7 +186,7 @@ def unroll(
             traj.states.append(traj.state)
             traj.grads.append(g)
         with torch.no_grad():
-            traj.theta, traj.state = opt.step(traj.theta, traj.state, g, s + 1)
+            traj.theta, traj.state = opt.step(traj.theta, traj.state, g, problem.inner_step + s + 1)
     return traj
 
 

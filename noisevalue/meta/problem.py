@@ -33,7 +33,7 @@ __all__ = [
     "PlainBatch",
     "make_problem",
     "param_dict",
-    "epsilon_loss",
+    "weighted_group_loss",
     "group_scores",
     "group_weights",
     "group_stats",
@@ -102,25 +102,6 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def epsilon_loss(
-    diffusion: Any,
-    model: Callable[..., torch.Tensor],
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    y: torch.Tensor | None,
-    noise: torch.Tensor,
-) -> torch.Tensor:
-    """``||eps - eps_theta(x_t, t, y)||^2`` averaged over C, H, W, one value per sample.
-
-    The same quantity as ``Diffusion.per_sample_loss``, but float64 stays float64 (that one
-    casts to float32, which would spoil float64 derivative checks); half precision is still
-    upcast to float32.
-    """
-    x_t = diffusion.q_sample(x0, t, noise)
-    pred = model(x_t, t, y)[:, : x0.shape[1]]
-    return _wide(noise - pred).pow(2).flatten(1).mean(dim=1)
-
-
 def group_scores(rater: nn.Module, eta: Params, batch: GroupedBatch) -> torch.Tensor:
     """Rater scores of every candidate, ``[B, K]``."""
     x0, y, t, noise = batch.flat()
@@ -132,6 +113,13 @@ def group_weights(scores: torch.Tensor) -> torch.Tensor:
     """Softmax over the K candidates of each group (``[B, K]`` -> ``[B, K]``), in float32 or
     wider."""
     return torch.softmax(_wide(scores), dim=1)
+
+
+def weighted_group_loss(scores: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """The inner loss of Algorithm 1 from scores and per-candidate losses (both ``[B, K]``):
+    ``mean_b sum_k softmax_k(scores[b])[k] * losses[b, k]``."""
+    w = group_weights(scores)
+    return (w * losses.reshape(w.shape)).sum(dim=1).mean()
 
 
 @torch.no_grad()
@@ -158,6 +146,8 @@ def make_problem(
     inner_optimizer: str = "sgd",
     inner_lr: float = 1e-4,
     inner_options: dict[str, Any] | None = None,
+    inner_state: dict[str, Params] | None = None,
+    inner_step: int = 0,
 ) -> BilevelProblem:
     """The :class:`BilevelProblem` of one outer step, through ``torch.func.functional_call``.
 
@@ -170,14 +160,13 @@ def make_problem(
         return lambda x, t, y: functional_call(backbone, theta, (x, t, y))
 
     def inner_loss(theta: Params, eta: Params, batch: GroupedBatch) -> torch.Tensor:
-        w = group_weights(group_scores(rater, eta, batch))
         x0, y, t, noise = batch.flat()
-        losses = epsilon_loss(diffusion, eps_model(theta), x0, t, y, noise)
-        return (w * losses.reshape(w.shape)).sum(dim=1).mean()
+        losses = diffusion.per_sample_loss(eps_model(theta), x0, t, y, noise)
+        return weighted_group_loss(group_scores(rater, eta, batch), losses)
 
     def outer_loss(theta: Params, batch: PlainBatch) -> torch.Tensor:
-        losses = epsilon_loss(diffusion, eps_model(theta), batch.x0, batch.t, batch.y, batch.noise)
-        return losses.mean()
+        model = eps_model(theta)
+        return diffusion.per_sample_loss(model, batch.x0, batch.t, batch.y, batch.noise).mean()
 
     return BilevelProblem(
         inner_loss=inner_loss,
@@ -187,4 +176,6 @@ def make_problem(
         inner_optimizer=inner_optimizer,
         inner_lr=inner_lr,
         inner_options=dict(inner_options or {}),
+        inner_state=inner_state,
+        inner_step=inner_step,
     )

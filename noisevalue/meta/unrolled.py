@@ -24,7 +24,14 @@ import torch
 from torch.func import grad_and_value, vjp
 
 from noisevalue.interfaces import BilevelProblem, MetaGradient, MetaOptimizer, Params
-from noisevalue.meta.inner import HVP_METHODS, from_problem, mixed_products, tree_add, unroll
+from noisevalue.meta.inner import (
+    HVP_METHODS,
+    from_problem,
+    initial_state,
+    mixed_products,
+    tree_add,
+    unroll,
+)
 from noisevalue.meta.problem import math_sdpa
 
 __all__ = ["Unrolled"]
@@ -35,7 +42,8 @@ MODES = ("reverse", "mixed")
 class Unrolled(MetaOptimizer):
     """Meta-gradient through the unrolled inner loop; ``mode`` is ``"reverse"`` or
     ``"mixed"``; ``hvp`` (mixed mode only) ``"jvp"`` (forward-over-reverse) or
-    ``"double_backward"``. Supports the ``sgd``, ``adam`` and ``adamw`` inner optimizers."""
+    ``"double_backward"``. Supports the ``sgd``, ``adam`` and ``adamw`` inner optimizers,
+    from a fresh state or from the problem's ``inner_state``."""
 
     def __init__(self, mode: str = "reverse", hvp: str = "jvp") -> None:
         if mode not in MODES:
@@ -65,14 +73,14 @@ def _reverse(problem: BilevelProblem, theta: Params, eta: Params) -> MetaGradien
     opt = from_problem(problem)
     eta_l = {k: v.detach().requires_grad_() for k, v in eta.items()}
     th = {k: v.detach().requires_grad_() for k, v in theta.items()}
-    state = opt.init(th)
+    state = initial_state(problem, opt, th)
     losses = []
     for s, batch in enumerate(problem.inner_batches):
         loss = problem.inner_loss(th, eta_l, batch)
         losses.append(float(loss.detach()))
         gs = torch.autograd.grad(loss, list(th.values()), create_graph=True, allow_unused=True)
         g = {k: torch.zeros_like(th[k]) if gk is None else gk for k, gk in zip(th, gs, strict=True)}
-        th, state = opt.step(th, state, g, s + 1)
+        th, state = opt.step(th, state, g, problem.inner_step + s + 1)
     val = problem.outer_loss(th, problem.val_batch)
     ge: tuple[torch.Tensor | None, ...]
     if val.requires_grad:
@@ -84,7 +92,10 @@ def _reverse(problem: BilevelProblem, theta: Params, eta: Params) -> MetaGradien
         for (k, v), gk in zip(eta.items(), ge, strict=True)
     }
     theta_s = {k: v.detach() for k, v in th.items()}
-    return MetaGradient(grad, theta_s, float(val.detach()), _info(problem, theta, losses))
+    state_s = {part: {k: v.detach() for k, v in tree.items()} for part, tree in state.items()}
+    return MetaGradient(
+        grad, theta_s, float(val.detach()), _info(problem, theta, losses), inner_state=state_s
+    )
 
 
 def _mixed(problem: BilevelProblem, theta: Params, eta: Params, method: str) -> MetaGradient:
@@ -97,7 +108,7 @@ def _mixed(problem: BilevelProblem, theta: Params, eta: Params, method: str) -> 
     }
     g_eta = {k: torch.zeros_like(v) for k, v in eta.items()}
     for s in reversed(range(len(problem.inner_batches))):
-        count = s + 1
+        count = problem.inner_step + s + 1
 
         def update(th: Params, st: dict[str, Params], g: Params, count: int = count):
             return opt.step(th, st, g, count)
@@ -111,4 +122,6 @@ def _mixed(problem: BilevelProblem, theta: Params, eta: Params, method: str) -> 
         )
         a_theta = tree_add(a_th, h_theta)
         g_eta = tree_add(g_eta, h_eta)
-    return MetaGradient(g_eta, traj.theta, float(val), _info(problem, theta, traj.losses))
+    return MetaGradient(
+        g_eta, traj.theta, float(val), _info(problem, theta, traj.losses), inner_state=traj.state
+    )
