@@ -59,7 +59,7 @@ def test_rater_learns_to_prefer_the_provably_useful_noises(engine, steps):
     before = rank_agreement(rater)
     backbone = ScalarDenoiser()
     theta = param_dict(backbone)
-    opt = torch.optim.Adam(rater.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(rater.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         val = PlainBatch(torch.randn(32, 1, 4, 4, generator=g), None,

@@ -83,16 +83,15 @@ def default_rater():
 def test_default_param_count_matches_closed_form():
     with torch.device("meta"):
         rater = dual_stream()
-    count = n_params(rater)
-    # SD3's MMDiT layout (per-stream qkv/proj around one joint attention): 62.6M, the
-    # paper's "approximately 60M", about twice DiT-S/2's 33M.
-    assert count == closed_form_count(per_stream_attention_weights=True) == 62_563_585
-    assert 60e6 < count < 65e6
-    with torch.device("meta"):
-        shared = dual_stream(per_stream_attention_weights=False)
-    # one shared set of projections: 55.6M (57.4M with the last block's unused image-stream
-    # MLP and modulation, which cannot reach the score and are left out)
-    assert n_params(shared) == closed_form_count() == 55_615_105
+        per_stream = dual_stream(per_stream_attention_weights=True)
+    # Appendix B.1: one attention shared by both streams, per-stream MLPs and modulation:
+    # 55.6M (57.4M with the last block's unused image-stream MLP and modulation, which
+    # cannot reach the score and are left out).
+    assert rater.config["per_stream_attention_weights"] is False
+    assert DualStreamRater().config == rater.config  # the class and the factory agree
+    assert n_params(rater) == closed_form_count() == 55_615_105
+    # SD3's MMDiT layout (per-stream qkv/proj around one joint attention), an option: 62.6M
+    assert n_params(per_stream) == closed_form_count(per_stream_attention_weights=True) == 62_563_585
     # The frozen position embedding is a buffer: not learned, not checkpointed.
     assert "pos_embed" not in dict(rater.named_parameters())
     assert "pos_embed" not in rater.state_dict()
@@ -106,18 +105,18 @@ def test_default_param_count_matches_closed_form():
         {"use_image": False},
         {"use_image": False, "use_label": False},
         {"use_timestep": False, "use_image": False, "use_label": False},
-        {"per_stream_attention_weights": False},
+        {"per_stream_attention_weights": True},
     ],
 )
 def test_ablation_param_counts(switches):
     with torch.device("meta"):
         rater = dual_stream(**switches)
-    assert n_params(rater) == closed_form_count(**{"per_stream_attention_weights": True, **switches})
+    assert n_params(rater) == closed_form_count(**switches)
 
 
 def test_tiny_param_count_and_attributes():
     rater = tiny()
-    assert n_params(rater) == closed_form_count(depth=2, d=64, c=1, classes=10, per_stream_attention_weights=True)
+    assert n_params(rater) == closed_form_count(depth=2, d=64, c=1, classes=10)
     assert rater.latent_shape == (1, 8, 8) and rater.num_classes == 10
     assert isinstance(rater, Rater)
     assert rater.config["hidden_size"] == 64 and rater.config["depth"] == 2
@@ -126,9 +125,9 @@ def test_tiny_param_count_and_attributes():
 
 def test_xavier_init_everywhere(default_rater):
     linears = [m for m in default_rater.modules() if isinstance(m, nn.Linear)]
-    # 12 blocks x (qkv x2, proj x2, fc1 x2, fc2 x2, adaLN) - the last block's unused image
-    # proj and MLP + timestep MLP + head
-    assert len(linears) == 12 * 9 - 3 + 2 + 1
+    # 12 blocks x (one shared qkv and proj, fc1 x2, fc2 x2, adaLN) - the last block's unused
+    # image MLP + timestep MLP + head
+    assert len(linears) == 12 * 7 - 2 + 2 + 1
     weights = [lin.weight for lin in linears]
     biases = [lin.bias for lin in linears]
     for emb in (default_rater.noise_embedder, default_rater.image_embedder):
@@ -381,7 +380,7 @@ def test_last_block_context_only_is_the_same_function(per_stream):
     torch.testing.assert_close(out_lean["noise"], out_full["noise"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("switches", [{}, {"per_stream_attention_weights": False}])
+@pytest.mark.parametrize("switches", [{}, {"per_stream_attention_weights": True}])
 def test_every_parameter_gets_a_gradient(switches):
     rater = tiny(**switches)
     noise, t, x0, y = tiny_inputs()
@@ -390,3 +389,32 @@ def test_every_parameter_gets_a_gradient(switches):
     assert missing == []
     dead = [n for n, p in rater.named_parameters() if n != "y_embedder.weight" and not p.grad.any()]
     assert dead == []
+
+
+@pytest.mark.parametrize("context_only", [False, True])
+def test_shared_attention_equals_reference_multihead_attention(context_only):
+    """The default joint attention is one multi-head self-attention over the concatenated
+    image and noise tokens: torch's reference ``nn.MultiheadAttention`` with the same qkv and
+    output weights gives the same outputs (queries of the image stream dropped when it is
+    context only, as in the last block)."""
+    from noisevalue.raters.dual_stream import JointAttention
+
+    d, heads, streams = 32, 4, ("image", "noise")
+    torch.manual_seed(0)
+    outputs = ("noise",) if context_only else streams
+    attn = JointAttention(d, heads, streams, per_stream_weights=False, outputs=outputs).double()
+    reference = nn.MultiheadAttention(d, heads, batch_first=True).double()
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(attn.qkv.weight)
+        reference.in_proj_bias.copy_(attn.qkv.bias)
+        reference.out_proj.weight.copy_(attn.proj.weight)
+        reference.out_proj.bias.copy_(attn.proj.bias)
+    image = torch.randn(3, 16, d, dtype=torch.float64)
+    noise = torch.randn(3, 16, d, dtype=torch.float64)
+    tokens = torch.cat([image, noise], dim=1)
+    expected, _ = reference(tokens, tokens, tokens, need_weights=False)
+    got = attn([image, noise])
+    want = [expected[:, 16:]] if context_only else [expected[:, :16], expected[:, 16:]]
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

@@ -370,14 +370,15 @@ def dual_stream(
     use_timestep: bool = True,
     use_image: bool = True,
     use_label: bool = True,
-    per_stream_attention_weights: bool = True,
+    per_stream_attention_weights: bool = False,
 ) -> DualStreamRater:
     """The paper's rater: DiT-S/2-sized blocks (depth 12, D 384, 6 heads, patch 2) on
     4x32x32 latents with 1000 classes. Every argument can be overridden.
 
-    The joint attention follows SD3's MMDiT: one attention over both streams' tokens, with
-    per-stream qkv/proj weights (62.6M parameters, the paper's "about 60M", twice DiT-S/2).
-    ``per_stream_attention_weights=False`` shares one set of projections (55.6M)."""
+    As in appendix B.1, attention is the one shared sublayer: a single multi-head
+    self-attention (one qkv/proj set) over both streams' tokens, with per-stream MLPs and
+    adaLN modulation (55.6M parameters). ``per_stream_attention_weights=True`` gives each
+    stream its own qkv/proj weights as SD3's MMDiT does (62.6M)."""
     return DualStreamRater(
         input_size=input_size,
         in_channels=in_channels,
@@ -406,9 +407,10 @@ def dual_stream_tiny(
     use_timestep: bool = True,
     use_image: bool = True,
     use_label: bool = True,
-    per_stream_attention_weights: bool = True,
+    per_stream_attention_weights: bool = False,
 ) -> DualStreamRater:
-    """A CPU-sized rater for 8x8 single-channel digits with 10 classes."""
+    """A CPU-sized rater for 8x8 single-channel digits with 10 classes (shared attention, as
+    :func:`dual_stream`)."""
     return dual_stream(
         input_size=input_size,
         in_channels=in_channels,
