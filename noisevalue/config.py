@@ -79,6 +79,16 @@ class TrainConfig(_Strict):
     init_from: str | None = None
 
 
+InnerOptimizerName = Literal["sgd", "adamw_checkpoint", "adamw_fresh"]
+INNER_OPTIMIZERS: dict[str, str] = {
+    "sgd": "plain SGD, the paper's Eq. 4: theta <- theta - lr * grad (no state)",
+    "adamw_checkpoint": "the diffusion trainer's AdamW resumed from the moments and step count "
+    "saved in meta.pretrained (Algorithm 1's optimizer D with its state)",
+    "adamw_fresh": "AdamW from zero moments every outer step (a weak baseline: its first steps "
+    "are close to lr * sign(grad))",
+}
+
+
 class MetaConfig(_Strict):
     """Stage (ii): bilevel meta-training of the rater on a frozen diffusion checkpoint."""
 
@@ -94,15 +104,46 @@ class MetaConfig(_Strict):
     subproblems: int = Field(default=1, gt=0)
     val_batch_size: int = Field(default=64, gt=0)
     val_fraction: float = Field(default=0.1, gt=0, lt=1)  # held out of the training set
-    inner_optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
-    inner_lr: float = Field(default=1e-4, gt=0)
-    inner_options: dict[str, Any] = Field(default_factory=dict)  # betas, eps, eps_root, ...
+    # Algorithm 1's "optimizer D", unrolled S steps from theta: see INNER_OPTIMIZERS
+    inner_optimizer: InnerOptimizerName = "sgd"
+    # Unset values are filled from train.* (train.lr, train.weight_decay, train.betas,
+    # train.adam_eps) when the recipe is loaded, so `recipe show` prints what is used.
+    inner_lr: float | None = Field(default=None, gt=0)
+    inner_weight_decay: float | None = Field(default=None, ge=0)
+    inner_betas: tuple[float, float] | None = None  # adamw_* only
+    inner_eps: float | None = Field(default=None, ge=0)  # adamw_* only
+    inner_eps_root: float = Field(default=1e-16, gt=0)  # adamw_*: d sqrt(v)/dv guard at v=0
+    inner_momentum: float = Field(default=0.0, ge=0, lt=1)  # sgd only (heavy ball, fresh buffer)
     reset_theta: bool = True  # back to the checkpoint every outer step, else carry theta on
     rater_lr: float = Field(default=1e-4, gt=0)
     rater_weight_decay: float = Field(default=0.0, ge=0)
     rater_grad_clip: float | None = Field(default=None, gt=0)
     log_every: int = Field(default=10, gt=0)
+    # groups per inner step of the fixed probe problem on which, every log_every steps, the
+    # engine's meta-gradient is compared with the one-step (Theorem 4.2) one; 0: off
+    probe_groups: int = Field(default=16, ge=0)
     ckpt_every: int = Field(default=100, gt=0)
+
+    def fill_inner_defaults(self, train: TrainConfig) -> None:
+        """Unset inner-optimizer values take the diffusion trainer's (``train.*``)."""
+        if self.inner_lr is None:
+            self.inner_lr = train.lr
+        if self.inner_weight_decay is None:
+            self.inner_weight_decay = train.weight_decay
+        if self.inner_betas is None:
+            self.inner_betas = train.betas
+        if self.inner_eps is None:
+            self.inner_eps = train.adam_eps
+
+    def inner_spec(self) -> tuple[str, float, dict[str, Any]]:
+        """``(engine optimizer name, lr, options)`` for :func:`noisevalue.meta.make_problem`."""
+        assert self.inner_lr is not None and self.inner_betas is not None
+        if self.inner_optimizer == "sgd":
+            return "sgd", self.inner_lr, {"weight_decay": self.inner_weight_decay, "momentum": self.inner_momentum}
+        return "adamw", self.inner_lr, {
+            "weight_decay": self.inner_weight_decay, "betas": tuple(self.inner_betas),
+            "eps": self.inner_eps, "eps_root": self.inner_eps_root,
+        }
 
 
 class SelectConfig(_Strict):
@@ -171,6 +212,10 @@ class AnalyzeConfig(_Strict):
     num_images: int = Field(default=2000, gt=0)
     candidates: int = Field(default=16, ge=2)
     timesteps: list[float] = Field(default_factory=lambda: [i / 10 for i in range(11)])
+    # `analyze --signal`: held-out groups of `candidates` noises scored against the oracle,
+    # and (t, noise) draws per image of the held-out half that defines L_val
+    signal_groups: int = Field(default=512, gt=0)
+    signal_val_draws: int = Field(default=8, gt=0)
 
     @model_validator(mode="after")
     def _unit_interval(self) -> AnalyzeConfig:
@@ -191,6 +236,12 @@ class SampleConfig(_Strict):
 class EvalConfig(_Strict):
     evaluators: list[Component] = Field(default_factory=list)
     num_samples: int = Field(default=1000, gt=0)
+    # The held-out denoising loss (metric "heldout_loss", the primary one): the weights that
+    # are sampled from, on a fixed, paired set shared by every run, method, seed and step:
+    # up to loss_images reference images (data.eval_dataset) x loss_draws (t, noise) draws
+    # from a fixed seed. 0 draws: off.
+    loss_draws: int = Field(default=100, ge=0)
+    loss_images: int = Field(default=10000, gt=0)
     every: int | None = Field(default=None, gt=0)  # also evaluate every N steps
     baselines: bool = False  # also score real training images and pixel-shuffled ones
 
@@ -221,6 +272,7 @@ class Recipe(_Strict):
     def _rater_needed(self) -> Recipe:
         if self.workflow in ("meta_train", "protocol") and self.rater is None:
             raise ValueError(f"workflow '{self.workflow}' needs a 'rater' section")
+        self.meta.fill_inner_defaults(self.train)
         return self
 
 
@@ -340,7 +392,8 @@ def component_slots(recipe: Recipe) -> list[tuple[str, str, Component]]:
 
 
 def check_components(recipe: Recipe) -> None:
-    """Every named component exists and accepts the given parameters."""
+    """Every named component exists and accepts the given parameters; an inner optimizer
+    that resumes the checkpoint's AdamW finds its state there."""
     from noisevalue import registry
 
     for where, kind, comp in component_slots(recipe):
@@ -349,3 +402,9 @@ def check_components(recipe: Recipe) -> None:
         except Exception as exc:
             raise type(exc)(f"{where}.name: {exc}") from None
         registry.check_params(kind, comp.name, comp.params, where=f"{where}.params")
+    m = recipe.meta
+    if recipe.workflow == "meta_train" and m.pretrained and m.inner_optimizer == "adamw_checkpoint":
+        from noisevalue import checkpoint
+
+        path = checkpoint.resolve_checkpoint(m.pretrained)
+        checkpoint.require_optimizer_state(path, "meta.inner_optimizer: adamw_checkpoint")

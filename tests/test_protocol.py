@@ -1,6 +1,7 @@
 """The three-stage protocol and rater meta-training, end to end at a tiny size."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,16 @@ def invoke(*args):
 
 def rater_tensors(run, step):
     return load_file(str(run / "checkpoints" / f"step_{step:07d}" / "rater.safetensors"))
+
+
+def rater_state_at_init(run):
+    """The rater a meta-training run starts from, rebuilt as its setup builds it."""
+    from noisevalue.checkpoint import read_meta, resolve_checkpoint
+
+    meta = read_meta(resolve_checkpoint(run))
+    torch.manual_seed(json.loads((run / "stage.json").read_text())["seed"] + 1)
+    rater = registry.create("rater", meta["rater"]["name"], **meta["rater"]["params"])
+    return rater.state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +76,58 @@ def test_meta_training_resume_is_exact_and_logs(tmp_path, pretrained):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"meta/val_loss", "meta/grad_norm", "meta/score_std", "meta/weight_entropy"} <= tags
+    assert {"signal/cosine_one_step", "signal/meta_grad_norm", "signal/one_step_grad_norm"} <= tags
+    assert [e.step for e in acc.Scalars("signal/cosine_one_step")] == [1, 2, 3, 4]  # meta.log_every=1
+    assert all(-1 <= e.value <= 1 for e in acc.Scalars("signal/cosine_one_step"))
     entropy = [e.value for e in acc.Scalars("meta/weight_entropy")]
     assert all(0 < h <= torch.log(torch.tensor(3.0)).item() + 1e-6 for h in entropy)
+
+
+def test_resumed_adamw_carried_along_resumes_exactly(tmp_path, pretrained):
+    """adamw_checkpoint with theta carried: the optimizer state travels with theta and is
+    checkpointed, so 2 + 2 resumed outer steps equal 4 uninterrupted ones."""
+    extra = ["meta.inner_optimizer=adamw_checkpoint", "meta.inner_lr=1e-3", "meta.reset_theta=false"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert invoke(*meta_args(pretrained, full, "meta.outer_steps=4", *extra)).exit_code == 0
+    assert invoke(*meta_args(pretrained, split, "meta.outer_steps=2", *extra)).exit_code == 0
+    result = invoke(*meta_args(pretrained, split, "meta.outer_steps=4", *extra), "--resume")
+    assert result.exit_code == 0, result.output
+    a, b = rater_tensors(full, 4), rater_tensors(split, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = load_file(str(full / "checkpoints" / "step_0000004" / "inner_state.safetensors"))
+    assert {k.split("/")[0] for k in state} == {"m", "v"}
+    from noisevalue.checkpoint import read_meta
+
+    start = read_meta(pretrained / "checkpoints" / "step_0000004")["step"]
+    assert read_meta(full / "checkpoints" / "step_0000004")["inner_step"] == start + 4 * 2  # S = 2 per outer step
+
+
+def test_inner_optimizer_defaults_are_shown_and_bad_ones_refused(tmp_path, pretrained):
+    result = invoke("recipe", "show", "digits", "meta.inner_optimizer=adamw_checkpoint", "~meta.inner_lr",
+                    "train.lr=0.002", "train.betas=[0.8,0.9]")
+    assert result.exit_code == 0, result.output
+    import yaml
+
+    shown = yaml.safe_load(result.output)["meta"]
+    assert (shown["inner_lr"], shown["inner_weight_decay"], shown["inner_betas"], shown["inner_eps"]) == (
+        0.002, 0.0, [0.8, 0.9], 1e-8)
+    bad = invoke("recipe", "validate", "digits", "meta.inner_optimizer=adamw")
+    assert bad.exit_code == 2 and bad.stderr.strip().count("\n") == 0
+    assert "meta.inner_optimizer: Input should be 'sgd', 'adamw_checkpoint' or 'adamw_fresh'" in bad.stderr
+    from noisevalue import checkpoint as ckpt
+
+    bare = tmp_path / "bare"  # the stage-(i) weights without the optimizer state
+    src = pretrained / "checkpoints" / "step_0000004"
+    ckpt.save_checkpoint(bare, 4, {"model": load_file(str(src / "model.safetensors")),
+                                   "ema": load_file(str(src / "ema.safetensors"))},
+                         {k: v for k, v in ckpt.read_meta(src).items() if k not in ("optimizer", "step")})
+    for command in (["recipe", "validate", "digits"], ["run"]):
+        out = tmp_path / "never"
+        refused = invoke(*command, "workflow=meta_train", f"meta.pretrained={bare}",
+                         "meta.inner_optimizer=adamw_checkpoint", f"output_dir={out}")
+        assert refused.exit_code == 2, refused.output
+        assert "meta.inner_optimizer: adamw_checkpoint needs the optimizer state" in refused.stderr
+        assert refused.stderr.strip().count("\n") == 0 and not out.exists()
 
 
 @pytest.mark.slow
@@ -107,7 +168,7 @@ def test_nan_meta_gradient_stops_and_keeps_last_good_rater(tmp_path, pretrained)
     try:
         out = tmp_path / "nan"
         result = invoke(*meta_args(pretrained, out, "meta.outer_steps=5", "meta.ckpt_every=10",
-                                   "meta.optimizer.name=nan_after_two", "~meta.optimizer.params"))
+                                   "meta.optimizer.name=nan_after_two", "~meta.optimizer.params", "meta.probe_groups=0"))
     finally:
         registry.reset()
     assert result.exit_code == 2
@@ -160,14 +221,27 @@ def test_protocol_end_to_end_with_skip_on_rerun(tmp_path, tiny_overrides):
     root = tmp_path / "run"
     rows = list(csv.DictReader((root / "comparison.csv").open()))
     methods = {r["run"] for r in rows}
-    assert methods == {"vanilla", "rater", "max_norm", "min_norm"}
+    assert methods == {"vanilla", "rater", "random_rater", "oracle", "max_norm", "min_norm"}
+    assert [m for m in dict.fromkeys(r["metric"] for r in rows)] == ["heldout_loss", "fd_digits"]
     assert {int(r["step"]) for r in rows} == {4, 6, 8}  # start + each evaluation
     md = (root / "comparison.md").read_text()
     assert "| run | start (step 4) | +2 | +4 |" in md
     assert "One seed (0)" in md  # nothing is called significant on one seed
     assert (root / "comparison.png").stat().st_size > 0
-    starts = {r["fd_digits"] for r in rows if r["step"] == "4"}
-    assert len(starts) == 1  # every method continues from the same checkpoint
+    for metric in ("heldout_loss", "fd_digits"):
+        starts = {r["value"] for r in rows if r["step"] == "4" and r["metric"] == metric}
+        assert len(starts) == 1  # every method continues from the same checkpoint
+    # each selector that needs a rater got its seed's: the meta-trained one, or its initialisation
+    def selector(method):
+        return json.loads((root / "select" / method / "stage.json").read_text())["train.selector.params"]
+
+    assert selector("rater")["checkpoint"] == str(root / "rater")
+    assert selector("random_rater")["checkpoint"] == str(root / "rater-untrained")
+    untrained = rater_tensors(root / "rater-untrained", 0)
+    trained_start = rater_state_at_init(root / "rater")
+    assert untrained.keys() == trained_start.keys()
+    assert all(torch.equal(untrained[k], trained_start[k]) for k in untrained)
+    assert any(not torch.equal(untrained[k], v) for k, v in rater_tensors(root / "rater", 2).items())
     again = invoke(*args)
     assert again.exit_code == 0
-    assert again.output.count("reused") == 6
+    assert again.output.count("reused") == 9  # pretrain, two raters, six continuations

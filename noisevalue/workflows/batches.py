@@ -26,6 +26,9 @@ STREAM_EVAL = 3
 STREAM_META = 4
 STREAM_VAL = 5
 STREAM_SPLIT = 6
+STREAM_PROBE = 7  # the fixed meta-signal probe problem
+STREAM_ORACLE = 8  # the oracle selector's validation batches
+STREAM_HELDOUT = 9  # the held-out loss's fixed (t, noise) draws
 
 
 def seeded_generator(*key: int) -> torch.Generator:
@@ -101,3 +104,16 @@ def draw_step(
     flips = (torch.rand(batch, generator=g) < 0.5) & flip
     noise = torch.randn((batch, k, *shape), generator=g)
     return StepDraws(t, noise, drop, flips)
+
+
+def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices): a seeded random ``fraction`` of ``n`` held out
+    (``meta.val_fraction``; the meta-training split, also the oracle selector's)."""
+    n_val = int(round(n * fraction))
+    if n_val < 1 or n_val >= n:
+        raise ConfigError(
+            f"meta.val_fraction: {fraction} of {n} training items leaves "
+            f"{'no validation' if n_val < 1 else 'no training'} data"
+        )
+    perm = torch.randperm(n, generator=seeded_generator(seed, 0, STREAM_SPLIT))
+    return perm[n_val:], perm[:n_val]

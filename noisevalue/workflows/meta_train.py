@@ -5,6 +5,15 @@ label and t) from the training part of the data and one validation batch from a 
 split of it; the configured MetaOptimizer returns the rater's meta-gradient; the rater's
 own optimizer applies it. theta starts from the checkpoint every outer step (default) or is
 carried along. All draws are seeded per (seed, outer step, inner step), so resume is exact.
+
+The inner optimizer (``meta.inner_optimizer``) is plain SGD, AdamW from zero moments, or the
+diffusion trainer's own AdamW resumed from the moments and step count saved with the
+checkpoint (``adamw_checkpoint``). With ``reset_theta: false`` the optimizer state is
+carried along with theta.
+
+Every ``meta.log_every`` steps the meta-signal is measured on a fixed probe problem: the
+cosine between the engine's meta-gradient and the one-step gradient-alignment one
+(Theorem 4.2), and both norms (TensorBoard ``signal/*``).
 """
 
 from __future__ import annotations
@@ -15,20 +24,24 @@ from pathlib import Path
 import torch
 
 from noisevalue import checkpoint as ckpt
+from noisevalue.checkpoint import latest_checkpoint
 from noisevalue.config import Component, Recipe
 from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import DistInfo, all_reduce_mean, barrier
 from noisevalue.errors import CheckpointError, ConfigError, UserError
+from noisevalue.interfaces import BilevelProblem, Params
+from noisevalue.meta.one_step import OneStep
 from noisevalue.meta.problem import GroupedBatch, PlainBatch, group_stats, make_problem, param_dict
 from noisevalue.raters import RATER_GROUP
 from noisevalue.workflows.batches import (
     STREAM_META,
+    STREAM_PROBE,
     STREAM_SPLIT,
     STREAM_VAL,
     GlobalOrder,
     StepDraws,
     draw_step,
-    seeded_generator,
+    validation_split,
 )
 from noisevalue.workflows.build import checkpoint_backbone, create, shape_params
 from noisevalue.workflows.progress import StepProgress
@@ -48,16 +61,43 @@ def per_subproblem(size: int, subproblems: int, field: str) -> int:
     return size // subproblems
 
 
-def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train indices, validation indices): a seeded random ``fraction`` of ``n`` held out."""
-    n_val = int(round(n * fraction))
-    if n_val < 1 or n_val >= n:
-        raise ConfigError(
-            f"meta.val_fraction: {fraction} of {n} training items leaves "
-            f"{'no validation' if n_val < 1 else 'no training'} data"
+INNER_STATE = "inner_state"  # tensor group of the carried inner-optimizer state
+
+
+def checkpoint_adam_state(path: Path, names: list[str]) -> tuple[dict[str, Params], int]:
+    """The AdamW moments (``{"m": ..., "v": ...}`` keyed by parameter name) and step count
+    saved with a diffusion checkpoint, for the trainable parameters ``names`` (in the order
+    the trainer built its optimizer from)."""
+    where = "meta.inner_optimizer: adamw_checkpoint"
+    meta = ckpt.require_optimizer_state(path, where)
+    state = ckpt.optimizer_from_flat(ckpt.load_tensors(path, "optimizer"), meta["optimizer"])
+    groups = state["param_groups"]
+    order = [i for g in groups for i in g["params"]]
+    if len(order) != len(names):
+        raise CheckpointError(
+            f"{where}: the optimizer state in '{path}' covers {len(order)} parameters, the "
+            f"backbone has {len(names)} trainable ones"
         )
-    perm = torch.randperm(n, generator=seeded_generator(seed, 0, STREAM_SPLIT))
-    return perm[n_val:], perm[:n_val]
+    m: Params = {}
+    v: Params = {}
+    steps = set()
+    for idx, name in zip(order, names, strict=True):
+        entry = state["state"].get(idx)
+        if entry is None or "exp_avg" not in entry:
+            raise CheckpointError(f"{where}: '{path}' has no AdamW moments for parameter '{name}'")
+        m[name], v[name] = entry["exp_avg"], entry["exp_avg_sq"]
+        steps.add(int(float(entry["step"])))
+    if len(steps) != 1:
+        raise CheckpointError(f"{where}: '{path}' holds different step counts {sorted(steps)}")
+    return {"m": m, "v": v}, steps.pop()
+
+
+def cosine(a: Params, b: Params) -> tuple[float, float, float]:
+    """(cosine, |a|, |b|) of two parameter dicts, in float64."""
+    dot = sum(float((a[k].double() * b[k].double()).sum()) for k in a)
+    na = math.sqrt(sum(float(a[k].double().pow(2).sum()) for k in a))
+    nb = math.sqrt(sum(float(b[k].double().pow(2).sum()) for k in b))
+    return (dot / (na * nb) if na > 0 and nb > 0 else math.nan), na, nb
 
 
 class RaterMetaTraining:
@@ -67,8 +107,11 @@ class RaterMetaTraining:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
         self.log = RunLog()
-        self.theta: dict[str, torch.Tensor] | None = None
+        self.theta: dict[str, torch.Tensor] | None = None  # carried theta (reset_theta false)
+        self.inner_state: dict[str, Params] | None = None  # the inner optimizer's starting state
+        self.inner_step = 0  # and its step count
         self._draws: dict[tuple[int, int], tuple[torch.Tensor, StepDraws]] = {}  # this outer step's
+        self._probe_batches: tuple[list[GroupedBatch], PlainBatch] | None = None
 
     def setup(self) -> None:
         r, info, m = self.recipe, self.info, self.recipe.meta
@@ -108,6 +151,10 @@ class RaterMetaTraining:
         self.meta_opt = create("meta_optimizer", m.optimizer, "meta.optimizer")
         self.diffusion = Diffusion.from_config(r.diffusion)
         self.theta0 = param_dict(self.backbone)
+        if m.inner_optimizer == "adamw_checkpoint":
+            self.inner_state, self.inner_step = checkpoint_adam_state(path, list(self.theta0))
+            self.inner_state = {p: {k: v.to(info.device) for k, v in t.items()} for p, t in self.inner_state.items()}
+        self.inner_state0, self.inner_step0 = self.inner_state, self.inner_step
         self.train_order = GlobalOrder(len(self.train_idx), r.seed)
         self.val_order = GlobalOrder(len(self.val_idx), r.seed + 1)
         if self.resume:
@@ -115,10 +162,12 @@ class RaterMetaTraining:
         self.log = RunLog(self.run_dir, info.is_main, self.step)
 
     # ------------------------------------------------------------------ batches
-    def _batch(self, order: GlobalOrder, pool: torch.Tensor, key: int, size: int, k: int, stream: int, part: int):
-        """Sub-problem ``part``'s slice (``size`` items) of the global batch ``key``."""
+    def _batch(self, order: GlobalOrder, pool: torch.Tensor, key: int, size: int, k: int, stream: int, part: int,
+               parts: int | None = None):
+        """Sub-problem ``part``'s slice (``size`` items) of the global batch ``key`` (of
+        ``parts`` slices, default ``meta.subproblems``)."""
         r, info = self.recipe, self.info
-        global_size = size * r.meta.subproblems
+        global_size = size * (r.meta.subproblems if parts is None else parts)
         if (stream, key) not in self._draws:  # drawn once, sliced by each local sub-problem
             self._draws[stream, key] = (
                 pool[order.batch(key, global_size)],
@@ -148,35 +197,77 @@ class RaterMetaTraining:
         x0, y, t, noise = self._batch(self.val_order, self.val_idx, outer, self.val_batch, 1, STREAM_VAL, part)
         return PlainBatch(x0, y, t, noise[:, 0])
 
+    def problem(self, inner: list[GroupedBatch], val: PlainBatch) -> BilevelProblem:
+        m = self.recipe.meta
+        name, lr, options = m.inner_spec()
+        return make_problem(
+            self.backbone, self.rater, self.diffusion, inner, val, inner_optimizer=name, inner_lr=lr,
+            inner_options=options, inner_state=self.inner_state, inner_step=self.inner_step,
+        )
+
+    def probe_problem(self) -> BilevelProblem:
+        """The fixed probe: S grouped batches of ``meta.probe_groups`` groups and one
+        validation batch, drawn once from their own stream (the same at every log)."""
+        m = self.recipe.meta
+        if self._probe_batches is None:
+            draws, self._draws = self._draws, {}
+            inner = []
+            for s in range(m.inner_steps):
+                x0, y, t, noise = self._batch(self.train_order, self.train_idx, s, m.probe_groups, m.group_size,
+                                              STREAM_PROBE, 0, parts=1)
+                inner.append(GroupedBatch(x0, y, t, noise))
+            x0, y, t, noise = self._batch(self.val_order, self.val_idx, m.inner_steps, self.val_batch, 1,
+                                          STREAM_PROBE, 0, parts=1)
+            self._probe_batches = (inner, PlainBatch(x0, y, t, noise[:, 0]))
+            self._draws = draws
+        return self.problem(*self._probe_batches)
+
+    def signal(self, theta: Params, eta: Params) -> dict[str, float]:
+        """The engine's meta-gradient against the one-step gradient-alignment one (Theorem
+        4.2) on the probe problem: their cosine and norms."""
+        problem = self.probe_problem()
+        engine = self.meta_opt.meta_gradient(problem, theta, eta).grad
+        one_step = OneStep().meta_gradient(problem, theta, eta).grad
+        cos, n_engine, n_one = cosine(engine, one_step)
+        return {"signal/cosine_one_step": cos, "signal/meta_grad_norm": n_engine,
+                "signal/one_step_grad_norm": n_one}
+
     # ------------------------------------------------------------------ training
     def train(self) -> None:
         m = self.recipe.meta
+        if m.outer_steps == 0 and latest_checkpoint(self.ckpt_dir) is None:
+            self.save_checkpoint()  # the untrained rater (a control), as a checkpoint
         with StepProgress("meta-train rater", m.outer_steps, self.step, enabled=self.info.is_main, print_every=m.log_every * 2) as bar:
             while self.step < m.outer_steps:
+                log = (self.step + 1) % m.log_every == 0 or self.step + 1 == m.outer_steps
+                probe = None
+                if log and m.probe_groups and self.info.is_main:  # before the update: same eta
+                    probe = self.signal(self.current_theta(), param_dict(self.rater))
                 stats = self.outer_step(self.step)
                 self.step += 1
                 bar.advance(val_loss=stats["meta/val_loss"])
-                if self.step % m.log_every == 0 or self.step == m.outer_steps:
-                    self.log_scalars(stats)
+                if log:
+                    self.log_scalars({**stats, **(probe or {})})
                 if self.step % m.ckpt_every == 0 or self.step == m.outer_steps:
                     self.save_checkpoint()
+
+    def current_theta(self) -> Params:
+        return self.theta0 if (self.recipe.meta.reset_theta or self.theta is None) else self.theta
 
     def outer_step(self, outer: int) -> dict[str, float]:
         m, info = self.recipe.meta, self.info
         self._draws.clear()
-        theta = self.theta0 if (m.reset_theta or self.theta is None) else self.theta
+        theta = self.current_theta()
         eta = param_dict(self.rater)
         n = self.local_subproblems
         grads: dict[str, torch.Tensor] = {}
         thetas: dict[str, torch.Tensor] = {}
+        states: dict[str, Params] = {}
         outer_loss, infos, finite = 0.0, {}, True
         for j in range(n):
             part = info.rank * n + j
             batches = self.inner_batches(outer, part)
-            problem = make_problem(
-                self.backbone, self.rater, self.diffusion, batches, self.validation_batch(outer, part),
-                inner_optimizer=m.inner_optimizer, inner_lr=m.inner_lr, inner_options=m.inner_options,
-            )
+            problem = self.problem(batches, self.validation_batch(outer, part))
             result = self.meta_opt.meta_gradient(problem, theta, eta)
             finite &= all(bool(torch.isfinite(g).all()) for g in result.grad.values())
             finite &= math.isfinite(result.outer_loss)
@@ -185,6 +276,11 @@ class RaterMetaTraining:
             if not m.reset_theta:
                 for key, v in result.theta.items():
                     thetas[key] = thetas[key] + v.detach() / n if key in thetas else v.detach() / n
+                if self.inner_state is not None and result.inner_state is not None:
+                    for part_name, tree in result.inner_state.items():
+                        acc = states.setdefault(part_name, {})
+                        for key, v in tree.items():
+                            acc[key] = acc[key] + v.detach() / n if key in acc else v.detach() / n
             outer_loss += result.outer_loss / n
             infos = result.info
         flag = torch.tensor([0.0 if finite else 1.0], device=info.device)
@@ -197,8 +293,12 @@ class RaterMetaTraining:
             self.rater.parameters(), m.rater_grad_clip if m.rater_grad_clip else float("inf")
         )
         self.rater_opt.step()
-        if not m.reset_theta:
+        if not m.reset_theta:  # carry theta (and a resumed optimizer's state) to the next step
             self.theta = {k: all_reduce_mean(v.clone(), info) for k, v in thetas.items()}
+            if states:
+                self.inner_state = {p: {k: all_reduce_mean(v.clone(), info) for k, v in t.items()}
+                                    for p, t in states.items()}
+                self.inner_step += m.inner_steps
         stats = {
             "meta/val_loss": float(all_reduce_mean(torch.tensor([outer_loss], device=info.device), info)),
             "meta/grad_norm": float(grad_norm),
@@ -232,6 +332,8 @@ class RaterMetaTraining:
             tensors = {RATER_GROUP: self.rater.state_dict(), "rater_optimizer": opt_tensors}
             if self.theta is not None:
                 tensors["theta"] = self.theta
+                if self.inner_state is not None:
+                    tensors[INNER_STATE] = {f"{p}/{k}": v for p, t in self.inner_state.items() for k, v in t.items()}
             meta = {
                 RATER_GROUP: self._identity(),
                 "optimizer": opt_meta,
@@ -239,6 +341,7 @@ class RaterMetaTraining:
                 "num_classes": self.num_classes,
                 "pretrained": str(self.pretrained),
                 "meta": self.recipe.meta.model_dump(mode="json"),
+                "inner_step": self.inner_step,
             }
             ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.recipe.train.keep_checkpoints)
         barrier(self.info)
@@ -257,6 +360,13 @@ class RaterMetaTraining:
         self.rater_opt.load_state_dict(ckpt.optimizer_from_flat(flat, meta["optimizer"]))
         if (path / "theta.safetensors").is_file():
             self.theta = ckpt.load_tensors(path, "theta", self.info.device)
+        if (path / f"{INNER_STATE}.safetensors").is_file():
+            flat = ckpt.load_tensors(path, INNER_STATE, self.info.device)
+            state: dict[str, Params] = {}
+            for key, v in flat.items():
+                part, name = key.split("/", 1)
+                state.setdefault(part, {})[name] = v
+            self.inner_state, self.inner_step = state, int(meta["inner_step"])
         self.step = int(meta["step"])
 
     def evaluate(self) -> dict[str, float]:
