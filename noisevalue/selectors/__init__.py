@@ -1,8 +1,10 @@
-"""Noise selectors (choose one of ``k`` candidate noises) and the group-wise weighting.
+"""Noise selectors: choose one of ``k`` candidate noises per training sample.
 
 Built-in selectors are registered under the ``noisevalue.selectors`` entry-point group:
-``random`` (vanilla i.i.d. noise), ``max_norm``, ``min_norm`` and ``rater`` (top-1 of k by
-a frozen rater).
+``random`` (vanilla i.i.d. noise), ``max_norm``, ``min_norm``, ``rater`` (top-1 of k by a
+frozen, meta-trained rater) and two controls: ``random_rater`` (top-1 by the same rater
+before training) and ``oracle`` (top-1 by the exact gradient alignment with the validation
+loss, an upper bound for small models).
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from noisevalue.selectors.builtin import (
     MinNormSelector,
     RandomSelector,
     RaterSelector,
+    UntrainedRaterSelector,
 )
-from noisevalue.selectors.weighting import group_softmax
+from noisevalue.selectors.oracle import OracleSelector, alignment_scores
 
 __all__ = [
     "RandomSelector",
     "MaxNormSelector",
     "MinNormSelector",
     "RaterSelector",
-    "group_softmax",
+    "UntrainedRaterSelector",
+    "OracleSelector",
+    "alignment_scores",
 ]

@@ -14,7 +14,13 @@ from torch import nn
 from noisevalue.errors import CheckpointError, ConfigError
 from noisevalue.interfaces import NoiseSelector, Rater
 
-__all__ = ["RandomSelector", "MaxNormSelector", "MinNormSelector", "RaterSelector"]
+__all__ = [
+    "RandomSelector",
+    "MaxNormSelector",
+    "MinNormSelector",
+    "RaterSelector",
+    "UntrainedRaterSelector",
+]
 
 
 def _check_k(name: str, k: int) -> int:
@@ -95,7 +101,11 @@ class RaterSelector(NoiseSelector):
     registered rater and its constructor params. Alternatively ``rater``: an in-memory
     rater module (used as given: it is neither copied nor frozen, only run under
     ``no_grad``). ``batch_size`` caps how many candidates are scored per rater call.
+    In the protocol, ``ablate`` and ``transfer`` a missing ``checkpoint`` is filled with
+    the rater meta-trained for the run's seed (``needs_rater = "trained"``).
     """
+
+    needs_rater = "trained"
 
     def __init__(
         self,
@@ -180,3 +190,21 @@ class RaterSelector(NoiseSelector):
     def to(self, device: torch.device | str) -> RaterSelector:
         self.rater.to(device)
         return self
+
+
+class UntrainedRaterSelector(RaterSelector):
+    """Control: top-1 of ``k`` by the rater's *initial* weights (the same architecture and
+    initialisation as the meta-trained rater, before any outer step). The protocol fills
+    ``checkpoint`` with that untrained rater for the run's seed. Beside the trained rater
+    it tells whether meta-training, not just scoring by some network, moves the result."""
+
+    needs_rater = "untrained"
+
+    def __init__(
+        self,
+        k: int = 4,
+        checkpoint: str | Path | None = None,
+        rater: Rater | nn.Module | None = None,
+        batch_size: int | None = None,
+    ):
+        super().__init__(k=k, checkpoint=checkpoint, rater=rater, batch_size=batch_size)

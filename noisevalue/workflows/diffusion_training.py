@@ -22,8 +22,16 @@ from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import DistInfo, all_reduce_mean, barrier
 from noisevalue.ema import EMA, unwrap
 from noisevalue.errors import CheckpointError, ConfigError
+from noisevalue.interfaces import TrainingContext
 from noisevalue.workflows import evaluate as ev
-from noisevalue.workflows.batches import STREAM_EVAL, GlobalOrder, draw_step, local_batch_size
+from noisevalue.workflows.batches import (
+    STREAM_EVAL,
+    STREAM_ORACLE,
+    GlobalOrder,
+    draw_step,
+    local_batch_size,
+    validation_split,
+)
 from noisevalue.workflows.build import backbone_params, build_backbone, build_evaluators, create
 from noisevalue.workflows.progress import StepProgress
 from noisevalue.workflows.run_log import RunLog
@@ -75,6 +83,17 @@ class DiffusionTraining:
         if hasattr(self.selector, "check_compatible"):
             self.selector.check_compatible(self.latent_shape, self.num_classes)
         self.selector.to(info.device)
+        self.context: TrainingContext | None = None
+        if self.selector.needs_training_context:
+            _, self.val_idx = validation_split(self.data.num_items, r.meta.val_fraction, r.seed)
+            self.val_order = GlobalOrder(len(self.val_idx), r.seed + 2)
+            self.context = TrainingContext(model=model, diffusion=self.diffusion,
+                                           validation_batch=self._validation_batch)
+            self.selector.bind(self.context)
+        self.heldout = (
+            ev.HeldoutLoss(r, self.encoder, self.num_classes, info.device)
+            if info.is_main and r.eval.loss_draws else None
+        )
         if self.resume:
             self._restore()
         elif r.train.init_from:
@@ -91,6 +110,20 @@ class DiffusionTraining:
 
     def _identity(self) -> dict:
         return {"name": self.recipe.model.name, "params": self.model_params}
+
+    def _validation_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``n`` held-out samples for the current step (a selector's TrainingContext)."""
+        r, dev = self.recipe, self.info.device
+        assert self.context is not None
+        step = self.context.step
+        idx = self.val_idx[self.val_order.batch(step, n)]
+        draws = draw_step(r.seed, step, n, self.latent_shape, self.diffusion.num_timesteps, self.drop_prob,
+                          r.data.random_flip, stream=STREAM_ORACLE)
+        x0, y = self.data.fetch(idx, draws.flip)
+        y_in = None
+        if self.num_classes:
+            y_in = torch.where(draws.drop, torch.full_like(y, self.num_classes), y).to(dev)
+        return x0.to(dev), y_in, draws.t.to(dev), draws.noise[:, 0].to(dev)
 
     def _restore(self) -> None:
         path = ckpt.latest_checkpoint(self.ckpt_dir)
@@ -143,6 +176,8 @@ class DiffusionTraining:
         if candidates.shape[1] == 1:
             noise = candidates[:, 0]
         else:  # the selector sees the dropped label, as the rater did in meta-training
+            if self.context is not None:
+                self.context.step = step
             with torch.no_grad():
                 pick = self.selector.select(x0, y_in, t, candidates)
             noise = candidates[torch.arange(len(pick), device=dev), pick]
@@ -224,12 +259,14 @@ class DiffusionTraining:
             )
             ev.save_png_atomic(images, self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow)
             labels = ev.class_labels(r.eval.num_samples, self.num_classes)
+            if self.heldout is not None:
+                metrics[ev.HELDOUT_LOSS] = self.heldout(model, self.diffusion)
             if self.evaluators:
                 generated = ev.generate(
                     model, self.diffusion, self.encoder, r.eval.num_samples, labels,
                     self.latent_shape, self.num_classes, r, dev, (r.seed, STREAM_EVAL),
                 )
-                metrics = self.evaluation.evaluate(generated)
+                metrics.update(self.evaluation.evaluate(generated))
             ev.update_metrics_file(self.run_dir / "metrics.json", self.step, metrics)
             self.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
             from torchvision.utils import make_grid

@@ -2,30 +2,31 @@
 
     <output_dir>/pretrain/          stage (i): diffusion training with i.i.d. noise
     <output_dir>/rater/             stage (ii): rater meta-training on the stage-(i) checkpoint
+    <output_dir>/rater-untrained/   the same rater before its first outer step (a control)
     <output_dir>/select/<method>/   stage (iii): continuation from stage (i) per selection method
     <output_dir>/comparison.{md,csv,png}
 
 Every continuation starts from the same checkpoint with the same seed, so the methods differ
-only in how each sample's noise is chosen. With ``select.seeds`` listing several seeds, stages
-(ii) and (iii) run once per seed (folders ``<name>-seed<N>``) and the table reports the mean,
-a 95% confidence interval and paired significance tests against vanilla training.
+only in how each sample's noise is chosen. A selector that declares ``needs_rater`` gets the
+rater of its own seed: the meta-trained one (``rater``) or its untrained initialisation
+(``random_rater``). With ``select.seeds`` listing several seeds, stages (ii) and (iii) run
+once per seed (folders ``<name>-seed<N>``) and the tables report the mean, a 95% confidence
+interval and, against vanilla training, the paired difference with its interval, p-value
+and minimum detectable effect, for every metric (the held-out loss first).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from noisevalue import registry
 from noisevalue.config import Component, Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.workflows import stages
-from noisevalue.workflows.tables import ResultTable, Row, write_table
+from noisevalue.workflows.tables import Run, primary_metric, tables_for, write_tables
 
 VANILLA = "vanilla"
-
-
-def primary_metric(row: dict) -> str | None:
-    keys = [k for k in row if k != "step" and not k.startswith("baseline")]
-    return keys[0] if keys else None
+UNTRAINED_DIR = "rater-untrained"
 
 
 def start_row(run_dir: Path) -> dict:
@@ -41,11 +42,27 @@ def seed_rater(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained: Path
                               rater=rater, seed=seed, **updates)
 
 
-def with_rater(selector: Component, rater_dir: Path) -> Component:
-    """A ``rater`` selector without a checkpoint gets ``rater_dir``."""
-    if selector.name != "rater" or "checkpoint" in selector.params:
+def untrained_rater(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained: Path, seed: int) -> Path:
+    """The seed's rater as initialised, before any outer step (``meta.outer_steps=0``): the
+    same architecture and initial weights the meta-trained rater started from."""
+    return seed_rater(recipe, info, say, pretrained, seed, base=Path(recipe.output_dir) / UNTRAINED_DIR,
+                      **{"meta.outer_steps": 0})
+
+
+def needed_rater(selector: Component) -> str | None:
+    """``"trained"`` / ``"untrained"`` when the selector declares it needs a rater and its
+    recipe entry names no checkpoint; else None."""
+    if "checkpoint" in selector.params:
+        return None
+    return getattr(registry.get("selector", selector.name), "needs_rater", None)
+
+
+def with_rater(selector: Component, raters: dict[str, Path]) -> Component:
+    """The selector with its ``checkpoint`` filled from ``raters`` (by :func:`needed_rater`)."""
+    need = needed_rater(selector)
+    if need is None:
         return selector
-    return Component(name=selector.name, params={**selector.params, "checkpoint": str(rater_dir)})
+    return Component(name=selector.name, params={**selector.params, "checkpoint": str(raters[need])})
 
 
 def run_protocol(recipe: Recipe, info: DistInfo, say: stages.Say = print) -> dict:
@@ -53,29 +70,31 @@ def run_protocol(recipe: Recipe, info: DistInfo, say: stages.Say = print) -> dic
     say = say if info.is_main else (lambda *_: None)
     pretrained = stages.pretrain(recipe, info, say)
     start = start_row(pretrained)
-    metric = primary_metric(start) or "loss"
     origin = int(start["step"])
-    rows = {label: Row(label, origin, start={}) for label in recipe.select.methods}
-    needs_rater = any(c.name == "rater" and "checkpoint" not in c.params for c in recipe.select.methods.values())
+    needs = {needed_rater(c) for c in recipe.select.methods.values()} - {None}
+    runs: list[Run] = []
     for seed in recipe.continuation_seeds():
-        rater_dir = seed_rater(recipe, info, say, pretrained, seed) if needs_rater else None
+        raters: dict[str, Path] = {}
+        if "trained" in needs:
+            raters["trained"] = seed_rater(recipe, info, say, pretrained, seed)
+        if "untrained" in needs:
+            raters["untrained"] = untrained_rater(recipe, info, say, pretrained, seed)
         for label, comp in recipe.select.methods.items():
-            selector = with_rater(comp, rater_dir) if rater_dir else comp
             run_dir = stages.seeded_dir(root / "select" / label, seed, recipe)
             history = stages.continue_training(
-                recipe, info, say, pretrained, run_dir, selector, recipe.select.steps, seed=seed
+                recipe, info, say, pretrained, run_dir, with_rater(comp, raters), recipe.select.steps, seed=seed
             )
-            if start.get(metric) is not None:
-                rows[label].start[seed] = float(start[metric])
-            rows[label].add(seed, history, metric)
-    table = ResultTable(
-        f"continuation from step {origin}", metric, list(rows.values()),
-        reference=VANILLA if VANILLA in rows else None,
-    )
+            runs.append(Run(label, seed, origin, start, history))
+    reference = VANILLA if VANILLA in recipe.select.methods else None
+    tables = tables_for(f"continuation from step {origin}", runs, reference)
     if info.is_main:
-        paths = write_table(table, root, "comparison")
+        paths = write_tables(tables, root, "comparison")
         say("comparison: " + " ".join(str(p) for p in paths))
     barrier(info)
+    metric = primary_metric([row for r in runs for row in r.history]) or "loss"
+    table = next((t for t in tables if t.metric == metric), None)
+    if table is None:
+        return {}
     return {
         f"{r.label}/{metric}": sum(v.values()) / len(v)
         for r in table.rows if r.values for v in [r.values[max(r.values)]]
