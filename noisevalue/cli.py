@@ -231,6 +231,11 @@ def analyze(
         None, "--step", "--steps",
         help="A stage-(i) step to probe (repeatable; 0 is the initial weights). Default: analyze.steps.",
     ),
+    signal: bool = typer.Option(
+        False, "--signal",
+        help="Instead: rank agreement of the trained rater, the untrained one and the norm baselines "
+             "with the oracle gradient alignment on held-out candidate groups.",
+    ),
     nproc_per_node: int = NprocOpt,
     nnodes: str = NnodesOpt,
     node_rank: int = NodeRankOpt,
@@ -238,10 +243,12 @@ def analyze(
     rdzv_id: str = RdzvIdOpt,
 ) -> None:
     """What the rater learns (paper section 5.3): a short-trained rater per diffusion
-    checkpoint; score-norm Spearman correlation and score std by stage and timestep."""
+    checkpoint; score-norm Spearman correlation and score std by stage and timestep.
+    With --signal: whether the rater's scores rank candidates like the meta-objective."""
     with user_errors():
         _experiment("analyze", recipe, overrides,
-                    {"checkpoints": list(checkpoints) if checkpoints else None, "steps": list(steps) if steps else None},
+                    {"checkpoints": list(checkpoints) if checkpoints else None, "steps": list(steps) if steps else None,
+                     "signal": signal},
                     launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id))
 
 

@@ -13,6 +13,8 @@ TINY = [
     "train.log_every=1",
     "train.threads=1",
     "eval.evaluators=[]",
+    "eval.loss_draws=2",
+    "eval.loss_images=24",
     "sample.num_steps=2",
     "sample.per_class=1",
 ]

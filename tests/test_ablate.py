@@ -23,8 +23,10 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def table_rows(path):
-    return list(csv.DictReader(path.open()))
+def table_rows(path, metric="fd_digits"):
+    """The CSV lines of one metric, its value under the metric's name."""
+    rows = [r for r in csv.DictReader(path.open()) if r["metric"] == metric]
+    return [{**r, metric: r["value"]} for r in rows]
 
 
 def test_ablate_variants_share_the_start_and_switch_inputs_off(tmp_path):
@@ -71,8 +73,14 @@ def test_ablate_over_seeds_reports_intervals_and_tests(tmp_path):
     assert float(summary["fd_digits"]) == pytest.approx(sum(values) / 2)
     assert float(summary["ci95"]) == pytest.approx(half)
     assert summary["p_vs_reference"] != ""
+    assert float(summary["diff_vs_reference"]) == pytest.approx(
+        sum(float(r["fd_digits"]) for r in final if r["seed"] in ("0", "1")) / 2
+        - sum(float(r["fd_digits"]) for r in table_rows(out / "ablate" / "ablation.csv")
+              if r["run"] == "full rater (k=4)" and r["step"] == "6" and r["seed"] in ("0", "1")) / 2)
     md = (out / "ablate" / "ablation.md").read_text()
-    assert "±" in md and "Difference from 'full rater (k=4)'" in md
+    assert "±" in md and "Paired difference from 'full rater (k=4)'" in md
+    assert "Paired difference from 'vanilla (k=1)'" in md
+    assert md.index("heldout_loss") < md.index("fd_digits")  # the primary metric comes first
 
 
 def test_ablate_bad_input_is_one_line(tmp_path):
@@ -109,5 +117,6 @@ def test_markdown_marks_significance():
     ref = Row("a", 10, {0: 5.0, 1: 5.0, 2: 5.0}, {2: {0: 4.0, 1: 4.1, 2: 4.2}})
     other = Row("b", 10, {0: 5.0, 1: 5.0, 2: 5.0}, {2: {0: 6.0, 1: 6.1, 2: 6.3}})
     text = markdown(ResultTable("t", "fid", [ref, other], reference="a"))
-    assert "| a | 5.000 ± 0.000 | 4.100 ± 0.248 |" in text
-    assert "- b: +2: p=" in text and "-> at +2 significant" in text
+    assert "| a | 5.000 ± 0.000 | 4.100 ± 0.2484 |" in text
+    p = stats.ttest_rel([6.0, 6.1, 6.3], [4.0, 4.1, 4.2]).pvalue
+    assert f"| b | 3 | +2.033 | " in text and f"| {p:.3g} |" in text and "significant, worse" in text

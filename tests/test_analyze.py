@@ -26,6 +26,7 @@ runner = CliRunner()
 TINY_ANALYZE = [
     "train.steps=4", "train.global_batch_size=8", "train.ckpt_every=2", "train.keep_every=2",
     "train.log_every=1", "train.threads=1", "eval.evaluators=[]", "sample.num_steps=2", "sample.per_class=1",
+    "eval.loss_draws=2", "eval.loss_images=24",
     "rater={name: dual_stream_tiny, params: {hidden_size: 32, depth: 1, num_heads: 2}}",
     "meta.inner_steps=1", "meta.groups=2", "meta.group_size=2", "meta.val_batch_size=4",
     "analyze.outer_steps=2", "analyze.num_images=4", "analyze.candidates=5",
@@ -188,3 +189,30 @@ def test_a_missing_step_is_one_line_and_exit_code_2(analyzed):
     result = invoke("analyze", *TINY_ANALYZE, f"output_dir={analyzed.parent / 'fresh'}", "--step", "1")
     assert result.exit_code == 2 and "will keep steps 0, 2, 4" in result.stderr
     assert not (analyzed.parent / "fresh").exists()
+
+
+def test_signal_compares_every_scorer_with_the_oracle(analyzed):
+    """``analyze --signal`` on the shared stage-(i) run: the meta-trained and untrained
+    raters and the two norm baselines, each group scored against the same oracle."""
+    result = invoke("analyze", *TINY_ANALYZE, f"output_dir={analyzed}", "--signal", "meta.outer_steps=2",
+                    "analyze.signal_groups=12", "analyze.signal_val_draws=2")
+    assert result.exit_code == 0, (result.output, result.exception)
+    root = analyzed / "analyze" / "signal"
+    rows = read_rows(root / "signal.csv")
+    by = {}
+    for r in rows:
+        by.setdefault(r["scorer"], {})[int(r["group"])] = r
+    assert set(by) == {"rater (meta-trained)", "rater (untrained)", "max-norm", "min-norm"}
+    assert all(len(v) == 12 for v in by.values())
+    for g in range(12):
+        hi, lo = by["max-norm"][g], by["min-norm"][g]
+        assert float(hi["spearman"]) == pytest.approx(-float(lo["spearman"]))  # same oracle, reversed scores
+        assert hi["t"] == lo["t"] == by["rater (untrained)"][g]["t"]
+        for r in (hi, lo):
+            assert float(r["captured"]) <= 1 + 1e-9 and r["top1"] in ("0.0", "1.0")
+    md = (root / "signal.md").read_text()
+    assert "| rater (meta-trained) |" in md and "Spearman with the oracle by timestep" in md
+    assert (root / "signal.png").stat().st_size > 0
+    assert (analyzed / "rater-untrained" / "DONE").is_file()
+    result = invoke("analyze", *TINY_ANALYZE, f"output_dir={analyzed}", "--signal", "--step", "2")
+    assert result.exit_code == 2 and "drop --checkpoint / --step" in result.stderr

@@ -136,6 +136,40 @@ def test_evaluator_full_path_with_custom_features(tmp_path) -> None:
         FIDEvaluator(feature_extractor=proj, reference_stats=tmp_path / "small.npz").prepare([])
 
 
+def test_kid_matches_torchmetrics_and_the_unequal_size_formula() -> None:
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    proj = Projection()
+    ev = FIDEvaluator(feature_extractor=proj, batch_size=16, kid=True)
+    assert (ev.metric_name, ev.kid_name) == ("fd_custom", "kid_custom")
+    real, fake = _images(60, seed=0), _images(60, seed=1) * 0.8 + 0.1
+    ev.prepare([real[:25], real[25:]])
+    out = ev.evaluate([fake])
+    # torchmetrics' KID with one "subset" holding every image of both equal-sized sets
+    reference = KernelInceptionDistance(feature=proj, subsets=1, subset_size=60, normalize=True)
+    reference.update(real, real=True)
+    reference.update(fake, real=False)
+    assert out["kid_custom"] == pytest.approx(float(reference.compute()[0]), rel=1e-9)
+    plain = FIDEvaluator(feature_extractor=proj)
+    plain.prepare([real])
+    assert out["fd_custom"] == pytest.approx(plain.evaluate([fake])["fd_custom"], rel=1e-12)
+    # sets of different sizes: the unbiased MMD^2 written out pair by pair
+    more = _images(37, seed=2)
+    got = ev.evaluate([more])["kid_custom"]
+    fr, ff = proj(real).double(), proj(more).double()
+
+    def k(a, b):
+        return (float(a @ b) / fr.shape[1] + 1.0) ** 3
+
+    m, n = len(fr), len(ff)
+    xx = sum(k(fr[i], fr[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(ff[i], ff[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(fr[i], ff[j]) for i in range(m) for j in range(n)) / (m * n)
+    assert got == pytest.approx(xx + yy - 2 * xy, rel=1e-9)
+    with pytest.raises(ConfigError, match="kid needs"):
+        FIDEvaluator(feature_extractor=proj, kid=True, reference_stats=__file__)
+
+
 def test_evaluator_rejects_bad_use(tmp_path) -> None:
     proj = Projection()
     with pytest.raises(RuntimeError, match="prepare"):

@@ -199,7 +199,7 @@ def test_stage_folder_uses_the_nearest_recipe_and_its_stage_settings(run, tmp_pa
     assert ctx.step == 2 and ctx.run_dir == root / "pretrain"
     settings = sample_settings(ctx)
     assert (settings.cfg_scale, settings.num_steps, settings.eta) == (3.0, 7, 0.0)
-    assert settings.tag() == "step_0000002-n359-ddim7-cfg3-eta0-seed0"  # eval.num_samples
+    assert settings.tag() == "step_0000002-n2000-ddim7-cfg3-eta0-seed0"  # eval.num_samples
     (root / "recipe.yaml").unlink()
     fails_cleanly(["sample", root / "pretrain"], "pass --recipe FILE")
 

@@ -155,6 +155,7 @@ TINY = [
     "train.steps=8", "train.log_every=1", "train.ckpt_every=2", "train.keep_every=2",
     "train.global_batch_size=8", "train.threads=1", "sample.num_steps=2", "sample.per_class=1",
     "eval.evaluators=[{name: fid, params: {features: digits}}]", "eval.num_samples=20", "eval.baselines=false",
+    "eval.loss_draws=2", "eval.loss_images=24",
     "rater={name: dual_stream_tiny, params: {hidden_size: 32, depth: 1, num_heads: 2}}",
     "meta.outer_steps=2", "meta.inner_steps=1", "meta.groups=2", "meta.group_size=2", "meta.val_batch_size=4",
     "transfer.targets=[{name: DiT-Tiny-B/2}]", "transfer.pretrain_steps=16",
@@ -167,8 +168,12 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def read_csv(path):
-    return list(csv.DictReader(path.open()))
+def read_csv(path, metric=None):
+    """CSV lines; with ``metric``, only that metric's, its value under the metric's name."""
+    rows = list(csv.DictReader(path.open()))
+    if metric is None:
+        return rows
+    return [{**r, metric: r["value"]} for r in rows if r["metric"] == metric]
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +216,7 @@ def test_transfer_end_to_end(transferred):
         assert [h["step"] for h in history] == [chosen + 2]
     rater_params = json.loads((root / "DiT-Tiny-B_2" / "rater" / "stage.json").read_text())["train.selector.params"]
     assert rater_params["k"] == 2 and rater_params["checkpoint"].endswith("step_0000002")
-    rows = read_csv(root / "transfer.csv")
+    rows = read_csv(root / "transfer.csv", "fd_digits")
     base = f"DiT-Tiny-B/2 (from step {chosen})"
     assert {r["run"] for r in rows} == {base, f"{base} + rater (k=2)"}
     assert {int(r["step"]) for r in rows} == {chosen, chosen + 2}

@@ -24,6 +24,13 @@ Feature spaces (``features``):
 * ``feature_extractor=module`` (programmatic use): any ``nn.Module`` mapping float images
   in ``[0, 1]`` to ``[n, d]`` features and exposing ``num_features = d``. Reported as
   ``metric_name`` (default ``"fd_custom"``).
+
+``kid=True`` also reports the Kernel Inception Distance in the same feature space (``"kid"``,
+``"kid_digits"``, ``"kid_custom"``) from the very features the Fréchet distance used (a
+forward hook on torchmetrics' extractor, so nothing is extracted twice): the unbiased
+estimate of the squared MMD with torchmetrics' cubic polynomial kernel, over all reference
+and generated features at once (no random subsets, so it is deterministic, and the two sets
+may differ in size). Unlike the Fréchet distance it is unbiased in the number of samples.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ __all__ = [
     "INCEPTION_WEIGHTS_URL",
     "feature_statistics",
     "frechet_distance",
+    "kernel_distance",
 ]
 
 # torch-fidelity's release of the TF-FID InceptionV3 weights (2015-12-05), which torchmetrics
@@ -135,6 +143,7 @@ class FIDEvaluator(Evaluator):
         feature_extractor: a custom feature ``nn.Module`` (overrides ``features``).
         metric_name: key of the result; defaults to ``"fid"``, ``"fd_digits"``,
             ``"fd_custom"`` by feature space.
+        kid: also report the KID (needs reference images, not ``reference_stats``).
     """
 
     def __init__(
@@ -148,6 +157,7 @@ class FIDEvaluator(Evaluator):
         cache_dir: str | os.PathLike | None = None,
         feature_extractor: nn.Module | None = None,
         metric_name: str | None = None,
+        kid: bool = False,
     ) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -163,6 +173,11 @@ class FIDEvaluator(Evaluator):
         self.metric_name = metric_name or {"inception": "fid"}.get(
             self.features, f"fd_{self.features}"
         )
+        if not isinstance(kid, bool):
+            raise ConfigError(f"kid must be true or false, got {kid!r}")
+        if kid and reference_stats is not None:
+            raise ConfigError("kid needs the reference images' features; reference_stats holds only mu and sigma")
+        self.kid_name = ("kid" if self.features == "inception" else f"kid_{self.features}") if kid else None
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.reference_stats = Path(reference_stats).expanduser() if reference_stats else None
@@ -197,6 +212,11 @@ class FIDEvaluator(Evaluator):
             ) from exc
         self.metric.to(self.device)
         self.num_features = int(self.metric.real_features_sum.shape[0])
+        self._captured: list[torch.Tensor] | None = None  # features seen by the extractor (KID)
+        self._reference_features: torch.Tensor | None = None
+        self._last_features: torch.Tensor | None = None
+        if self.kid_name is not None:
+            self.metric.inception.register_forward_hook(self._capture)
         self._reference: tuple[np.ndarray, np.ndarray] | None = None
         self._reference_root: np.ndarray | None = None
         self._reference_count: int | None = None  # images behind the reference statistics
@@ -213,6 +233,7 @@ class FIDEvaluator(Evaluator):
             self.metric.reset_real_features = False
             self._accumulate(reference, real=True)
             self._reference_count = int(self.metric.real_features_num_samples)
+            self._reference_features = self._last_features
         self._reference = self._statistics(real=True)
         self._reference_root = _psd_sqrt(self._reference[1])  # reused by every evaluate
 
@@ -270,7 +291,11 @@ class FIDEvaluator(Evaluator):
         mu, sigma = self._statistics(real=False)
         assert self._reference_root is not None  # set with the reference statistics
         value = _frechet(mu, sigma, _psd_sqrt(sigma), mu_ref, sigma_ref, self._reference_root)
-        return {self.metric_name: value}
+        if self.kid_name is None:
+            return {self.metric_name: value}
+        assert self._reference_features is not None and self._last_features is not None
+        kid = kernel_distance(self._reference_features, self._last_features)
+        return {self.metric_name: value, self.kid_name: kid}
 
     # -- helpers ----------------------------------------------------------------------
     def _statistics(self, real: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -287,13 +312,20 @@ class FIDEvaluator(Evaluator):
         sigma = (outer - n * np.outer(mu, mu)) / (n - 1)
         return mu, (sigma + sigma.T) / 2
 
+    def _capture(self, module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        if self._captured is not None:
+            self._captured.append(output.detach().reshape(output.shape[0], -1).double().cpu())
+
     def _accumulate(self, batches: Iterable[torch.Tensor], real: bool) -> None:
+        self._captured = [] if self.kid_name is not None else None
         with torch.no_grad():
             for batch in batches:
                 if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
                     raise ValueError("expected image batches as tensors [n, C, H, W]")
                 for chunk in batch.split(self.batch_size):
                     self.metric.update(self._convert(chunk.to(self.device)), real=real)
+        self._last_features = torch.cat(self._captured) if self._captured else None
+        self._captured = None
 
     def _convert(self, images: torch.Tensor) -> torch.Tensor:
         if self.features != "inception":  # custom and digit features take float in [0, 1]
@@ -305,6 +337,31 @@ class FIDEvaluator(Evaluator):
         if images.dtype == torch.uint8:
             return images.contiguous()
         return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def kernel_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """KID: the unbiased estimate of ``MMD^2`` between two feature sets ``[m, d]`` and
+    ``[n, d]`` (sizes may differ) with torchmetrics' polynomial kernel
+    ``(x.y / d + 1)^3``: off-diagonal means within each set minus twice the cross mean."""
+    from torchmetrics.image.kid import poly_kernel
+
+    m, n = real.shape[0], fake.shape[0]
+    if m < 2 or n < 2:
+        raise ConfigError(f"KID needs at least 2 reference and 2 generated images, got {m} and {n}")
+    real, fake = real.double(), fake.double()
+    gamma = 1.0 / real.shape[1]
+
+    def total(a: torch.Tensor, b: torch.Tensor, block: int = 4096) -> torch.Tensor:
+        # blockwise: 50k x 50k kernel matrices never exist at once
+        return sum((poly_kernel(a[i:i + block], b, gamma=gamma).sum() for i in range(0, len(a), block)),
+                   start=torch.zeros((), dtype=torch.float64))
+
+    def diagonal(a: torch.Tensor) -> torch.Tensor:
+        return ((a * a).sum(dim=1) * gamma + 1.0).pow(3).sum()
+
+    within_r = (total(real, real) - diagonal(real)) / (m * (m - 1))
+    within_f = (total(fake, fake) - diagonal(fake)) / (n * (n - 1))
+    return float(within_r + within_f - 2 * total(real, fake) / (m * n))
 
 
 def _inception_weights(weights_path: str | os.PathLike | None) -> str:

@@ -21,8 +21,8 @@ from noisevalue.config import ABLATION_INPUTS, Component, Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
 from noisevalue.workflows import stages
-from noisevalue.workflows.protocol import VANILLA, primary_metric, seed_rater, start_row
-from noisevalue.workflows.tables import ResultTable, Row, write_table
+from noisevalue.workflows.protocol import VANILLA, seed_rater, start_row
+from noisevalue.workflows.tables import Run, tables_for, write_tables
 
 FULL = "full rater"
 
@@ -65,17 +65,13 @@ def run_ablate(
 
     pretrained = stages.pretrain(recipe, info, say)
     start = start_row(pretrained)
-    metric = primary_metric(start) or "loss"
     origin = int(start["step"])
-    rows = {FULL: Row(f"{FULL} (k={k})", origin)}
-    rows.update({variant_label(v): Row(variant_label(v), origin) for v in raters})
-    rows[VANILLA] = Row(f"{VANILLA} (k=1)", origin)
+    labels = {FULL: f"{FULL} (k={k})", VANILLA: f"{VANILLA} (k=1)"}
+    runs: list[Run] = []
 
     def add(label: str, seed: int, run_dir: Path, sel: Component) -> None:
         history = stages.continue_training(recipe, info, say, pretrained, run_dir, sel, recipe.select.steps, seed=seed)
-        if start.get(metric) is not None:
-            rows[label].start[seed] = float(start[metric])
-        rows[label].add(seed, history, metric)
+        runs.append(Run(labels.get(label, label), seed, origin, start, history))
 
     for seed in recipe.continuation_seeds():
         full = seed_rater(recipe, info, say, pretrained, seed)
@@ -88,13 +84,13 @@ def run_ablate(
         vanilla = recipe.select.methods.get(VANILLA, Component(name="random", params={"k": 1}))
         add(VANILLA, seed, stages.seeded_dir(root / "select" / VANILLA, seed, recipe), vanilla)
 
-    table = ResultTable(
-        f"rater input ablation, k={k}, from step {origin}", metric, list(rows.values()),
-        reference=rows[FULL].label,
-    )
+    order = [labels[FULL], *(variant_label(v) for v in raters), labels[VANILLA]]
+    runs.sort(key=lambda r: order.index(r.label))  # the paper's row order, whatever the seed loop
+    tables = tables_for(f"rater input ablation, k={k}, from step {origin}", runs, reference=labels[FULL],
+                        also_against=[labels[VANILLA]])
     paths: list[Path] = []
     if info.is_main:
-        paths = list(write_table(table, out, "ablation"))
+        paths = list(write_tables(tables, out, "ablation"))
     barrier(info)
     return paths
 

@@ -89,9 +89,17 @@ class StageScores:
 # ---------------------------------------------------------------------- entry point
 def run_analyze(
     recipe: Recipe, info: DistInfo, say: stages.Say,
-    checkpoints: list[str] | None = None, steps: list[int] | None = None,
+    checkpoints: list[str] | None = None, steps: list[int] | None = None, signal: bool = False,
 ) -> list[Path]:
-    """Run the analysis; returns the paths of the tables and figures it wrote."""
+    """Run the analysis (or, with ``signal``, the meta-signal analysis of
+    :mod:`noisevalue.workflows.signal`); returns the paths of the tables and figures."""
+    if signal:
+        if checkpoints or steps:
+            raise ConfigError("analyze --signal probes the recipe's own stage-(i) checkpoint and rater; "
+                              "drop --checkpoint / --step")
+        from noisevalue.workflows.signal import run_signal
+
+        return run_signal(recipe, info, say)
     if recipe.rater is None:
         raise ConfigError("analyze needs a 'rater' section in the recipe (the rater to meta-train per checkpoint)")
     a = recipe.analyze

@@ -12,9 +12,12 @@ import torch
 from noisevalue.checkpoint import atomic_file, atomic_write_text
 from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion, ddim_sample, guided_eps
-from noisevalue.workflows.batches import STREAM_EVAL, STREAM_SAMPLE, seeded_generator
+from noisevalue.workflows.batches import STREAM_EVAL, STREAM_HELDOUT, STREAM_SAMPLE, seeded_generator
 from noisevalue.workflows.build import image_to_unit
-from noisevalue.workflows.train_data import dataset_images, reference_images
+from noisevalue.workflows.train_data import dataset_images, reference_images, reference_items
+
+HELDOUT_LOSS = "heldout_loss"  # the primary metric of every comparison table
+HELDOUT_SEED = 0  # not the run's seed: every run, method and seed scores the same set
 
 
 @torch.no_grad()
@@ -122,6 +125,42 @@ class EvaluationSuite:
         for evaluator in self.evaluators:
             results.update({k: float(v) for k, v in evaluator.evaluate(_batches(generated)).items()})
         return {**results, **self._baselines}
+
+
+class HeldoutLoss:
+    """The denoising loss on a fixed, paired held-out set: up to ``eval.loss_images``
+    reference images (their latents and labels) x ``eval.loss_draws`` (t, noise) draws.
+
+    The images and every draw come from fixed seeds that do not depend on the run, so every
+    method, seed and step is scored on exactly the same (x0, y, t, noise): differences
+    between runs carry no evaluation noise, unlike a sample-based metric. Draw ``d`` is
+    ``t ~ U{0..T-1}`` and ``noise ~ N(0, I)`` for all images at once from the generator
+    ``(HELDOUT_SEED, d, STREAM_HELDOUT)``, so the set does not depend on the batch size.
+    """
+
+    def __init__(self, recipe: Recipe, encoder: Any, num_classes: int, device: torch.device) -> None:
+        e = recipe.eval
+        images, labels = reference_items(recipe, e.loss_images, HELDOUT_SEED)
+        self.x0 = torch.cat([encoder.encode(b.to(device)).float().cpu() for b in images.split(recipe.sample.batch_size)])
+        self.y = labels if num_classes else None
+        self.draws, self.batch_size, self.device = e.loss_draws, recipe.sample.batch_size, device
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, diffusion: Diffusion) -> float:
+        n = len(self.x0)
+        total = torch.zeros((), dtype=torch.float64)
+        for d in range(self.draws):
+            g = seeded_generator(HELDOUT_SEED, d, STREAM_HELDOUT)
+            t = torch.randint(0, diffusion.num_timesteps, (n,), generator=g)
+            noise = torch.randn(self.x0.shape, generator=g)
+            for lo in range(0, n, self.batch_size):
+                part = slice(lo, lo + self.batch_size)
+                y = None if self.y is None else self.y[part].to(self.device)
+                losses = diffusion.per_sample_loss(
+                    model, self.x0[part].to(self.device), t[part].to(self.device), y, noise[part].to(self.device)
+                )
+                total += losses.double().sum().cpu()
+        return float(total / (n * self.draws))
 
 
 def update_metrics_file(path: Path, step: int, metrics: dict[str, float]) -> dict:

@@ -124,18 +124,31 @@ def load_train_data(recipe: Recipe, run_dir: Path, info: DistInfo) -> tuple[Trai
 
 def reference_images(recipe: Recipe, limit: int, seed: int) -> torch.Tensor:
     """Images in [-1, 1] of the evaluation reference set (``data.eval_dataset``)."""
+    return reference_items(recipe, limit, seed)[0]
+
+
+def reference_items(recipe: Recipe, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images in [-1, 1], labels) of up to ``limit`` items of the evaluation reference set,
+    a seeded random choice."""
     comp = recipe.data.eval_dataset or recipe.data.dataset
     where = "data.eval_dataset" if recipe.data.eval_dataset else "data.dataset"
     dataset = create("dataset", comp, where)
-    return dataset_images(dataset, limit, seed)
+    return dataset_items(dataset, limit, seed)
 
 
 def dataset_images(dataset: Any, limit: int, seed: int) -> torch.Tensor:
+    return dataset_items(dataset, limit, seed)[0]
+
+
+def dataset_items(dataset: Any, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = len(dataset)
     if n == 0:
         raise DataError("evaluation reference dataset is empty")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=g)[: min(limit, n)]
-    if hasattr(dataset, "images"):
-        return dataset.images[idx]
-    return torch.stack([dataset[int(i)][0] for i in idx])
+    if hasattr(dataset, "images"):  # in memory (labels may be absent: pixels only)
+        labels = getattr(dataset, "labels", None)
+        y = torch.zeros(len(idx), dtype=torch.long) if labels is None else torch.as_tensor(labels)[idx].long()
+        return dataset.images[idx], y
+    items = [dataset[int(i)] for i in idx]
+    return torch.stack([img for img, _ in items]), torch.tensor([lab for _, lab in items], dtype=torch.long)

@@ -30,7 +30,7 @@ from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import CheckpointError, ConfigError
 from noisevalue.workflows import matching, stages
 from noisevalue.workflows.run_log import SCALARS, read_scalar
-from noisevalue.workflows.tables import ResultTable, Row, csv_text, markdown, plot, save_figure
+from noisevalue.workflows.tables import ResultTable, Run, csv_text, markdown, plot, save_figure, tables_for
 
 LOSS_TAG = "train/loss"
 VANILLA, RATER = "vanilla", "rater"
@@ -121,26 +121,19 @@ def run_transfer(
                     model=target_model(recipe, m.target).model_dump(mode="json"),
                 )
 
-    # 5. tables and figures
-    metric = next((k for h in histories.values() for row in h for k in [_primary(row)] if k), "loss")
-    tables = []
+    # 5. tables and figures: per target, one table per metric (held-out loss first)
+    tables: list[ResultTable] = []
     for n, m in enumerate(matches):
-        start = _start_value(m.folder / "pretrain", m.checkpoint_step, metric)
+        start = _start_row(m.folder / "pretrain", m.checkpoint_step)
         base = f"{m.label} (from step {m.checkpoint_step})"
-        rows = {VANILLA: Row(base, m.checkpoint_step),
-                RATER: Row(f"{base} + rater (k={cfg.k})", m.checkpoint_step)}
-        for seed in recipe.continuation_seeds():
-            for kind, row in rows.items():
-                if start is not None:
-                    row.start[seed] = start
-                row.add(seed, histories[n, kind, seed], metric)
-        tables.append(ResultTable(
-            f"{m.label} with the frozen rater of {source.backbone} at step {source.step}",
-            metric, list(rows.values()), reference=base,
-        ))
+        labels = {VANILLA: base, RATER: f"{base} + rater (k={cfg.k})"}
+        runs = [Run(labels[kind], seed, m.checkpoint_step, start, histories[n, kind, seed])
+                for kind in selectors for seed in recipe.continuation_seeds()]
+        tables += tables_for(f"{m.label} with the frozen rater of {source.backbone} at step {source.step}",
+                             runs, reference=base)
     paths: list[Path] = []
     if info.is_main:
-        paths = write_outputs(out, recipe, source, matches, tables, metric)
+        paths = write_outputs(out, recipe, source, matches, tables)
         say("transfer: " + " ".join(str(p) for p in paths))
     barrier(info)
     return paths
@@ -320,17 +313,11 @@ def extend_if_longer(recipe: Recipe, info: DistInfo, say: stages.Say, run_dir: P
 
 
 # ---------------------------------------------------------------------------- outputs
-def _primary(row: dict) -> str | None:
-    keys = [k for k in row if k != "step" and not k.startswith("baseline")]
-    return keys[0] if keys else None
-
-
-def _start_value(run_dir: Path, step: int, metric: str) -> float | None:
+def _start_row(run_dir: Path, step: int) -> dict | None:
     """The target pretraining's evaluation at the chosen checkpoint, if it made one there."""
     if not (run_dir / "metrics.json").is_file():
         return None
-    return next((float(row[metric]) for row in stages.evaluations(run_dir)
-                 if row["step"] == step and row.get(metric) is not None), None)
+    return next((row for row in stages.evaluations(run_dir) if row["step"] == step), None)
 
 
 def matching_rows(recipe: Recipe, source: Source, matches: list[Match]) -> list[dict[str, Any]]:
@@ -356,8 +343,8 @@ def matching_rows(recipe: Recipe, source: Source, matches: list[Match]) -> list[
     ]
 
 
-def write_outputs(out: Path, recipe: Recipe, source: Source, matches: list[Match], tables: list[ResultTable],
-                  metric: str) -> list[Path]:
+def write_outputs(out: Path, recipe: Recipe, source: Source, matches: list[Match],
+                  tables: list[ResultTable]) -> list[Path]:
     cfg = recipe.transfer
     rows = matching_rows(recipe, source, matches)
 
@@ -403,11 +390,10 @@ def write_outputs(out: Path, recipe: Recipe, source: Source, matches: list[Match
     ckpt.atomic_write_text(md, "\n".join(head) + "\n" + "\n".join(markdown(t) for t in tables))
 
     csv_path = out / "transfer.csv"
-    parts = [csv_text(t).splitlines(keepends=True) for t in tables]
-    ckpt.atomic_write_text(csv_path, "".join(parts[0][:1] + [line for p in parts for line in p[1:]]))
+    ckpt.atomic_write_text(csv_path, csv_text(tables))
 
     png = out / "transfer.png"
-    plot(ResultTable("frozen rater on larger backbones", metric, [r for t in tables for r in t.rows]), png)
+    plot(tables, png)
 
     curves = out / "loss_curves.png"
     plot_loss_curves(curves, source, matches, cfg.stability_window)
