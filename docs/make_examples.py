@@ -2,6 +2,7 @@
 
     python docs/make_examples.py                 # all commands, outputs under runs/digits
     python docs/make_examples.py analyze eval    # only some (ablate-seeds: ablate over 3 seeds)
+    python docs/make_examples.py protocol powered signal   # the NoiseRater page
 
 Each command runs exactly as a user would type it (stages already on disk are reused). The
 tables are pasted into ``docs/<command>.md`` between ``<!-- example: NAME -->`` and
@@ -20,7 +21,10 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 FIGURES = DOCS / "figures"
 RUN = Path("runs/digits")
-COMMANDS = ("ablate", "ablate-seeds", "transfer", "analyze", "sample", "eval")
+COMMANDS = ("protocol", "powered", "signal", "ablate", "ablate-seeds", "transfer", "analyze", "sample", "eval")
+POWERED_SEEDS = list(range(20))
+# the inner optimizers compared by `signal`, each with its learning rate on digits
+INNER_OPTIMIZERS = (("sgd", "0.01"), ("adamw_checkpoint", "0.001"), ("adamw_fresh", "0.001"))
 
 
 def noisevalue(*args: str) -> tuple[str, float]:
@@ -63,6 +67,50 @@ def reused(*stages: str) -> str:
     if not done:
         return "from scratch"
     return "with " + " and ".join(done) + " already done"
+
+
+def protocol() -> None:
+    before = reused("pretrain", "rater")
+    _, t = noisevalue("run")
+    paste("noiserater.md", "protocol", f"""
+`noisevalue run` ({minutes(t)} on 2 CPU cores, {before}):
+
+{(RUN / "comparison.md").read_text()}
+{figure(RUN / "comparison.png", "comparison.png")}
+""")
+
+
+def powered() -> None:
+    """The default protocol over 20 seeds; seed 0's stages are the default run's."""
+    seeds = "select.seeds=[" + ",".join(str(s) for s in POWERED_SEEDS) + "]"
+    before = reused("pretrain", "rater")
+    _, t = noisevalue("run", seeds)
+    paste("noiserater.md", "powered", f"""
+`noisevalue run '{seeds}'` ({minutes(t)} on 2 CPU cores, {before}):
+
+{(RUN / "comparison.md").read_text()}
+{figure(RUN / "comparison.png", "comparison_seeds.png")}
+""")
+
+
+def signal() -> None:
+    """analyze --signal for each inner optimizer, all on the default run's stage (i)."""
+    if not (RUN / "pretrain" / "DONE").is_file():
+        noisevalue("run", "workflow=pretrain", f"output_dir={RUN / 'pretrain'}")
+    parts = []
+    for name, lr in INNER_OPTIMIZERS:
+        out = RUN.parent / f"digits-inner-{name}"
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "pretrain").exists():  # share stage (i): only the rater differs
+            (out / "pretrain").symlink_to((RUN / "pretrain").resolve(), target_is_directory=True)
+        _, t = noisevalue("analyze", "--signal", f"output_dir={out}", f"meta.inner_optimizer={name}",
+                          f"meta.inner_lr={lr}")
+        body = (out / "analyze" / "signal" / "signal.md").read_text().split("\n", 1)[1]
+        body = body.replace("\n## ", "\n##### ")  # nested under the page's sections
+        parts.append(f"#### `meta.inner_optimizer={name} meta.inner_lr={lr}` ({minutes(t)})\n{body}")
+        if name == INNER_OPTIMIZERS[0][0]:
+            parts.append(figure(out / "analyze" / "signal" / "signal.png", "signal.png"))
+    paste("noiserater.md", "signal", "\n".join(parts))
 
 
 def ablate() -> None:
@@ -166,7 +214,9 @@ def main(argv: list[str]) -> None:
     if unknown:
         sys.exit(f"unknown command {unknown[0]}; choose from {', '.join(COMMANDS)}")
     for name in chosen:
-        {"ablate": ablate, "ablate-seeds": ablate_seeds, "transfer": transfer, "analyze": analyze, "sample": sample, "eval": eval_}[name]()
+        {"protocol": protocol, "powered": powered, "signal": signal, "ablate": ablate,
+         "ablate-seeds": ablate_seeds, "transfer": transfer, "analyze": analyze, "sample": sample,
+         "eval": eval_}[name]()
 
 
 if __name__ == "__main__":

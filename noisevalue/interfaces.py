@@ -143,7 +143,7 @@ class NoiseSelector(ABC):
     def to(self, device: torch.device | str) -> NoiseSelector:
         return self
 
-    def bind(self, context: TrainingContext) -> None:
+    def bind(self, context: TrainingContext) -> None:  # noqa: B027 (optional hook, no-op default)
         """Receive the trainer's context (only called with ``needs_training_context``)."""
 
 

@@ -119,4 +119,4 @@ def test_markdown_marks_significance():
     text = markdown(ResultTable("t", "fid", [ref, other], reference="a"))
     assert "| a | 5.000 ± 0.000 | 4.100 ± 0.2484 |" in text
     p = stats.ttest_rel([6.0, 6.1, 6.3], [4.0, 4.1, 4.2]).pvalue
-    assert f"| b | 3 | +2.033 | " in text and f"| {p:.3g} |" in text and "significant, worse" in text
+    assert "| b | 3 | +2.033 | " in text and f"| {p:.3g} |" in text and "significant, worse" in text

@@ -12,7 +12,12 @@ import torch
 from noisevalue.checkpoint import atomic_file, atomic_write_text
 from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion, ddim_sample, guided_eps
-from noisevalue.workflows.batches import STREAM_EVAL, STREAM_HELDOUT, STREAM_SAMPLE, seeded_generator
+from noisevalue.workflows.batches import (
+    STREAM_EVAL,
+    STREAM_HELDOUT,
+    STREAM_SAMPLE,
+    seeded_generator,
+)
 from noisevalue.workflows.build import image_to_unit
 from noisevalue.workflows.train_data import dataset_images, reference_images, reference_items
 

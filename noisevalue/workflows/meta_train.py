@@ -36,7 +36,6 @@ from noisevalue.raters import RATER_GROUP
 from noisevalue.workflows.batches import (
     STREAM_META,
     STREAM_PROBE,
-    STREAM_SPLIT,
     STREAM_VAL,
     GlobalOrder,
     StepDraws,

@@ -30,7 +30,15 @@ from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import CheckpointError, ConfigError
 from noisevalue.workflows import matching, stages
 from noisevalue.workflows.run_log import SCALARS, read_scalar
-from noisevalue.workflows.tables import ResultTable, Run, csv_text, markdown, plot, save_figure, tables_for
+from noisevalue.workflows.tables import (
+    ResultTable,
+    Run,
+    csv_text,
+    markdown,
+    plot,
+    save_figure,
+    tables_for,
+)
 
 LOSS_TAG = "train/loss"
 VANILLA, RATER = "vanilla", "rater"
