@@ -7,6 +7,7 @@ without an autograd graph (see :class:`noisevalue.interfaces.NoiseSelector`).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -105,7 +106,7 @@ class RaterSelector(NoiseSelector):
     the rater meta-trained for the run's seed (``needs_rater = "trained"``).
     """
 
-    needs_rater = "trained"
+    needs_rater: ClassVar[Literal["trained", "untrained"] | None] = "trained"
 
     def __init__(
         self,

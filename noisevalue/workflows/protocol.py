@@ -45,8 +45,8 @@ def seed_rater(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained: Path
 def untrained_rater(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained: Path, seed: int) -> Path:
     """The seed's rater as initialised, before any outer step (``meta.outer_steps=0``): the
     same architecture and initial weights the meta-trained rater started from."""
-    return seed_rater(recipe, info, say, pretrained, seed, base=Path(recipe.output_dir) / UNTRAINED_DIR,
-                      **{"meta.outer_steps": 0})
+    run_dir = stages.seeded_dir(Path(recipe.output_dir) / UNTRAINED_DIR, seed, recipe)
+    return stages.train_rater(recipe, info, say, pretrained, run_dir, seed=seed, **{"meta.outer_steps": 0})
 
 
 def needed_rater(selector: Component) -> str | None:
