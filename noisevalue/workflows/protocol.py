@@ -18,6 +18,7 @@ and minimum detectable effect, for every metric (the held-out loss first).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from noisevalue import registry
 from noisevalue.config import Component, Recipe
@@ -46,7 +47,8 @@ def untrained_rater(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained:
     """The seed's rater as initialised, before any outer step (``meta.outer_steps=0``): the
     same architecture and initial weights the meta-trained rater started from."""
     run_dir = stages.seeded_dir(Path(recipe.output_dir) / UNTRAINED_DIR, seed, recipe)
-    return stages.train_rater(recipe, info, say, pretrained, run_dir, seed=seed, **{"meta.outer_steps": 0})
+    updates: dict[str, Any] = {"meta.outer_steps": 0}
+    return stages.train_rater(recipe, info, say, pretrained, run_dir, seed=seed, **updates)
 
 
 def needed_rater(selector: Component) -> str | None:
