@@ -24,3 +24,21 @@ TINY = [
 def tiny_overrides(tmp_path):
     """Overrides that shrink the digits default to a few seconds, writing under tmp_path."""
     return [*TINY, f"output_dir={tmp_path / 'run'}"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for tiny models: more only add contention (and erratic timings)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    from noisevalue.diffusion import Diffusion
+
+    return Diffusion()

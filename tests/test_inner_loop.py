@@ -11,26 +11,14 @@ import torch
 from torch import nn
 
 from noisevalue import checkpoint as ckpt
-from noisevalue.diffusion import Diffusion
 from noisevalue.meta import Unrolled, make_problem, param_dict, unroll
 from noisevalue.selectors.oracle import OracleSelector, alignment_scores
 from noisevalue.workflows.meta_train import checkpoint_adam_state, cosine
 from tests.test_meta import CLASSES, SIZE, TinyNet, TinyRater, batches
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def diffusion():
-    return Diffusion()
 
 
 def test_weighted_inner_loss_equals_a_per_candidate_formula(diffusion):

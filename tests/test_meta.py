@@ -15,7 +15,6 @@ from torch import nn
 
 from noisevalue import registry
 from noisevalue.backbones.dit import DiT_Tiny_2
-from noisevalue.diffusion import Diffusion
 from noisevalue.errors import ConfigError
 from noisevalue.interfaces import BilevelProblem, MetaOptimizer
 from noisevalue.meta import (
@@ -77,18 +76,8 @@ class TinyRater(nn.Module):
         return self.out(h).squeeze(-1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: threads only add contention (and erratic timings on a busy machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def diffusion():
-    return Diffusion()
+# tiny models: threads only add contention (and erratic timings on a busy machine)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(seed: int, s: int, b: int = 3, k: int = 4, labels: bool = True):

@@ -200,12 +200,3 @@ class UntrainedRaterSelector(RaterSelector):
     it tells whether meta-training, not just scoring by some network, moves the result."""
 
     needs_rater = "untrained"
-
-    def __init__(
-        self,
-        k: int = 4,
-        checkpoint: str | Path | None = None,
-        rater: Rater | nn.Module | None = None,
-        batch_size: int | None = None,
-    ):
-        super().__init__(k=k, checkpoint=checkpoint, rater=rater, batch_size=batch_size)
