@@ -153,7 +153,6 @@ class RaterMetaTraining:
         if m.inner_optimizer == "adamw_checkpoint":
             self.inner_state, self.inner_step = checkpoint_adam_state(path, list(self.theta0))
             self.inner_state = {p: {k: v.to(info.device) for k, v in t.items()} for p, t in self.inner_state.items()}
-        self.inner_state0, self.inner_step0 = self.inner_state, self.inner_step
         self.train_order = GlobalOrder(len(self.train_idx), r.seed)
         self.val_order = GlobalOrder(len(self.val_idx), r.seed + 1)
         if self.resume:
