@@ -16,6 +16,7 @@ from noisevalue.workflows.tables import (
     Run,
     csv_text,
     markdown,
+    mean_ci,
     metric_names,
     minimum_detectable_effect,
     paired_difference,
@@ -60,6 +61,13 @@ def test_identical_differences_and_too_few_seeds():
     same = paired_difference({0: 1.0, 1: 2.0}, {0: 1.5, 1: 2.5})
     assert same is not None and same.mean == 0.5 and same.p == 0.0 and same.mde == 0.0
     assert paired_difference({0: 1.0}, {0: 2.0}) is None
+
+
+def test_twenty_identical_starting_values_have_no_spread():
+    # summing 0.08756 twenty times leaves a rounding residue; the table must print "± 0"
+    assert mean_ci([0.08756] * 20) == (0.08756, 0.0)
+    shifted = paired_difference({s: 0.08756 for s in range(20)}, {s: 0.08756 + 0.001 for s in range(20)})
+    assert shifted is not None and shifted.mde == 0.0
 
 
 def test_tables_are_per_metric_with_the_held_out_loss_first():

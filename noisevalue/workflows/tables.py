@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,12 +121,12 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     n = len(values)
     if n == 0:
         return math.nan, math.nan
-    mean = sum(values) / n
+    mean = statistics.fmean(values)
     if n < 2:
         return mean, math.nan
     from scipy import stats
 
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    sd = statistics.stdev(values)  # exact arithmetic: identical values give exactly 0
     return mean, float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
 
 
@@ -190,9 +191,9 @@ def paired_difference(reference: dict[int, float], other: dict[int, float],
     if n < 2:
         return None
     diffs = [other[s] - reference[s] for s in shared]
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    ref_mean = sum(reference[s] for s in shared) / n
+    mean = statistics.fmean(diffs)
+    sd = statistics.stdev(diffs)
+    ref_mean = statistics.fmean(reference[s] for s in shared)
     if sd == 0:  # identical differences: no spread to test against
         return PairedDifference(n, mean, mean, mean, 1.0 if mean == 0 else 0.0, 0.0, ref_mean)
     result = stats.ttest_1samp(diffs, 0.0)
