@@ -108,8 +108,8 @@ def signal() -> None:
         body = (out / "analyze" / "signal" / "signal.md").read_text().split("\n", 1)[1]
         body = body.replace("\n## ", "\n##### ")  # nested under the page's sections
         parts.append(f"#### `meta.inner_optimizer={name} meta.inner_lr={lr}` ({minutes(t)})\n{body}")
-        if name == INNER_OPTIMIZERS[0][0]:
-            parts.append(figure(out / "analyze" / "signal" / "signal.png", "signal.png"))
+        png = "signal.png" if name == INNER_OPTIMIZERS[0][0] else f"signal_{name}.png"
+        parts.append(figure(out / "analyze" / "signal" / "signal.png", png))
     paste("noiserater.md", "signal", "\n".join(parts))
 
 
