@@ -289,25 +289,44 @@ def recipe_list() -> None:
 
 
 @plugins_app.command("list")
-def plugins_list(kind: str | None = typer.Option(None, help="Only this kind.")) -> None:
-    """Every registered component by kind, with the distribution that provides it."""
+def plugins_list(
+    kind: str | None = typer.Option(None, help="Only this kind."),
+    check: bool = typer.Option(
+        False, "--check", help="Also import every component and report those that fail (exit code 2 if any)."
+    ),
+) -> None:
+    """Every registered component by kind, with the distribution that provides it.
+    Reads entry-point metadata only: nothing is imported unless --check is given."""
     with user_errors():
         from noisevalue import registry
+        from noisevalue.errors import PluginError
 
         entries = registry.entries(kind)
         if registry._autoload_disabled():
             typer.echo(f"({registry.AUTOLOAD_ENV} is set: built-ins only)")
         current = None
+        failed = clashed = 0
         for entry in entries:
             if entry.kind != current:
                 current = entry.kind
                 typer.echo(f"{entry.kind}:")
             status = ""
-            try:
-                entry.load()
-            except Exception as exc:
-                status = f"  [FAILED: {exc}]"
+            if entry.clashes:
+                clashed += 1
+                others = ", ".join(f"distribution '{e.distribution}' ({e.target})" for e in entry.clashes)
+                status += f"  [CLASH: also provided by {others}]"
+            if check:
+                for provider in entry.providers:
+                    try:
+                        provider.load()
+                    except PluginError as exc:
+                        failed += 1
+                        status += f"  [FAILED: {exc}]"
             typer.echo(f"  {entry.name:<16} {entry.distribution:<20} {entry.target}{status}")
+        if check and (failed or clashed):
+            problems = [f"{n} {what}" for n, what in ((failed, "failed to load"), (clashed, "name clash(es)")) if n]
+            typer.echo(f"noisevalue: error: plugins check: {', '.join(problems)}", err=True)
+            raise typer.Exit(2)
 
 
 from noisevalue.cli_sampling import evaluate, sample  # noqa: E402

@@ -8,6 +8,11 @@ exactly as a third-party package does::
     my_rater = "my_package.raters:MyRater"
 
 Set ``NOISEVALUE_DISABLE_PLUGIN_AUTOLOAD=1`` to ignore every distribution but noisevalue.
+
+Discovery reads entry-point metadata only; a component's module is imported when the
+component is first used. A name provided by more than one distribution is a *clash*: every
+provider is kept, the name is listed with all of them, and using it raises a PluginError
+that names them (no distribution silently wins).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
@@ -45,6 +50,20 @@ class Entry:
     entry_point: EntryPoint | None = None
     factory: Callable[..., Any] | None = None
     error: str | None = None
+    clashes: list[Entry] = field(default_factory=list)  # other distributions providing this name
+
+    @property
+    def providers(self) -> list[Entry]:
+        """Every entry registered under this name: this one first, then the clashing ones."""
+        return [self, *self.clashes]
+
+    def clash_message(self) -> str:
+        """One line naming the kind, the name, every providing distribution and the way out."""
+        listed = ", ".join(f"'{e.distribution}' ({e.target})" for e in self.providers)
+        return (
+            f"{self.kind} '{self.name}' is provided by more than one distribution: {listed}; "
+            f"uninstall all but one of them, or set {AUTOLOAD_ENV}=1 to use noisevalue's built-ins only"
+        )
 
     def load(self) -> Callable[..., Any]:
         if self.factory is None:
@@ -89,11 +108,19 @@ def _discover() -> dict[str, dict[str, Entry]]:
             dist = ep.dist.name if ep.dist is not None else "<unknown>"
             if builtin_only and dist != BUILTIN_DISTRIBUTION:
                 continue
-            previous = found[kind].get(ep.name)
-            if previous is not None and previous.distribution == BUILTIN_DISTRIBUTION:
-                # A plugin may not silently replace a built-in; keep the built-in.
-                continue
-            found[kind][ep.name] = Entry(kind, ep.name, dist, ep.value, entry_point=ep)
+            entry = Entry(kind, ep.name, dist, ep.value, entry_point=ep)
+            first = found[kind].get(ep.name)
+            if first is None:
+                found[kind][ep.name] = entry
+            elif not any(e.distribution == dist and e.target == ep.value for e in first.providers):
+                # A clash: keep every provider; using the name then asks the user to choose.
+                if dist == BUILTIN_DISTRIBUTION:
+                    # The built-in is listed first, whatever the order on sys.path.
+                    entry.clashes = [first, *first.clashes]
+                    first.clashes = []
+                    found[kind][ep.name] = entry
+                else:
+                    first.clashes.append(entry)
     _registries = found
     return found
 
@@ -105,7 +132,8 @@ def reset() -> None:
 
 
 def register(kind: str, name: str, *, distribution: str = "<runtime>") -> Callable[[Any], Any]:
-    """Decorator registering a factory in-process (notebooks, tests)."""
+    """Decorator registering a factory in-process (notebooks, tests). It replaces whatever
+    was registered under ``name``, a clash included: the caller chose explicitly."""
     _check_kind(kind)
 
     def decorator(factory: Any) -> Any:
@@ -122,19 +150,24 @@ def names(kind: str) -> list[str]:
 
 
 def entries(kind: str | None = None) -> list[Entry]:
-    """Registry entries (not loaded), for listing plugins and their distributions."""
+    """Registry entries (not loaded), for listing plugins and their distributions. A clashing
+    name is one entry; its ``clashes`` hold the other providers."""
     kinds = [_check_kind(kind)] if kind else list(KINDS)
     reg = _discover()
     return [reg[k][n] for k in kinds for n in sorted(reg[k])]
 
 
 def get(kind: str, name: str) -> Callable[..., Any]:
-    """The factory registered under ``name``; unknown names list the known ones."""
+    """The factory registered under ``name``; unknown names list the known ones, and a name
+    provided by more than one distribution names them all."""
     reg = _discover()[_check_kind(kind)]
     if name not in reg:
         known = ", ".join(sorted(reg)) or "(none)"
         raise PluginError(f"unknown {kind} '{name}'; known {kind} names: {known}")
-    return reg[name].load()
+    entry = reg[name]
+    if entry.clashes:
+        raise PluginError(entry.clash_message())
+    return entry.load()
 
 
 def check_params(kind: str, name: str, params: dict[str, Any], where: str = "") -> None:

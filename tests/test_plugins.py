@@ -98,13 +98,18 @@ def test_broken_plugin_is_reported_and_does_not_break_others(plugin_env):
     assert "ModuleNotFoundError" in first
     assert second == "MLPDenoiser"
 
-    listing = subprocess.run([sys.executable, "-m", "noisevalue.cli", "plugins", "list", "--kind", "backbone"],
-                             env=plugin_env, capture_output=True, text=True)
-    assert listing.returncode == 0
+    command = [sys.executable, "-m", "noisevalue.cli", "plugins", "list", "--kind", "backbone"]
+    listing = subprocess.run(command, env=plugin_env, capture_output=True, text=True)
+    assert listing.returncode == 0  # metadata only: the broken import is not attempted
     lines = {line.split()[0]: line for line in listing.stdout.splitlines() if line.startswith("  ")}
     assert "noisevalue-example" in lines["example-mlp"]
+    assert "broken-plugin" in lines["broken"] and "FAILED" not in listing.stdout
+
+    checked = subprocess.run([*command, "--check"], env=plugin_env, capture_output=True, text=True)
+    assert checked.returncode == 2
+    lines = {line.split()[0]: line for line in checked.stdout.splitlines() if line.startswith("  ")}
     assert "FAILED" in lines["broken"] and "broken-plugin" in lines["broken"]
-    assert "FAILED" not in lines["DiT-S/2"]
+    assert "FAILED" not in lines["DiT-S/2"] and "FAILED" not in lines["example-mlp"]
 
 
 def test_autoload_can_be_disabled(plugin_env):
