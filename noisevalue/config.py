@@ -402,9 +402,38 @@ def check_components(recipe: Recipe) -> None:
         except Exception as exc:
             raise type(exc)(f"{where}.name: {exc}") from None
         registry.check_params(kind, comp.name, comp.params, where=f"{where}.params")
+        trial_build(where, kind, comp)
     m = recipe.meta
     if recipe.workflow == "meta_train" and m.pretrained and m.inner_optimizer == "adamw_checkpoint":
         from noisevalue import checkpoint
 
         path = checkpoint.resolve_checkpoint(m.pretrained)
         checkpoint.require_optimizer_state(path, "meta.inner_optimizer: adamw_checkpoint")
+
+
+def trial_build(where: str, kind: str, comp: Component) -> None:
+    """Build a component that declares ``cheap_to_build`` once with its recipe parameters,
+    so a constructor's ValueError/TypeError is one line naming ``where`` before any
+    training. A selector that needs a rater and has no checkpoint yet (the protocol fills
+    it) gets a stand-in module; one with a checkpoint is left for the run to load."""
+    from torch import nn
+
+    from noisevalue import registry
+    from noisevalue.errors import UserError
+    from noisevalue.interfaces import MetaOptimizer, NoiseSelector, Rater
+
+    factory = registry.get(kind, comp.name)
+    if not (isinstance(factory, type) and issubclass(factory, (MetaOptimizer, NoiseSelector, Rater))):
+        return  # a plain function factory declares nothing
+    if not factory.cheap_to_build:
+        return
+    params = dict(comp.params)
+    if issubclass(factory, NoiseSelector) and factory.needs_rater is not None:
+        if "checkpoint" in params:
+            return
+        params["rater"] = nn.Module()
+    try:
+        factory(**params)
+    except (ValueError, TypeError, UserError) as exc:
+        message = str(exc)
+        raise ConfigError(f"{where}.params: {comp.name}: {message}") from None

@@ -82,6 +82,11 @@ class Rater(nn.Module, ABC):
 
     latent_shape: tuple[int, int, int]
     num_classes: int
+    #: True when building it with its recipe parameters is quick (no file read, no large
+    #: allocation): ``recipe validate`` and the start of ``run`` then build it once, so a
+    #: constructor's ValueError is reported before any training (shape keywords take their
+    #: defaults in that trial build).
+    cheap_to_build: ClassVar[bool] = False
 
     @abstractmethod
     def forward(
@@ -111,10 +116,14 @@ class NoiseSelector(ABC):
     """Chooses one noise per training sample among ``k`` i.i.d. Gaussian candidates.
 
     ``k`` (attribute, >= 1) is how many candidates the trainer draws per sample.
-    ``select(x0, y, t, candidates)``: ``x0`` ``[N, C, H, W]``; ``y`` the *already dropped*
-    labels ``[N]`` or ``None``; ``t`` ``[N]``; ``candidates`` ``[N, k, C, H, W]``. Returns
-    the index of the chosen candidate per sample, long ``[N]``. Must not mutate its inputs
-    and must run without building an autograd graph.
+    ``select(x0, y, t, candidates, *, generator)``: ``x0`` ``[N, C, H, W]``; ``y`` the
+    *already dropped* labels ``[N]`` or ``None``; ``t`` ``[N]``; ``candidates``
+    ``[N, k, C, H, W]``. Returns the index of the chosen candidate per sample, long ``[N]``.
+    Must not mutate its inputs and must run without building an autograd graph.
+    ``generator`` is a CPU ``torch.Generator`` seeded by the run's seed, the step and the
+    process rank: a stochastic selector draws all its randomness from it (on the CPU, then
+    moves the draws to the candidates' device), so a resumed run picks exactly what an
+    uninterrupted one picks. It is ``None`` when a caller has no step (direct use).
     ``to(device)`` moves any state (e.g. a frozen rater) and returns ``self``.
 
     Optional declarations (class attributes; the defaults need nothing):
@@ -124,11 +133,16 @@ class NoiseSelector(ABC):
       rater's initial (untrained) weights.
     * ``needs_training_context``: the trainer calls :meth:`bind` once with a
       :class:`TrainingContext` before the first step and keeps its ``step`` current.
+    * ``cheap_to_build`` (default True): ``recipe validate`` and the start of ``run`` build
+      the selector once with its recipe parameters (a selector that needs a rater and has
+      no ``checkpoint`` yet gets a stand-in module as ``rater``), so that a constructor's
+      ``ValueError`` is reported before any training. Set False if building is costly.
     """
 
     k: int = 1
     needs_rater: ClassVar[Literal["trained", "untrained"] | None] = None
     needs_training_context: ClassVar[bool] = False
+    cheap_to_build: ClassVar[bool] = True
 
     @abstractmethod
     def select(
@@ -137,6 +151,8 @@ class NoiseSelector(ABC):
         y: torch.Tensor | None,
         t: torch.Tensor,
         candidates: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         ...
 
@@ -195,7 +211,10 @@ class MetaOptimizer(ABC):
     ``meta_gradient(problem, theta, eta)`` takes detached parameter dicts; it must not
     mutate them, and returns a :class:`MetaGradient`. Implementations force the math SDPA
     kernel on their differentiation paths and keep solver arithmetic in float32 or wider.
+    ``cheap_to_build`` (default True): ``recipe validate`` builds it once to check its values.
     """
+
+    cheap_to_build: ClassVar[bool] = True
 
     @abstractmethod
     def meta_gradient(self, problem: BilevelProblem, theta: Params, eta: Params) -> MetaGradient:

@@ -37,6 +37,13 @@ def digest(folder: Path) -> dict:
         ("train.steps=many", "train.steps: Input should be a valid integer"),
         ("train.global_batch_size=0", "train.global_batch_size: Input should be greater than 0"),
         ("model.params.hidden=3", "model.params: unknown parameter 'hidden' for backbone 'DiT-Tiny/2'"),
+        # values, not only names: cheap components are built once before any training
+        ("meta.optimizer.params.mode=bogus",
+         "meta.optimizer.params: unrolled: Unrolled: mode must be one of ('reverse', 'mixed'), got 'bogus'"),
+        ("meta.optimizer.params.hvp=exact", "meta.optimizer.params: unrolled: Unrolled: hvp must be one of"),
+        ("train.selector={name: max_norm, params: {k: 0}}", "train.selector.params: max_norm: selector 'max_norm': k must be"),
+        ("train.selector={name: rater, params: {k: 4, batch_size: 0}}",
+         "train.selector.params: rater: selector 'rater': batch_size must be an integer >= 1 or null"),
     ],
 )
 def test_recipe_errors(tiny_overrides, override, expected):
@@ -45,7 +52,7 @@ def test_recipe_errors(tiny_overrides, override, expected):
 
 
 def test_recipe_validate_accepts_good_recipes():
-    result = runner.invoke(app, ["recipe", "validate", "recipes/imagenet_cond.yaml"])
+    result = runner.invoke(app, ["recipe", "validate", "imagenet_cond"])
     assert result.exit_code == 0 and "ok" in result.output
 
 

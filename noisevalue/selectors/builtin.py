@@ -60,7 +60,8 @@ class RandomSelector(NoiseSelector):
 
     @torch.no_grad()
     def select(
-        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor,
+        *, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         _check_candidates(self, x0, candidates)
         return torch.zeros(candidates.shape[0], dtype=torch.long, device=candidates.device)
@@ -74,7 +75,8 @@ class MaxNormSelector(NoiseSelector):
 
     @torch.no_grad()
     def select(
-        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor,
+        *, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         _check_candidates(self, x0, candidates)
         return _norms(candidates).argmax(dim=1)
@@ -88,7 +90,8 @@ class MinNormSelector(NoiseSelector):
 
     @torch.no_grad()
     def select(
-        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor,
+        *, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         _check_candidates(self, x0, candidates)
         return _norms(candidates).argmin(dim=1)
@@ -159,7 +162,8 @@ class RaterSelector(NoiseSelector):
 
     @torch.no_grad()
     def scores(
-        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor,
+        *, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Rater scores of every candidate, ``[N, k]`` (float32 or the rater's dtype)."""
         _check_candidates(self, x0, candidates)
@@ -181,7 +185,8 @@ class RaterSelector(NoiseSelector):
 
     @torch.no_grad()
     def select(
-        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor,
+        *, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         if self.k == 1:  # nothing to choose: skip the rater
             _check_candidates(self, x0, candidates)

@@ -99,7 +99,8 @@ class OracleSelector(NoiseSelector):
         self.context = context
 
     def scores(
-        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor,
+        *, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         if self.context is None:
             raise RuntimeError("the oracle selector needs the trainer's context: call bind() first")
@@ -109,7 +110,8 @@ class OracleSelector(NoiseSelector):
         )
 
     def select(
-        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor,
+        *, generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         if candidates.ndim != 5 or candidates.shape[1] != self.k or candidates.shape[0] != x0.shape[0]:
             raise ValueError(f"OracleSelector (k={self.k}) expects candidates [N, {self.k}, C, H, W] for "

@@ -27,9 +27,11 @@ from noisevalue.workflows import evaluate as ev
 from noisevalue.workflows.batches import (
     STREAM_EVAL,
     STREAM_ORACLE,
+    STREAM_SELECT,
     GlobalOrder,
     draw_step,
     local_batch_size,
+    seeded_generator,
     validation_split,
 )
 from noisevalue.workflows.build import backbone_params, build_backbone, build_evaluators, create
@@ -179,7 +181,9 @@ class DiffusionTraining:
             if self.context is not None:
                 self.context.step = step
             with torch.no_grad():
-                pick = self.selector.select(x0, y_in, t, candidates)
+                pick = self.selector.select(
+                    x0, y_in, t, candidates, generator=seeded_generator(r.seed, step, STREAM_SELECT, info.rank)
+                )
             noise = candidates[torch.arange(len(pick), device=dev), pick]
         with self._autocast():
             loss = self.diffusion.per_sample_loss(self.model, x0, t, y_in, noise).mean()
