@@ -8,7 +8,8 @@ TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    session.install(*TORCH, "-e", ".[test]")
+    session.install(*TORCH, "-e", ".[test]", "-e", "plugins/noisevalue-example",
+                    "-e", "plugins/noisevalue-example-selection")
     session.run("pytest", "-q", *session.posargs)
 
 
