@@ -397,11 +397,7 @@ def check_components(recipe: Recipe) -> None:
     from noisevalue import registry
 
     for where, kind, comp in component_slots(recipe):
-        try:
-            registry.get(kind, comp.name)
-        except Exception as exc:
-            raise type(exc)(f"{where}.name: {exc}") from None
-        registry.check_params(kind, comp.name, comp.params, where=f"{where}.params")
+        registry.resolve(kind, comp, where)
         trial_build(where, kind, comp)
     m = recipe.meta
     if recipe.workflow == "meta_train" and m.pretrained and m.inner_optimizer == "adamw_checkpoint":
@@ -419,7 +415,6 @@ def trial_build(where: str, kind: str, comp: Component) -> None:
     from torch import nn
 
     from noisevalue import registry
-    from noisevalue.errors import UserError
     from noisevalue.interfaces import MetaOptimizer, NoiseSelector, Rater
 
     factory = registry.get(kind, comp.name)
@@ -427,13 +422,8 @@ def trial_build(where: str, kind: str, comp: Component) -> None:
         return  # a plain function factory declares nothing
     if not factory.cheap_to_build:
         return
-    params = dict(comp.params)
     if issubclass(factory, NoiseSelector) and factory.needs_rater is not None:
-        if "checkpoint" in params:
-            return
-        params["rater"] = nn.Module()
-    try:
-        factory(**params)
-    except (ValueError, TypeError, UserError) as exc:
-        message = str(exc)
-        raise ConfigError(f"{where}.params: {comp.name}: {message}") from None
+        if "checkpoint" not in comp.params:
+            registry.build(kind, comp, where=where, rater=nn.Module())
+        return
+    registry.build(kind, comp, where=where)

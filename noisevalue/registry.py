@@ -22,9 +22,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import Any, Protocol
 
-from noisevalue.errors import ConfigError, PluginError
+from noisevalue.errors import ConfigError, PluginError, UserError
 
 KINDS: dict[str, str] = {
     "backbone": "noisevalue.backbones",
@@ -193,7 +193,101 @@ def check_params(kind: str, name: str, params: dict[str, Any], where: str = "") 
             )
 
 
+class Spec(Protocol):
+    """What names a component: a registered ``name`` and its ``params`` (a recipe's
+    ``Component``, or anything shaped like it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def params(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Named:
+    """A :class:`Spec` built in code."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+#: keywords filled from the data when a factory accepts them: the latent side, the latent
+#: channels and the class count (0: unconditional)
+SHAPE_KEYWORDS = ("input_size", "in_channels", "num_classes")
+
+
+def resolve(kind: str, spec: Spec, where: str) -> Callable[..., Any]:
+    """The factory of ``spec`` after checking its name and parameter names; errors are one
+    line starting with the recipe path ``where`` (``where.name: ...``, ``where.params: ...``)."""
+    try:
+        get(kind, spec.name)
+    except UserError as exc:
+        raise type(exc)(f"{_at(where, '.name')}{exc}") from None
+    check_params(kind, spec.name, spec.params, where=f"{where}.params" if where else "")
+    return get(kind, spec.name)
+
+
+def _at(where: str, suffix: str) -> str:
+    """The ``path: `` prefix of an error message (nothing when built outside a recipe)."""
+    return f"{where}{suffix}: " if where else ""
+
+
+def accepted(kind: str, name: str) -> set[str]:
+    """The keyword names the factory of ``name`` takes (empty if it cannot be inspected)."""
+    try:
+        return set(inspect.signature(get(kind, name)).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def with_shapes(
+    kind: str, spec: Spec, where: str, latent_shape: tuple[int, int, int], num_classes: int
+) -> dict[str, Any]:
+    """``spec.params`` with the shape keywords the factory accepts filled from the data; a
+    value written in the recipe must agree with it."""
+    params = dict(spec.params)
+    c, h, _ = latent_shape
+    takes = accepted(kind, spec.name)
+    for key, value in zip(SHAPE_KEYWORDS, (h, c, num_classes), strict=True):
+        if key in params and params[key] != value:
+            raise ConfigError(f"{_at(where, f'.params.{key}')}{params[key]} does not match the data, which gives {value}")
+        if key in takes:
+            params[key] = value
+    return params
+
+
+def build(
+    kind: str,
+    spec: Spec,
+    *,
+    where: str,
+    shapes: tuple[tuple[int, int, int], int] | None = None,
+    **context: Any,
+) -> Any:
+    """The one way to build a component.
+
+    Looks ``spec.name`` up, checks its parameter names, fills the shape keywords from
+    ``shapes`` = ``(latent_shape, num_classes)`` when given, adds ``context`` (objects a
+    workflow passes in code, such as an in-memory rater) and calls the factory. A
+    constructor's ``ValueError`` or ``TypeError`` (a bad value) becomes one ``ConfigError``
+    line starting with ``where`` (no prefix when ``where`` is empty); other errors are bugs
+    and keep their traceback.
+    """
+    factory = resolve(kind, spec, where)
+    params = with_shapes(kind, spec, where, *shapes) if shapes is not None else dict(spec.params)
+    try:
+        return factory(**params, **context)
+    except UserError as exc:
+        if not where or str(exc).startswith(where):
+            raise
+        raise type(exc)(f"{where} ({spec.name}): {exc}") from None
+    except (ValueError, TypeError) as exc:
+        if not where:  # built in code: the caller's exception, unchanged
+            raise
+        raise ConfigError(f"{where} ({spec.name}): {exc}") from None
+
+
 def create(kind: str, name: str, **params: Any) -> Any:
-    """Build the component registered as ``name`` of ``kind`` with ``params``."""
-    check_params(kind, name, params)
-    return get(kind, name)(**params)
+    """``build`` for code and notebooks: the component ``name`` of ``kind`` with ``params``."""
+    return build(kind, Named(name, params), where="")

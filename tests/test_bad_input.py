@@ -39,11 +39,11 @@ def digest(folder: Path) -> dict:
         ("model.params.hidden=3", "model.params: unknown parameter 'hidden' for backbone 'DiT-Tiny/2'"),
         # values, not only names: cheap components are built once before any training
         ("meta.optimizer.params.mode=bogus",
-         "meta.optimizer.params: unrolled: Unrolled: mode must be one of ('reverse', 'mixed'), got 'bogus'"),
-        ("meta.optimizer.params.hvp=exact", "meta.optimizer.params: unrolled: Unrolled: hvp must be one of"),
-        ("train.selector={name: max_norm, params: {k: 0}}", "train.selector.params: max_norm: selector 'max_norm': k must be"),
+         "meta.optimizer (unrolled): Unrolled: mode must be one of ('reverse', 'mixed'), got 'bogus'"),
+        ("meta.optimizer.params.hvp=exact", "meta.optimizer (unrolled): Unrolled: hvp must be one of"),
+        ("train.selector={name: max_norm, params: {k: 0}}", "train.selector (max_norm): selector 'max_norm': k must be"),
         ("train.selector={name: rater, params: {k: 4, batch_size: 0}}",
-         "train.selector.params: rater: selector 'rater': batch_size must be an integer >= 1 or null"),
+         "train.selector (rater): selector 'rater': batch_size must be an integer >= 1 or null"),
     ],
 )
 def test_recipe_errors(tiny_overrides, override, expected):

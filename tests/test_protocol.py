@@ -196,7 +196,7 @@ def test_meta_bad_input(tmp_path, pretrained, override, expected):
 def test_selector_bad_input(tmp_path, pretrained, tiny_overrides):
     result = invoke("run", *tiny_overrides, "train.selector={name: max_norm, params: {k: 0}}")
     assert result.exit_code == 2
-    assert result.stderr == "noisevalue: error: train.selector.params: max_norm: selector 'max_norm': k must be an integer >= 1, got 0\n"
+    assert result.stderr == "noisevalue: error: train.selector (max_norm): selector 'max_norm': k must be an integer >= 1, got 0\n"
     assert not (tmp_path / "run").exists()  # refused before anything was written
     result = invoke("run", *tiny_overrides, "train.selector={name: rater, params: {k: 2}}")
     assert result.exit_code == 2 and "checkpoint" in result.stderr

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from noisevalue import registry
 from noisevalue.cli import app
-from noisevalue.errors import PluginError
+from noisevalue.errors import ConfigError, PluginError
 
 runner = CliRunner()
 
@@ -185,3 +185,41 @@ def test_plugins_list_imports_no_component():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ build: the one way in
+class _Widget:
+    """A component with shape keywords and a checked value."""
+
+    def __init__(self, input_size: int = 4, in_channels: int = 3, num_classes: int = 0, width: int = 8):
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
+        self.shape = (input_size, in_channels, num_classes, width)
+
+
+@pytest.fixture
+def widget():
+    registry.register("rater", "test-widget")(_Widget)
+    yield
+    registry.reset()
+
+
+def test_build_fills_the_shape_keywords_from_the_data(widget):
+    built = registry.build("rater", registry.Named("test-widget", {"width": 2}), where="rater", shapes=((1, 8, 8), 10))
+    assert built.shape == (8, 1, 10, 2)
+    with pytest.raises(ConfigError) as err:  # a recipe value that disagrees with the data
+        registry.build("rater", registry.Named("test-widget", {"in_channels": 4}), where="rater", shapes=((1, 8, 8), 10))
+    assert str(err.value) == "rater.params.in_channels: 4 does not match the data, which gives 1"
+
+
+def test_build_turns_a_bad_value_into_one_line_naming_the_recipe_path(widget):
+    with pytest.raises(ConfigError) as err:
+        registry.build("rater", registry.Named("test-widget", {"width": 0}), where="rater")
+    assert str(err.value) == "rater (test-widget): width must be >= 1, got 0"
+    with pytest.raises(ConfigError, match=r"^rater.params: unknown parameter 'depth' for rater 'test-widget'"):
+        registry.build("rater", registry.Named("test-widget", {"depth": 2}), where="rater")
+    with pytest.raises(PluginError, match=r"^rater.name: unknown rater 'no-such'"):
+        registry.build("rater", registry.Named("no-such"), where="rater")
+    # in code (registry.create), the constructor's own exception passes through unchanged
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        registry.create("rater", "test-widget", width=0)

@@ -43,7 +43,7 @@ def variant_dir(removed: Sequence[str]) -> str:
 def ablated_rater(rater: Component, removed: Sequence[str]) -> Component:
     """The recipe's rater with the ``use_<input>`` switch of each removed input off."""
     params = {**rater.params, **{f"use_{i}": False for i in removed}}
-    registry.check_params("rater", rater.name, params, where=f"rater '{rater.name}' (ablation switches)")
+    registry.resolve("rater", Component(name=rater.name, params=params), f"rater ({rater.name} with the ablation switches)")
     return Component(name=rater.name, params=params)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from noisevalue import checkpoint as ckpt
+from noisevalue import registry
 from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import DistInfo, all_reduce_mean, barrier
@@ -34,7 +35,7 @@ from noisevalue.workflows.batches import (
     seeded_generator,
     validation_split,
 )
-from noisevalue.workflows.build import backbone_params, build_backbone, build_evaluators, create
+from noisevalue.workflows.build import backbone_params, build_backbone, build_evaluators
 from noisevalue.workflows.progress import StepProgress
 from noisevalue.workflows.run_log import RunLog
 from noisevalue.workflows.train_data import load_train_data
@@ -54,7 +55,7 @@ class DiffusionTraining:
         if r.train.threads and info.device.type == "cpu":
             torch.set_num_threads(r.train.threads)
         self.evaluators = build_evaluators(r) if info.is_main else []
-        self.selector = create("selector", r.train.selector, "train.selector")
+        self.selector = registry.build("selector", r.train.selector, where="train.selector")
         self.data, self.encoder = load_train_data(r, self.run_dir, info)
         pixels = r.data.encoder.name == "identity" and hasattr(self.data, "images")
         train_set = _ImagesView(self.data.images) if pixels else None  # type: ignore[attr-defined]

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from noisevalue import checkpoint as ckpt
+from noisevalue import registry
 from noisevalue.checkpoint import latest_checkpoint
-from noisevalue.config import Component, Recipe
+from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import DistInfo, all_reduce_mean, barrier
 from noisevalue.errors import CheckpointError, ConfigError, UserError
@@ -42,7 +43,7 @@ from noisevalue.workflows.batches import (
     draw_step,
     validation_split,
 )
-from noisevalue.workflows.build import checkpoint_backbone, create, shape_params
+from noisevalue.workflows.build import checkpoint_backbone
 from noisevalue.workflows.progress import StepProgress
 from noisevalue.workflows.run_log import RunLog
 from noisevalue.workflows.train_data import load_train_data
@@ -140,14 +141,14 @@ class RaterMetaTraining:
         self.pretrained = path
         self.drop_prob = float(getattr(backbone, "class_dropout_prob", 0.0)) if self.num_classes else 0.0
 
-        self.rater_params = shape_params("rater", r.rater, "rater", self.latent_shape, self.num_classes)
+        self.rater_params = registry.with_shapes("rater", r.rater, "rater", self.latent_shape, self.num_classes)
         torch.manual_seed(r.seed + 1)  # identical rater init on every rank
-        self.rater = create("rater", Component(name=r.rater.name, params=self.rater_params), "rater").to(info.device)
+        self.rater = registry.build("rater", registry.Named(r.rater.name, self.rater_params), where="rater").to(info.device)
         self.rater_opt = torch.optim.AdamW(
             [p for p in self.rater.parameters() if p.requires_grad],
             lr=m.rater_lr, weight_decay=m.rater_weight_decay,
         )
-        self.meta_opt = create("meta_optimizer", m.optimizer, "meta.optimizer")
+        self.meta_opt = registry.build("meta_optimizer", m.optimizer, where="meta.optimizer")
         self.diffusion = Diffusion.from_config(r.diffusion)
         self.theta0 = param_dict(self.backbone)
         if m.inner_optimizer == "adamw_checkpoint":

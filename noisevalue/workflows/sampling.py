@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from noisevalue import checkpoint as ckpt
+from noisevalue import registry
 from noisevalue.config import (
     Component,
     DiffusionConfig,
@@ -368,7 +369,7 @@ class Sampler:
 
     def __init__(self, settings: SampleSettings, device: torch.device) -> None:
         from noisevalue.diffusion import Diffusion
-        from noisevalue.workflows.build import checkpoint_backbone, create
+        from noisevalue.workflows.build import checkpoint_backbone
 
         self.settings, self.device = settings, device
         path = Path(settings.checkpoint)
@@ -385,7 +386,7 @@ class Sampler:
                 "dropout (class_dropout_prob > 0); use --cfg-scale 1"
             )
         self.diffusion = Diffusion.from_config(DiffusionConfig(**settings.diffusion))
-        self.encoder = create("encoder", Component(**settings.encoder), "data.encoder")
+        self.encoder = registry.build("encoder", Component(**settings.encoder), where="data.encoder")
         self.encoder.to(device)
 
     @torch.no_grad()

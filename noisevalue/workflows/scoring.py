@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from noisevalue import registry
 from noisevalue.checkpoint import atomic_write_text
 from noisevalue.config import Component
 from noisevalue.errors import ConfigError, DataError, WeightsUnavailableError
@@ -282,9 +283,9 @@ def _folder_batches(folder: Path) -> Iterator[torch.Tensor]:
 
 
 def _dataset_batches(component: Component) -> Iterator[torch.Tensor]:
-    from noisevalue.workflows.build import create, image_to_unit
+    from noisevalue.workflows.build import image_to_unit
 
-    dataset = create("dataset", component, "data.eval_dataset")
+    dataset = registry.build("dataset", component, where="data.eval_dataset")
     n = len(dataset)
     if n < 2:
         raise DataError(f"reference dataset {component.name}: {n} image(s); a Fréchet distance needs at least 2")

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
+from noisevalue import registry
 from noisevalue.config import Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import DataError
-from noisevalue.workflows.build import create
 
 
 class TrainData:
@@ -85,10 +85,10 @@ def fingerprint_id(fp: dict) -> str:
 
 def load_train_data(recipe: Recipe, run_dir: Path, info: DistInfo) -> tuple[TrainData, Any]:
     """(training data, encoder) for the recipe; builds the latent cache when needed."""
-    dataset = create("dataset", recipe.data.dataset, "data.dataset")
+    dataset = registry.build("dataset", recipe.data.dataset, where="data.dataset")
     if len(dataset) == 0:
         raise DataError("data.dataset: the dataset is empty")
-    encoder = create("encoder", recipe.data.encoder, "data.encoder")
+    encoder = registry.build("encoder", recipe.data.encoder, where="data.encoder")
     if getattr(encoder, "cacheable", False):
         from noisevalue.data.latent_cache import (
             LatentCacheDataset,
@@ -132,7 +132,7 @@ def reference_items(recipe: Recipe, limit: int, seed: int) -> tuple[torch.Tensor
     a seeded random choice."""
     comp = recipe.data.eval_dataset or recipe.data.dataset
     where = "data.eval_dataset" if recipe.data.eval_dataset else "data.dataset"
-    dataset = create("dataset", comp, where)
+    dataset = registry.build("dataset", comp, where=where)
     return dataset_items(dataset, limit, seed)
 
 

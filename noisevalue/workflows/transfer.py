@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from noisevalue import checkpoint as ckpt
+from noisevalue import registry
 from noisevalue.config import Component, Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import CheckpointError, ConfigError
@@ -157,11 +158,7 @@ def target_components(recipe: Recipe, names: list[str] | None) -> list[Component
         raise ConfigError("transfer.targets: no target backbone (give one, or pass --to NAME)")
     for i, comp in enumerate(comps):
         where = "--to" if names else f"transfer.targets.{i}"
-        try:
-            registry.get("backbone", comp.name)
-        except Exception as exc:
-            raise type(exc)(f"{where}: {exc}") from None
-        registry.check_params("backbone", comp.name, comp.params, where=f"{where}.params")
+        registry.resolve("backbone", comp, where)
     unique: dict[str, Component] = {}
     for comp in comps:
         unique.setdefault(json.dumps(comp.model_dump(mode="json"), sort_keys=True), comp)
@@ -171,9 +168,7 @@ def target_components(recipe: Recipe, names: list[str] | None) -> list[Component
 def target_model(recipe: Recipe, target: Component) -> Component:
     """The target backbone with the recipe's ``model.params`` it accepts (label dropout,
     learn_sigma, ...) unless it sets them itself: the larger model is trained like the source."""
-    from noisevalue.workflows.build import accepted_params
-
-    accepted = accepted_params("backbone", target.name)
+    accepted = registry.accepted("backbone", target.name)
     inherited = {k: v for k, v in recipe.model.params.items() if k in accepted}
     return Component(name=target.name, params={**inherited, **target.params})
 
@@ -195,10 +190,9 @@ def target_folder(target: Component) -> str:
 # ---------------------------------------------------------------------------- the rater
 def data_shape(recipe: Recipe) -> tuple[tuple[int, ...], int]:
     """(latent shape, class count) the recipe's data gives, without encoding anything."""
-    from noisevalue.workflows.build import create
 
-    dataset = create("dataset", recipe.data.dataset, "data.dataset")
-    encoder = create("encoder", recipe.data.encoder, "data.encoder")
+    dataset = registry.build("dataset", recipe.data.dataset, where="data.dataset")
+    encoder = registry.build("encoder", recipe.data.encoder, where="data.encoder")
     shape = tuple(int(v) for v in encoder.latent_shape(dataset.channels, dataset.image_size))
     return shape, int(dataset.num_classes)
 
@@ -206,10 +200,9 @@ def data_shape(recipe: Recipe) -> tuple[tuple[int, ...], int]:
 def check_rater_fits(recipe: Recipe, rater_ckpt: Path, k: int, given: str) -> None:
     """CheckpointError (one line) unless the rater reads the latents and labels of the
     recipe's data; also fails on anything that is not a loadable rater."""
-    from noisevalue.workflows.build import create
 
-    selector = create("selector", Component(name="rater", params={"k": k, "checkpoint": str(rater_ckpt)}),
-                      f"rater '{given}'")
+    selector = registry.build("selector", Component(name="rater", params={"k": k, "checkpoint": str(rater_ckpt)}),
+                              where=f"rater '{given}'")
     shape, classes = data_shape(recipe)
     try:
         selector.check_compatible(shape, classes)

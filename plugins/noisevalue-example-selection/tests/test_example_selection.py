@@ -103,9 +103,9 @@ def test_a_cold_softmax_is_the_top_1_rater_selector():
 
 @pytest.mark.parametrize("overrides, expected", [
     (["select.methods.soft={name: example-softmax, params: {temperature: 0}}"],
-     "select.methods.soft.params: example-softmax: temperature must be > 0, got 0"),
+     "select.methods.soft (example-softmax): temperature must be > 0, got 0"),
     (["~rater.params", "rater.name=example-conv", "rater.params.width=0"],
-     "rater.params: example-conv: width must be an integer >= 1, got 0"),
+     "rater (example-conv): width must be an integer >= 1, got 0"),
 ])
 def test_bad_values_are_one_line_before_any_training(tmp_path, overrides, expected):
     out = tmp_path / "run"
