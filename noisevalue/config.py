@@ -179,7 +179,9 @@ class AblateConfig(_Strict):
 
     # each variant is the set of rater inputs it removes; the full rater is always the reference
     variants: list[list[AblationInput]] = Field(default_factory=_paper_ablation_variants)
-    k: int = Field(default=4, ge=2)  # candidates per sample in the continuations
+    # the continuations' selector: one that declares needs_rater = "trained" (its k is the
+    # number of candidates); each row gets its own variant's rater, for its seed
+    selector: Component = Field(default_factory=lambda: Component(name="rater", params={"k": 4}))
 
     @model_validator(mode="after")
     def _distinct(self) -> AblateConfig:
@@ -201,7 +203,8 @@ class TransferConfig(_Strict):
     pretrain_steps: int | None = Field(default=None, gt=0)  # per target; default train.steps
     smoothing_window: int = Field(default=500, gt=0)  # centred rolling mean, in logged points
     stability_window: int = Field(default=1000, ge=0)  # W, in logged points
-    k: int = Field(default=2, ge=2)  # candidates per sample with the rater
+    # the selector of the continuations with the frozen rater (needs_rater = "trained")
+    selector: Component = Field(default_factory=lambda: Component(name="rater", params={"k": 2}))
 
 
 class AnalyzeConfig(_Strict):
@@ -388,7 +391,26 @@ def component_slots(recipe: Recipe) -> list[tuple[str, str, Component]]:
     if recipe.workflow == "protocol":
         for label, comp in recipe.select.methods.items():
             slots.append((f"select.methods.{label}", "selector", comp))
+    slots.append(("ablate.selector", "selector", recipe.ablate.selector))
+    slots.append(("transfer.selector", "selector", recipe.transfer.selector))
     return slots
+
+
+def check_takes_trained_rater(where: str, comp: Component) -> None:
+    """``ablate.selector`` and ``transfer.selector`` are handed a rater per row: they must
+    declare ``needs_rater = "trained"`` and name no checkpoint of their own."""
+    from noisevalue import registry
+    from noisevalue.interfaces import NoiseSelector
+
+    factory = registry.resolve("selector", comp, where)
+    need = factory.needs_rater if isinstance(factory, type) and issubclass(factory, NoiseSelector) else None
+    if need != "trained":
+        raise ConfigError(
+            f"{where}.name: selector '{comp.name}' does not declare needs_rater = \"trained\"; "
+            "expected a selector that takes the meta-trained rater (e.g. rater)"
+        )
+    if "checkpoint" in comp.params:
+        raise ConfigError(f"{where}.params.checkpoint: leave it out; each row gets its own rater")
 
 
 def check_components(recipe: Recipe) -> None:
@@ -399,6 +421,8 @@ def check_components(recipe: Recipe) -> None:
     for where, kind, comp in component_slots(recipe):
         registry.resolve(kind, comp, where)
         trial_build(where, kind, comp)
+    check_takes_trained_rater("ablate.selector", recipe.ablate.selector)
+    check_takes_trained_rater("transfer.selector", recipe.transfer.selector)
     m = recipe.meta
     if recipe.workflow == "meta_train" and m.pretrained and m.inner_optimizer == "adamw_checkpoint":
         from noisevalue import checkpoint

@@ -1,6 +1,7 @@
 """Stage folders: settings checks, kept trajectories, and the plain scalar log."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +56,19 @@ def test_scalar_log_drops_lines_past_a_resumed_step(tmp_path):
     assert read_scalar(tmp_path, "train/loss") == ([10, 20, 30], [1.0, 2.0, 9.0])
     RunLog(tmp_path, enabled=True).close()  # a fresh run starts a fresh log
     assert read_scalar(tmp_path, "train/loss") == ([], [])
+
+
+def test_a_selectors_k_is_named_once_by_its_component():
+    from noisevalue.config import Component
+    from noisevalue.workflows.stages import candidates, needed_rater, with_rater
+
+    assert candidates(Component(name="rater", params={"k": 3})) == 3
+    assert candidates(Component(name="max_norm")) == 4  # the factory's default
+    assert candidates(Component(name="random")) == 1
+    assert needed_rater(Component(name="rater")) == "trained"
+    assert needed_rater(Component(name="random_rater")) == "untrained"
+    assert needed_rater(Component(name="rater", params={"checkpoint": "x"})) is None  # given: kept
+    assert needed_rater(Component(name="max_norm")) is None
+    raters = {"trained": Path("a"), "untrained": Path("b")}
+    assert with_rater(Component(name="random_rater", params={"k": 2}), raters).params == {"k": 2, "checkpoint": "b"}
+    assert with_rater(Component(name="min_norm"), raters) == Component(name="min_norm")

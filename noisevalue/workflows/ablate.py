@@ -57,11 +57,11 @@ def run_ablate(
         raise ConfigError("ablate: no variant to run (pass --remove INPUT or --noise-only)")
     raters = {tuple(v): ablated_rater(recipe.rater, v) for v in chosen}  # fail before training
     root, out = Path(recipe.output_dir), Path(recipe.output_dir) / "ablate"
-    k = recipe.ablate.k
-    selector = Component(name="rater", params={"k": k})
-    # the protocol's rater continuation is the full-rater row when it is the same run
-    shared = recipe.select.methods.get("rater") == selector
-    full_base = root / "select" / "rater" if shared else out / "full" / "select"
+    selector = recipe.ablate.selector
+    k = stages.candidates(selector)
+    # the protocol's continuation with the same selector is the full-rater row (same run)
+    shared = next((label for label, comp in recipe.select.methods.items() if comp == selector), None)
+    full_base = root / "select" / shared if shared else out / "full" / "select"
 
     pretrained = stages.pretrain(recipe, info, say)
     start = start_row(pretrained)
@@ -75,12 +75,12 @@ def run_ablate(
 
     for seed in recipe.continuation_seeds():
         full = seed_rater(recipe, info, say, pretrained, seed)
-        add(FULL, seed, stages.seeded_dir(full_base, seed, recipe), _with_checkpoint(selector, full))
+        add(FULL, seed, stages.seeded_dir(full_base, seed, recipe), stages.with_rater(selector, {"trained": full}))
         for removed, rater in raters.items():
             base = out / variant_dir(removed)
             rater_dir = seed_rater(recipe, info, say, pretrained, seed, rater=rater, base=base / "rater")
             add(variant_label(removed), seed, stages.seeded_dir(base / "select", seed, recipe),
-                _with_checkpoint(selector, rater_dir))
+                stages.with_rater(selector, {"trained": rater_dir}))
         vanilla = recipe.select.methods.get(VANILLA, Component(name="random", params={"k": 1}))
         add(VANILLA, seed, stages.seeded_dir(root / "select" / VANILLA, seed, recipe), vanilla)
 
@@ -93,7 +93,3 @@ def run_ablate(
         paths = list(write_tables(tables, out, "ablation"))
     barrier(info)
     return paths
-
-
-def _with_checkpoint(selector: Component, rater_dir: Path) -> Component:
-    return Component(name=selector.name, params={**selector.params, "checkpoint": str(rater_dir)})

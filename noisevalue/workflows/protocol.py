@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from noisevalue import registry
 from noisevalue.config import Component, Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.workflows import stages
@@ -51,29 +50,13 @@ def untrained_rater(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained:
     return stages.train_rater(recipe, info, say, pretrained, run_dir, seed=seed, **updates)
 
 
-def needed_rater(selector: Component) -> str | None:
-    """``"trained"`` / ``"untrained"`` when the selector declares it needs a rater and its
-    recipe entry names no checkpoint; else None."""
-    if "checkpoint" in selector.params:
-        return None
-    return getattr(registry.get("selector", selector.name), "needs_rater", None)
-
-
-def with_rater(selector: Component, raters: dict[str, Path]) -> Component:
-    """The selector with its ``checkpoint`` filled from ``raters`` (by :func:`needed_rater`)."""
-    need = needed_rater(selector)
-    if need is None:
-        return selector
-    return Component(name=selector.name, params={**selector.params, "checkpoint": str(raters[need])})
-
-
 def run_protocol(recipe: Recipe, info: DistInfo, say: stages.Say = print) -> dict:
     root = Path(recipe.output_dir)
     say = say if info.is_main else (lambda *_: None)
     pretrained = stages.pretrain(recipe, info, say)
     start = start_row(pretrained)
     origin = int(start["step"])
-    needs = {needed_rater(c) for c in recipe.select.methods.values()} - {None}
+    needs = {stages.needed_rater(c) for c in recipe.select.methods.values()} - {None}
     runs: list[Run] = []
     for seed in recipe.continuation_seeds():
         raters: dict[str, Path] = {}
@@ -84,7 +67,7 @@ def run_protocol(recipe: Recipe, info: DistInfo, say: stages.Say = print) -> dic
         for label, comp in recipe.select.methods.items():
             run_dir = stages.seeded_dir(root / "select" / label, seed, recipe)
             history = stages.continue_training(
-                recipe, info, say, pretrained, run_dir, with_rater(comp, raters), recipe.select.steps, seed=seed
+                recipe, info, say, pretrained, run_dir, stages.with_rater(comp, raters), recipe.select.steps, seed=seed
             )
             runs.append(Run(label, seed, origin, start, history))
     reference = VANILLA if VANILLA in recipe.select.methods else None

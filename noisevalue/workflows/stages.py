@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from noisevalue import registry
 from noisevalue.checkpoint import atomic_write_text, latest_checkpoint
 from noisevalue.config import Component, Recipe, parse_recipe
 from noisevalue.distributed import DistInfo, barrier
@@ -200,3 +201,36 @@ def evaluations(run_dir: Path, after: int = -1) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"'{path}' is missing: the run in '{run_dir}' has not been evaluated")
     return [h for h in json.loads(path.read_text())["history"] if h["step"] > after]
+
+
+# ------------------------------------------------------------------ selectors and raters
+def needed_rater(selector: Component) -> str | None:
+    """``"trained"`` / ``"untrained"`` when the selector declares it needs a rater and its
+    recipe entry names no checkpoint; else None."""
+    from noisevalue.interfaces import NoiseSelector
+
+    if "checkpoint" in selector.params:
+        return None
+    factory = registry.get("selector", selector.name)
+    if isinstance(factory, type) and issubclass(factory, NoiseSelector):
+        return factory.needs_rater
+    return None
+
+
+def with_rater(selector: Component, raters: dict[str, Path]) -> Component:
+    """The selector with its ``checkpoint`` filled from ``raters`` (by :func:`needed_rater`)."""
+    need = needed_rater(selector)
+    if need is None:
+        return selector
+    return Component(name=selector.name, params={**selector.params, "checkpoint": str(raters[need])})
+
+
+def candidates(selector: Component) -> int:
+    """The number of candidates k of a selector component: its ``k`` parameter, else the
+    factory's default (1 when it takes none)."""
+    if "k" in selector.params:
+        return int(selector.params["k"])
+    import inspect
+
+    param = inspect.signature(registry.get("selector", selector.name)).parameters.get("k")
+    return 1 if param is None or param.default is inspect.Parameter.empty else int(param.default)

@@ -4,7 +4,7 @@
                                              unless ``--rater`` names another rater
     <output_dir>/transfer/<backbone>/pretrain/         the target's own pretraining
     <output_dir>/transfer/<backbone>/vanilla[-seedN]/  continuation, i.i.d. noise (k=1)
-    <output_dir>/transfer/<backbone>/rater[-seedN]/    continuation, frozen rater (k=transfer.k)
+    <output_dir>/transfer/<backbone>/rater[-seedN]/    continuation, frozen rater (transfer.selector)
     <output_dir>/transfer/transfer.{md,csv,png}        the Table 4 comparison
     <output_dir>/transfer/matching.{md,csv}            source level, matched step, checkpoint
     <output_dir>/transfer/loss_curves.png              the curves the matching read
@@ -97,7 +97,7 @@ def run_transfer(
     # 1-2. the rater, checked against the data before anything is trained
     if rater is not None:
         rater_ckpt = ckpt.resolve_checkpoint(rater)
-        check_rater_fits(recipe, rater_ckpt, cfg.k, given=rater)
+        check_rater_fits(recipe, rater_ckpt, given=rater)
         source = find_source(rater_ckpt, cfg.smoothing_window, given=rater)
     else:
         if recipe.rater is None:
@@ -107,7 +107,7 @@ def run_transfer(
         pretrained = stages.pretrain(recipe, info, say)
         rater_dir = stages.train_rater(recipe, info, say, pretrained=pretrained, run_dir=root / "rater")
         rater_ckpt = ckpt.resolve_checkpoint(rater_dir)
-        check_rater_fits(recipe, rater_ckpt, cfg.k, given=str(rater_dir))
+        check_rater_fits(recipe, rater_ckpt, given=str(rater_dir))
         source = find_source(rater_ckpt, cfg.smoothing_window, given=str(rater_dir))
     say(f"transfer: rater {source.rater}, trained on {source.checkpoint} (step {source.step}); "
         f"source smoothed loss {source.level:.5g} at logged step {source.logged_step}")
@@ -118,7 +118,7 @@ def run_transfer(
     # 4. continuations from the matched checkpoints, without and with the frozen rater
     selectors = {
         VANILLA: Component(name="random", params={"k": 1}),
-        RATER: Component(name="rater", params={"k": cfg.k, "checkpoint": str(source.rater)}),
+        RATER: stages.with_rater(cfg.selector, {"trained": source.rater}),
     }
     histories: dict[tuple[int, str, int], list[dict]] = {}
     for n, m in enumerate(matches):
@@ -135,7 +135,7 @@ def run_transfer(
     for n, m in enumerate(matches):
         start = _start_row(m.folder / "pretrain", m.checkpoint_step)
         base = f"{m.label} (from step {m.checkpoint_step})"
-        labels = {VANILLA: base, RATER: f"{base} + rater (k={cfg.k})"}
+        labels = {VANILLA: base, RATER: f"{base} + rater (k={stages.candidates(cfg.selector)})"}
         runs = [Run(labels[kind], seed, m.checkpoint_step, start, histories[n, kind, seed])
                 for kind in selectors for seed in recipe.continuation_seeds()]
         tables += tables_for(f"{m.label} with the frozen rater of {source.backbone} at step {source.step}",
@@ -197,11 +197,11 @@ def data_shape(recipe: Recipe) -> tuple[tuple[int, ...], int]:
     return shape, int(dataset.num_classes)
 
 
-def check_rater_fits(recipe: Recipe, rater_ckpt: Path, k: int, given: str) -> None:
+def check_rater_fits(recipe: Recipe, rater_ckpt: Path, given: str) -> None:
     """CheckpointError (one line) unless the rater reads the latents and labels of the
     recipe's data; also fails on anything that is not a loadable rater."""
 
-    selector = registry.build("selector", Component(name="rater", params={"k": k, "checkpoint": str(rater_ckpt)}),
+    selector = registry.build("selector", Component(name="rater", params={"k": 2, "checkpoint": str(rater_ckpt)}),
                               where=f"rater '{given}'")
     shape, classes = data_shape(recipe)
     try:
@@ -382,7 +382,7 @@ def write_outputs(out: Path, recipe: Recipe, source: Source, matches: list[Match
     md = out / "transfer.md"
     head = [
         "# A frozen rater on larger backbones (paper Table 4)", "",
-        f"Rater `{source.rater}` (frozen, k={cfg.k}), trained on {source.backbone} at step {source.step} "
+        f"Rater `{source.rater}` (frozen, k={stages.candidates(cfg.selector)}), trained on {source.backbone} at step {source.step} "
         f"(`{source.curve.run_dir}`); "
         f"each backbone continues for {recipe.select.steps} steps from its loss-matched checkpoint "
         "(matching.md), without and with the rater. Each backbone's rows are tested against its own "

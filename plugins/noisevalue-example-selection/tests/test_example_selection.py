@@ -168,3 +168,25 @@ def test_the_readme_commands_validate():
     for words in commands:
         result = runner.invoke(app, ["recipe", "validate", *words[2:]])
         assert result.exit_code == 0, (words, result.output)
+
+
+def test_ablate_hands_each_variant_its_rater_through_the_plugin_selector(tmp_path):
+    """`ablate.selector` names the plugin selector: the full row gets the stage-(ii) rater,
+    the ablated row its own variant's rater, and the table is labelled with the plugin's k."""
+    root = tmp_path / "run"
+    rater = "rater={name: dual_stream_tiny, params: {hidden_size: 16, depth: 1, num_heads: 2}}"
+    invoke("ablate", *TINY, *META[len(RATER):], rater, f"output_dir={root}", "select.steps=2",
+           "select.eval_every=2", "--remove", "label",
+           "ablate.selector={name: example-softmax, params: {k: 3, temperature: 0.5}}")
+
+    def selector(stage):
+        settings = json.loads((stage / "stage.json").read_text())
+        return settings["train.selector.name"], settings["train.selector.params"]
+
+    assert selector(root / "ablate" / "full" / "select") == (
+        "example-softmax", {"k": 3, "temperature": 0.5, "checkpoint": str(root / "rater")})
+    assert selector(root / "ablate" / "no-label" / "select") == (
+        "example-softmax", {"k": 3, "temperature": 0.5, "checkpoint": str(root / "ablate" / "no-label" / "rater")})
+    assert "full rater (k=3)" in (root / "ablate" / "ablation.md").read_text()
+    refused = runner.invoke(app, ["recipe", "validate", "digits", "ablate.selector={name: max_norm, params: {k: 3}}"])
+    assert refused.exit_code == 2 and 'does not declare needs_rater = "trained"' in refused.output
