@@ -3,8 +3,6 @@ so ``noisevalue --help`` answers at once."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -17,6 +15,7 @@ from noisevalue.cli_options import (
     RdzvOpt,
     launch_settings,
     single_process,
+    user_errors,
     world_size,
 )
 
@@ -30,18 +29,6 @@ recipe_app = typer.Typer(help="Inspect and check recipes.", no_args_is_help=True
 plugins_app = typer.Typer(help="Registered components and where they come from.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(plugins_app, name="plugins")
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """A user's mistake is one line on stderr and exit code 2; bugs keep their traceback."""
-    from noisevalue.errors import UserError
-
-    try:
-        yield
-    except UserError as exc:
-        typer.echo(f"noisevalue: error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code) from None
 
 
 def _split_recipe_arg(recipe: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
@@ -71,9 +58,13 @@ def run(
     with user_errors():
         from noisevalue import checkpoint as ckpt
         from noisevalue import distributed
-        from noisevalue.config import check_components, load_recipe_dict, parse_recipe
+        from noisevalue.config import (
+            RESOLVED_RECIPE,
+            check_components,
+            load_recipe_dict,
+            parse_recipe,
+        )
         from noisevalue.errors import CheckpointError, UserError
-        from noisevalue.workflows.worker import RESOLVED_RECIPE
 
         source, extra = _split_recipe_arg(recipe, overrides)
         data = load_recipe_dict(source, extra)
@@ -102,7 +93,7 @@ def run(
             f"processes {world_size(launch)}{', resuming' if resume else ''})"
         )
         if single_process(launch):
-            from noisevalue.workflows import run_workflow
+            from noisevalue.workflows.dispatch import run_workflow
 
             info = distributed.init(parsed.train.device)
             metrics = run_workflow(parsed, run_dir, info, resume=resume)
@@ -133,8 +124,8 @@ def _experiment(command: str, recipe: str | None, overrides: list[str] | None, o
 
     from noisevalue import checkpoint as ckpt
     from noisevalue import distributed
-    from noisevalue.config import check_components, load_recipe_dict, parse_recipe
-    from noisevalue.workflows.worker import JOB, RESOLVED_RECIPE
+    from noisevalue.config import RESOLVED_RECIPE, check_components, load_recipe_dict, parse_recipe
+    from noisevalue.workflows.worker import JOB
 
     source, extra = _split_recipe_arg(recipe, overrides)
     data = load_recipe_dict(source, extra)

@@ -1,8 +1,10 @@
-"""Command-line options shared by several ``noisevalue`` commands: where processes are
-started (torch.distributed.run's launch settings)."""
+"""What several ``noisevalue`` commands share: where processes are started
+(torch.distributed.run's launch settings) and how a user's mistake is reported."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -30,3 +32,15 @@ def single_process(launch: dict[str, Any]) -> bool:
 def world_size(launch: dict[str, Any]) -> int:
     """Processes in all: per machine times machines (the upper bound of MIN:MAX)."""
     return int(launch["nproc_per_node"]) * int(str(launch["nnodes"]).split(":")[-1])
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A user's mistake is one line on stderr and exit code 2; bugs keep their traceback."""
+    from noisevalue.errors import UserError
+
+    try:
+        yield
+    except UserError as exc:
+        typer.echo(f"noisevalue: error: {exc}", err=True)
+        raise typer.Exit(exc.exit_code) from None

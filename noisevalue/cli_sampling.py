@@ -19,6 +19,7 @@ from noisevalue.cli_options import (
     RdzvOpt,
     launch_settings,
     single_process,
+    user_errors,
     world_size,
 )
 
@@ -66,7 +67,6 @@ def sample(
     """DDIM samples of a run or checkpoint (EMA weights by default) as samples.npz in the
     ADM format (arr_0 uint8 NHWC, arr_1 labels) plus grid.png. Resumable; the images do not
     depend on the number of processes."""
-    from noisevalue.cli import user_errors
 
     with user_errors():
         from noisevalue.workflows import sampling as sp
@@ -140,7 +140,6 @@ def evaluate(
 ) -> None:
     """Fréchet distance (FID or fd_digits) of samples to a reference, with the evaluator used
     during training; writes eval.json next to the samples."""
-    from noisevalue.cli import user_errors
 
     with user_errors():
         from noisevalue.errors import DataError

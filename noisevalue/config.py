@@ -20,6 +20,10 @@ BUILTIN_RECIPES = "noisevalue.builtin_recipes"
 DEFAULT_RECIPE = "digits"
 
 
+#: the file name of the resolved recipe written into every run folder
+RESOLVED_RECIPE = "recipe.yaml"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 

@@ -35,6 +35,7 @@ import torch
 from noisevalue import checkpoint as ckpt
 from noisevalue import registry
 from noisevalue.config import (
+    RESOLVED_RECIPE,
     Component,
     DiffusionConfig,
     Recipe,
@@ -45,7 +46,6 @@ from noisevalue.config import (
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import CheckpointError, ConfigError, DataError
 from noisevalue.workflows.stages import STAGE_SETTINGS, set_dotted
-from noisevalue.workflows.worker import RESOLVED_RECIPE
 
 __all__ = [
     "GRID_FILE",

@@ -105,7 +105,7 @@ def write_stage_recipe(recipe: Recipe) -> None:
     """The stage's own resolved recipe, ``recipe.yaml`` (what ``noisevalue sample`` reads)."""
     from omegaconf import OmegaConf
 
-    from noisevalue.workflows.worker import RESOLVED_RECIPE
+    from noisevalue.config import RESOLVED_RECIPE
 
     path = Path(recipe.output_dir) / RESOLVED_RECIPE
     text = OmegaConf.to_yaml(OmegaConf.create(recipe.model_dump(mode="json")))
@@ -116,7 +116,7 @@ def write_stage_recipe(recipe: Recipe) -> None:
 
 def run_stage(recipe: Recipe, info: DistInfo, say: Say) -> dict:
     """Run (or reuse, or resume) one stage; returns its final metrics."""
-    from noisevalue.workflows import run_single
+    from noisevalue.workflows.single import run_single
 
     run_dir = Path(recipe.output_dir)
     check_stage_settings(recipe)

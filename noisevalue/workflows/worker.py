@@ -17,7 +17,6 @@ from noisevalue.errors import UserError
 if TYPE_CHECKING:
     from noisevalue.distributed import DistInfo
 
-RESOLVED_RECIPE = "recipe.yaml"
 JOB = "job.json"  # an experiment command and its options (ablate, transfer, analyze)
 
 
@@ -27,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--job", action="store_true", help=f"run the experiment in RUN_DIR/{JOB}")
     args = parser.parse_args(argv)
-    from noisevalue.config import load_recipe
-    from noisevalue.workflows import run_workflow
+    from noisevalue.config import RESOLVED_RECIPE, load_recipe
+    from noisevalue.workflows.dispatch import run_workflow
 
     def prepare() -> tuple[str, Callable[[DistInfo], object]]:
         recipe = load_recipe(Path(args.run_dir) / RESOLVED_RECIPE)
