@@ -61,6 +61,9 @@ class Backbone(nn.Module, ABC):
     num_classes: int
     patch_size: int
     learn_sigma: bool
+    #: probability with which the trainer replaces a label by the null label ``num_classes``
+    #: (classifier-free guidance); 0 means no null label is ever trained
+    class_dropout_prob: float = 0.0
 
     @abstractmethod
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -87,6 +90,11 @@ class Rater(nn.Module, ABC):
     #: constructor's ValueError is reported before any training (shape keywords take their
     #: defaults in that trial build).
     cheap_to_build: ClassVar[bool] = False
+
+    @property
+    def uses_labels(self) -> bool:
+        """False for a rater that ignores ``y``: it then fits data with any class count."""
+        return True
 
     @abstractmethod
     def forward(
@@ -161,6 +169,10 @@ class NoiseSelector(ABC):
 
     def bind(self, context: TrainingContext) -> None:  # noqa: B027 (optional hook, no-op default)
         """Receive the trainer's context (only called with ``needs_training_context``)."""
+
+    def check_compatible(self, latent_shape: tuple[int, ...], num_classes: int) -> None:  # noqa: B027
+        """Raise ``CheckpointError`` (one line) if the selector cannot serve this data, e.g. a
+        rater trained for other latents. Called once before training; the default accepts all."""
 
 
 Params = dict[str, torch.Tensor]
@@ -268,9 +280,12 @@ class LatentEncoder(nn.Module, ABC):
     ``encode(images)`` returns scaled latents (``scale * z``); ``decode`` inverts it back to
     images in roughly ``[-1, 1]``. ``cacheable``: whether encoding is expensive enough that
     the trainer should encode the dataset once into an on-disk latent cache.
+    ``pixel_space``: the latents are the images themselves (no encoding), so the training
+    images can serve directly as the sample metrics' reference.
     """
 
     cacheable: bool = False
+    pixel_space: bool = False
 
     @abstractmethod
     def latent_shape(self, channels: int, image_size: int) -> tuple[int, int, int]:

@@ -31,6 +31,7 @@ class IdentityEncoder(LatentEncoder):
     """Pixel-space diffusion: latents are the images themselves (``[-1, 1]``)."""
 
     cacheable = False
+    pixel_space = True
 
     def latent_shape(self, channels: int, image_size: int) -> tuple[int, int, int]:
         return (int(channels), int(image_size), int(image_size))

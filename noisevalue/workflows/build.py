@@ -9,6 +9,7 @@ import torch
 
 from noisevalue import registry
 from noisevalue.config import Recipe
+from noisevalue.interfaces import Backbone
 
 
 def build_evaluators(recipe: Recipe) -> list[Any]:
@@ -23,13 +24,13 @@ def backbone_params(recipe: Recipe, latent_shape: tuple[int, int, int], num_clas
     return registry.with_shapes("backbone", recipe.model, "model", latent_shape, num_classes)
 
 
-def build_backbone(recipe: Recipe, params: dict) -> torch.nn.Module:
+def build_backbone(recipe: Recipe, params: dict) -> Backbone:
     model = registry.build("backbone", registry.Named(recipe.model.name, params), where="model")
     model.config_name = recipe.model.name
     return model
 
 
-def checkpoint_backbone(path: Path, identity: dict, weights: str, where: str, label: str) -> torch.nn.Module:
+def checkpoint_backbone(path: Path, identity: dict, weights: str, where: str, label: str) -> Backbone:
     """The backbone that a checkpoint's ``meta.json`` names (``identity``: name and params),
     with the checkpoint's ``weights`` group (``model`` or ``ema``) loaded and checked;
     ``where`` names it in recipe errors, ``label`` in weight errors."""

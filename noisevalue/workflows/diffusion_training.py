@@ -57,7 +57,7 @@ class DiffusionTraining:
         self.evaluators = build_evaluators(r) if info.is_main else []
         self.selector = registry.build("selector", r.train.selector, where="train.selector")
         self.data, self.encoder = load_train_data(r, self.run_dir, info)
-        pixels = r.data.encoder.name == "identity" and hasattr(self.data, "images")
+        pixels = self.encoder.pixel_space and hasattr(self.data, "images")
         train_set = _ImagesView(self.data.images) if pixels else None  # type: ignore[attr-defined]
         self.evaluation = ev.EvaluationSuite(r, self.evaluators, train_set)
         self.encoder.to(info.device)
@@ -67,7 +67,7 @@ class DiffusionTraining:
         self.model_params = backbone_params(r, self.latent_shape, self.num_classes)
         torch.manual_seed(r.seed)  # identical initial weights on every rank
         model = build_backbone(r, self.model_params).to(info.device)
-        self.drop_prob = float(getattr(model, "class_dropout_prob", 0.0)) if self.num_classes else 0.0
+        self.drop_prob = float(model.class_dropout_prob) if self.num_classes else 0.0
         if self.num_classes and self.drop_prob == 0 and r.sample.cfg_scale != 1.0:
             raise ConfigError(
                 f"sample.cfg_scale: guidance ({r.sample.cfg_scale}) needs a null label; set "
@@ -82,9 +82,8 @@ class DiffusionTraining:
             eps=r.train.adam_eps,
             weight_decay=r.train.weight_decay,
         )
-        self.model = model
-        if hasattr(self.selector, "check_compatible"):
-            self.selector.check_compatible(self.latent_shape, self.num_classes)
+        self.model: torch.nn.Module = model
+        self.selector.check_compatible(self.latent_shape, self.num_classes)
         self.selector.to(info.device)
         self.context: TrainingContext | None = None
         if self.selector.needs_training_context:

@@ -139,7 +139,7 @@ class RaterMetaTraining:
         backbone = checkpoint_backbone(path, identity, "model", "meta.pretrained", str(path))
         self.backbone = backbone.to(info.device)  # its parameters are only read, via theta
         self.pretrained = path
-        self.drop_prob = float(getattr(backbone, "class_dropout_prob", 0.0)) if self.num_classes else 0.0
+        self.drop_prob = float(backbone.class_dropout_prob) if self.num_classes else 0.0
 
         self.rater_params = registry.with_shapes("rater", r.rater, "rater", self.latent_shape, self.num_classes)
         torch.manual_seed(r.seed + 1)  # identical rater init on every rank

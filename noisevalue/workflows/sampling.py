@@ -379,7 +379,7 @@ class Sampler:
             raise CheckpointError(f"checkpoint '{path}': {name}.safetensors is missing{hint}")
         model = checkpoint_backbone(path, settings.backbone, name, "model", f"{path} ({name})")
         self.model = model.to(device).eval()
-        dropout = float(getattr(model, "class_dropout_prob", 0.0))
+        dropout = float(model.class_dropout_prob)
         if settings.num_classes and settings.cfg_scale != 1.0 and dropout <= 0:
             raise ConfigError(
                 f"--cfg-scale {settings.cfg_scale:g}: guidance needs a model trained with label "

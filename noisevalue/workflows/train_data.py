@@ -89,7 +89,7 @@ def load_train_data(recipe: Recipe, run_dir: Path, info: DistInfo) -> tuple[Trai
     if len(dataset) == 0:
         raise DataError("data.dataset: the dataset is empty")
     encoder = registry.build("encoder", recipe.data.encoder, where="data.encoder")
-    if getattr(encoder, "cacheable", False):
+    if encoder.cacheable:
         from noisevalue.data.latent_cache import (
             LatentCacheDataset,
             build_latent_cache,
