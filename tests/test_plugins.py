@@ -127,3 +127,24 @@ def test_cli_help_does_not_import_torch():
     assert out.stdout.strip() == "[]"
     help_out = subprocess.run([sys.executable, "-m", "noisevalue.cli", "--help"], capture_output=True, text=True)
     assert help_out.returncode == 0 and "run" in help_out.stdout and "plugins" in help_out.stdout
+
+
+PLUGIN_READMES = sorted((Path(__file__).resolve().parents[1] / "plugins").glob("*/README.md"))
+
+
+@pytest.mark.parametrize("readme", PLUGIN_READMES, ids=lambda p: p.parent.name)
+def test_the_example_plugins_readme_commands_validate(readme):
+    """Every `noisevalue run` command of an example plugin's README is a valid recipe (the
+    plugins are installed by the test command)."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from noisevalue.cli import app
+
+    text = readme.read_text().replace("\\\n", " ")
+    commands = [shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith("noisevalue run")]
+    assert commands, readme
+    for words in commands:
+        result = CliRunner().invoke(app, ["recipe", "validate", *words[2:]])
+        assert result.exit_code == 0, (words, result.output)

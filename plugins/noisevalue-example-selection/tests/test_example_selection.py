@@ -157,18 +157,6 @@ def test_stochastic_selection_resumes_exactly(protocol_run, tmp_path):
     assert not math.isclose(sum((a[k] - start[k]).abs().sum().item() for k in a), 0.0)
 
 
-def test_the_readme_commands_validate():
-    """Every `noisevalue run` command of this package's README is a valid recipe."""
-    import shlex
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
-    commands = [shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith("noisevalue run")]
-    assert commands
-    for words in commands:
-        result = runner.invoke(app, ["recipe", "validate", *words[2:]])
-        assert result.exit_code == 0, (words, result.output)
-
 
 def test_ablate_hands_each_variant_its_rater_through_the_plugin_selector(tmp_path):
     """`ablate.selector` names the plugin selector: the full row gets the stage-(ii) rater,
