@@ -162,8 +162,7 @@ class RaterSelector(NoiseSelector):
 
     @torch.no_grad()
     def scores(
-        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor,
-        *, generator: torch.Generator | None = None,
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
     ) -> torch.Tensor:
         """Rater scores of every candidate, ``[N, k]`` (float32 or the rater's dtype)."""
         _check_candidates(self, x0, candidates)

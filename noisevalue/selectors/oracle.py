@@ -99,8 +99,7 @@ class OracleSelector(NoiseSelector):
         self.context = context
 
     def scores(
-        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor,
-        *, generator: torch.Generator | None = None,
+        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
     ) -> torch.Tensor:
         if self.context is None:
             raise RuntimeError("the oracle selector needs the trainer's context: call bind() first")
