@@ -221,11 +221,11 @@ def resolve(kind: str, spec: Spec, where: str) -> Callable[..., Any]:
     """The factory of ``spec`` after checking its name and parameter names; errors are one
     line starting with the recipe path ``where`` (``where.name: ...``, ``where.params: ...``)."""
     try:
-        get(kind, spec.name)
+        factory = get(kind, spec.name)
     except UserError as exc:
         raise type(exc)(f"{_at(where, '.name')}{exc}") from None
     check_params(kind, spec.name, spec.params, where=f"{where}.params" if where else "")
-    return get(kind, spec.name)
+    return factory
 
 
 def _at(where: str, suffix: str) -> str:
@@ -257,27 +257,19 @@ def with_shapes(
     return params
 
 
-def build(
-    kind: str,
-    spec: Spec,
-    *,
-    where: str,
-    shapes: tuple[tuple[int, int, int], int] | None = None,
-    **context: Any,
-) -> Any:
+def build(kind: str, spec: Spec, *, where: str, **context: Any) -> Any:
     """The one way to build a component.
 
-    Looks ``spec.name`` up, checks its parameter names, fills the shape keywords from
-    ``shapes`` = ``(latent_shape, num_classes)`` when given, adds ``context`` (objects a
-    workflow passes in code, such as an in-memory rater) and calls the factory. A
-    constructor's ``ValueError`` or ``TypeError`` (a bad value) becomes one ``ConfigError``
-    line starting with ``where`` (no prefix when ``where`` is empty); other errors are bugs
-    and keep their traceback.
+    Looks ``spec.name`` up, checks its parameter names, adds ``context`` (objects a workflow
+    passes in code, such as an in-memory rater) and calls the factory. Shape keywords are
+    filled beforehand with :func:`with_shapes`, whose result the caller also records in its
+    checkpoint. A constructor's ``ValueError`` or ``TypeError`` (a bad value) becomes one
+    ``ConfigError`` line starting with ``where`` (no prefix when ``where`` is empty); other
+    errors are bugs and keep their traceback.
     """
     factory = resolve(kind, spec, where)
-    params = with_shapes(kind, spec, where, *shapes) if shapes is not None else dict(spec.params)
     try:
-        return factory(**params, **context)
+        return factory(**spec.params, **context)
     except UserError as exc:
         if not where or str(exc).startswith(where):
             raise

@@ -204,11 +204,12 @@ def widget():
     registry.reset()
 
 
-def test_build_fills_the_shape_keywords_from_the_data(widget):
-    built = registry.build("rater", registry.Named("test-widget", {"width": 2}), where="rater", shapes=((1, 8, 8), 10))
+def test_with_shapes_fills_the_shape_keywords_from_the_data(widget):
+    params = registry.with_shapes("rater", registry.Named("test-widget", {"width": 2}), "rater", (1, 8, 8), 10)
+    built = registry.build("rater", registry.Named("test-widget", params), where="rater")
     assert built.shape == (8, 1, 10, 2)
     with pytest.raises(ConfigError) as err:  # a recipe value that disagrees with the data
-        registry.build("rater", registry.Named("test-widget", {"in_channels": 4}), where="rater", shapes=((1, 8, 8), 10))
+        registry.with_shapes("rater", registry.Named("test-widget", {"in_channels": 4}), "rater", (1, 8, 8), 10)
     assert str(err.value) == "rater.params.in_channels: 4 does not match the data, which gives 1"
 
 
