@@ -404,11 +404,9 @@ def check_takes_trained_rater(where: str, comp: Component) -> None:
     """``ablate.selector`` and ``transfer.selector`` are handed a rater per row: they must
     declare ``needs_rater = "trained"`` and name no checkpoint of their own."""
     from noisevalue import registry
-    from noisevalue.interfaces import NoiseSelector
+    from noisevalue.interfaces import rater_need
 
-    factory = registry.resolve("selector", comp, where)
-    need = factory.needs_rater if isinstance(factory, type) and issubclass(factory, NoiseSelector) else None
-    if need != "trained":
+    if rater_need(registry.resolve("selector", comp, where)) != "trained":
         raise ConfigError(
             f"{where}.name: selector '{comp.name}' does not declare needs_rater = \"trained\"; "
             "expected a selector that takes the meta-trained rater (e.g. rater)"
@@ -443,14 +441,14 @@ def trial_build(where: str, kind: str, comp: Component) -> None:
     from torch import nn
 
     from noisevalue import registry
-    from noisevalue.interfaces import MetaOptimizer, NoiseSelector, Rater
+    from noisevalue.interfaces import MetaOptimizer, NoiseSelector, Rater, rater_need
 
     factory = registry.get(kind, comp.name)
     if not (isinstance(factory, type) and issubclass(factory, (MetaOptimizer, NoiseSelector, Rater))):
         return  # a plain function factory declares nothing
     if not factory.cheap_to_build:
         return
-    if issubclass(factory, NoiseSelector) and factory.needs_rater is not None:
+    if rater_need(factory) is not None:
         if "checkpoint" not in comp.params:
             registry.build(kind, comp, where=where, rater=nn.Module())
         return

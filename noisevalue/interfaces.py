@@ -28,6 +28,7 @@ __all__ = [
     "Backbone",
     "Rater",
     "NoiseSelector",
+    "rater_need",
     "TrainingContext",
     "MetaOptimizer",
     "BilevelProblem",
@@ -173,6 +174,14 @@ class NoiseSelector(ABC):
     def check_compatible(self, latent_shape: tuple[int, ...], num_classes: int) -> None:  # noqa: B027
         """Raise ``CheckpointError`` (one line) if the selector cannot serve this data, e.g. a
         rater trained for other latents. Called once before training; the default accepts all."""
+
+
+def rater_need(factory: object) -> Literal["trained", "untrained"] | None:
+    """The rater a registered selector factory declares it needs (``needs_rater``); a plain
+    function factory declares nothing."""
+    if isinstance(factory, type) and issubclass(factory, NoiseSelector):
+        return factory.needs_rater
+    return None
 
 
 Params = dict[str, torch.Tensor]

@@ -207,14 +207,11 @@ def evaluations(run_dir: Path, after: int = -1) -> list[dict]:
 def needed_rater(selector: Component) -> str | None:
     """``"trained"`` / ``"untrained"`` when the selector declares it needs a rater and its
     recipe entry names no checkpoint; else None."""
-    from noisevalue.interfaces import NoiseSelector
+    from noisevalue.interfaces import rater_need
 
     if "checkpoint" in selector.params:
         return None
-    factory = registry.get("selector", selector.name)
-    if isinstance(factory, type) and issubclass(factory, NoiseSelector):
-        return factory.needs_rater
-    return None
+    return rater_need(registry.get("selector", selector.name))
 
 
 def with_rater(selector: Component, raters: dict[str, Path]) -> Component:

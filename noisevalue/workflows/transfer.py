@@ -201,7 +201,7 @@ def check_rater_fits(recipe: Recipe, rater_ckpt: Path, given: str) -> None:
     """CheckpointError (one line) unless the rater reads the latents and labels of the
     recipe's data; also fails on anything that is not a loadable rater."""
 
-    selector = registry.build("selector", Component(name="rater", params={"k": 2, "checkpoint": str(rater_ckpt)}),
+    selector = registry.build("selector", Component(name="rater", params={"checkpoint": str(rater_ckpt)}),
                               where=f"rater '{given}'")
     shape, classes = data_shape(recipe)
     try:
