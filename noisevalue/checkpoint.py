@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``step_0001000/`` holding ``model.safetensors``,
 ``ema.safetensors`` (optional), ``optimizer.safetensors`` (optimizer state tensors) and
-``meta.json`` (step, backbone identity, optimizer hyper-parameters, anything JSON-able).
+``meta.json`` (a :class:`CheckpointMeta`: step, what the weights are, optimizer
+hyper-parameters).
 It is written into a temporary sibling folder and renamed into place, so a crash never
 leaves a half-written checkpoint under its final name; ``latest`` names the newest one.
 """
@@ -19,12 +20,54 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from noisevalue.errors import CheckpointError
 
 META = "meta.json"
 LATEST = "latest"
 _PREFIX = "step_"
+
+
+class Identity(BaseModel):
+    """A registered component a checkpoint holds: its registry name and constructor params
+    (shapes filled in), enough to rebuild it before loading the weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    params: dict[str, Any] = {}
+
+
+class CheckpointMeta(BaseModel):
+    """``meta.json`` of a checkpoint, read only through :func:`read_meta`.
+
+    A diffusion checkpoint (stage i or iii) has ``backbone``, ``latent_shape``,
+    ``num_classes`` and ``diffusion``; a rater checkpoint (stage ii) has ``rater`` and the
+    ``pretrained`` diffusion checkpoint it was meta-trained on. Unknown keys are kept.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    step: int
+    backbone: Identity | None = None
+    rater: Identity | None = None
+    optimizer: dict[str, Any] | None = None  # param groups and scalar state (tensors aside)
+    recipe: str | None = None
+    seed: int | None = None
+    latent_shape: tuple[int, int, int] | None = None
+    num_classes: int | None = None
+    diffusion: dict[str, Any] | None = None
+    pretrained: str | None = None
+    meta: dict[str, Any] | None = None  # the meta-training settings
+    inner_step: int | None = None  # steps taken by a carried inner optimizer
+
+    @property
+    def is_diffusion(self) -> bool:
+        return None not in (self.backbone, self.latent_shape, self.num_classes, self.diffusion)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2, sort_keys=True)
 
 
 def step_dir_name(step: int) -> str:
@@ -99,13 +142,13 @@ def optimizer_from_flat(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, 
 
 def save_checkpoint(
     root: str | Path,
-    step: int,
     tensors: Mapping[str, Mapping[str, torch.Tensor]],
-    meta: Mapping[str, Any],
+    meta: CheckpointMeta,
     keep: int | None = None,
     keep_every: int | None = None,
 ) -> Path:
-    """Write ``{name}.safetensors`` per tensor group plus ``meta.json`` atomically.
+    """Write ``{name}.safetensors`` per tensor group plus ``meta.json`` atomically, as
+    ``root/step_<meta.step>``.
 
     Only the newest ``keep`` checkpoints are retained, except those at multiples of
     ``keep_every``, which are never pruned (a trajectory to analyse or transfer from).
@@ -114,13 +157,13 @@ def save_checkpoint(
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
+    final = root / step_dir_name(meta.step)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         for name, group in tensors.items():
             flat = {k: v.detach().cpu().contiguous() for k, v in group.items()}
             save_file(flat, str(tmp / f"{name}.safetensors"))
-        (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=2, sort_keys=True))
+        (tmp / META).write_text(meta.to_json())
         if final.exists():  # re-saving the same step (e.g. after resume): swap atomically
             old = root / f".{final.name}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -172,25 +215,42 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"checkpoint '{path}': no checkpoint found there")
 
 
-def read_meta(ckpt: str | Path) -> dict[str, Any]:
+def read_meta(ckpt: str | Path) -> CheckpointMeta:
+    """The checkpoint folder's ``meta.json``; a missing, corrupt or malformed one is a
+    CheckpointError."""
     ckpt = Path(ckpt)
     try:
-        meta = json.loads((ckpt / META).read_text())
+        data = json.loads((ckpt / META).read_text())
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint '{ckpt}': {META} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint '{ckpt}': {META} is corrupt ({exc})") from None
-    if not isinstance(meta, dict) or "step" not in meta:
+    if not isinstance(data, dict) or "step" not in data:
         raise CheckpointError(f"checkpoint '{ckpt}': {META} has no 'step'")
+    try:
+        return CheckpointMeta.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise CheckpointError(f"checkpoint '{ckpt}': {META} '{where}': {err['msg']}") from None
+
+
+def require_diffusion(ckpt: str | Path, what: str) -> CheckpointMeta:
+    """``meta.json`` of a checkpoint that must be a diffusion checkpoint; a CheckpointError
+    saying what it is otherwise (``what``: the command or recipe key asking)."""
+    meta = read_meta(ckpt)
+    if not meta.is_diffusion:
+        kind = "a rater checkpoint" if meta.rater is not None else "not a diffusion checkpoint"
+        raise CheckpointError(f"{what}: '{ckpt}' is {kind} ({META} names no backbone, latent shape and schedule)")
     return meta
 
 
-def require_optimizer_state(ckpt: str | Path, where: str) -> dict[str, Any]:
+def require_optimizer_state(ckpt: str | Path, where: str) -> CheckpointMeta:
     """``meta.json`` of a checkpoint that must hold the trainer's optimizer state; a
     CheckpointError naming ``where`` (the recipe key that needs it) otherwise."""
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
-    if "optimizer" not in meta or not (ckpt / "optimizer.safetensors").is_file():
+    if meta.optimizer is None or not (ckpt / "optimizer.safetensors").is_file():
         raise CheckpointError(
             f"{where} needs the optimizer state saved with the diffusion checkpoint, but "
             f"'{ckpt}' holds none; use meta.inner_optimizer=sgd or adamw_fresh"

@@ -84,7 +84,6 @@ def run(
         from omegaconf import OmegaConf
 
         ckpt.atomic_write_text(run_dir / RESOLVED_RECIPE, OmegaConf.to_yaml(OmegaConf.create(data)))
-        worker_args = ["--run-dir", str(run_dir)] + (["--resume"] if resume else [])
         launch = launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id)
         typer.echo(
             f"noisevalue run: recipe '{parsed.name}' -> {run_dir}  "
@@ -93,13 +92,15 @@ def run(
             f"processes {world_size(launch)}{', resuming' if resume else ''})"
         )
         if single_process(launch):
-            from noisevalue.workflows.dispatch import run_workflow
+            from noisevalue.experiments.commands import run_workflow
 
             info = distributed.init(parsed.train.device)
             metrics = run_workflow(parsed, run_dir, info, resume=resume)
             _print_result(run_dir, metrics)
             return
-        args = distributed.launcher_args(worker_args, **launch)
+        from noisevalue import jobs
+
+        args = jobs.launcher_args("run", run_dir, resume=resume, **launch)
         typer.echo("torch.distributed.run " + " ".join(args))
         code = distributed.launch(args)
         if code:
@@ -123,9 +124,8 @@ def _experiment(command: str, recipe: str | None, overrides: list[str] | None, o
     from omegaconf import OmegaConf
 
     from noisevalue import checkpoint as ckpt
-    from noisevalue import distributed
+    from noisevalue import distributed, jobs
     from noisevalue.config import RESOLVED_RECIPE, check_components, load_recipe_dict, parse_recipe
-    from noisevalue.workflows.worker import JOB
 
     source, extra = _split_recipe_arg(recipe, overrides)
     data = load_recipe_dict(source, extra)
@@ -137,14 +137,14 @@ def _experiment(command: str, recipe: str | None, overrides: list[str] | None, o
         f"seeds {parsed.continuation_seeds()}, processes {world_size(launch)})"
     )
     if single_process(launch):
-        from noisevalue.workflows.experiments import run_experiment
+        from noisevalue.experiments.commands import run_experiment
 
         info = distributed.init(parsed.train.device)
         outputs = run_experiment(command, parsed, info, options)
     else:
         ckpt.atomic_write_text(job_dir / RESOLVED_RECIPE, OmegaConf.to_yaml(OmegaConf.create(data)))
-        ckpt.atomic_write_text(job_dir / JOB, json.dumps({"command": command, "options": options}, indent=2))
-        args = distributed.launcher_args(["--run-dir", str(job_dir), "--job"], **launch)
+        ckpt.atomic_write_text(job_dir / jobs.JOB, json.dumps({"command": command, "options": options}, indent=2))
+        args = jobs.launcher_args("experiment", job_dir, **launch)
         typer.echo("torch.distributed.run " + " ".join(args))
         code = distributed.launch(args)
         if code:

@@ -1,7 +1,7 @@
 """``noisevalue sample`` and ``noisevalue eval`` (registered on the app in :mod:`noisevalue.cli`).
 
-The work is done by :mod:`noisevalue.workflows.sampling` and
-:mod:`noisevalue.workflows.scoring`; torch is imported inside the commands only.
+The work is done by :mod:`noisevalue.sampling.sample` and
+:mod:`noisevalue.sampling.score`; torch is imported inside the commands only.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def sample(
     depend on the number of processes."""
 
     with user_errors():
-        from noisevalue.workflows import sampling as sp
+        from noisevalue.sampling import sample as sp
 
         ctx = sp.resolve_run(run, recipe)
         settings = sp.sample_settings(
@@ -99,7 +99,9 @@ def _draw(sp: Any, ctx: Any, settings: Any, folder: Path, batch_size_given: bool
         info = distributed.init(settings.device)
         sp.run_sampling(folder, info, say=typer.echo)
     else:
-        args = sp.launcher_args(folder, **launch)
+        from noisevalue import jobs
+
+        args = jobs.launcher_args("sample", folder, **launch)
         typer.echo("torch.distributed.run " + " ".join(args))
         code = distributed.launch(args)
         if code:
@@ -119,9 +121,17 @@ def evaluate(
         help="An .npz with mu and sigma, an .npz with arr_0 images, an image folder, or 'digits'. "
         "Default for a run: the recipe's evaluation reference (data.eval_dataset).",
     ),
+    evaluator_name: str | None = typer.Option(
+        None, "--evaluator",
+        help="A registered evaluator (`noisevalue plugins list`). Default: the run's first evaluator; else fid.",
+    ),
+    params: list[str] | None = typer.Option(
+        None, "--param", metavar="KEY=VALUE", help="A parameter of the evaluator (repeatable; YAML values).",
+    ),
     metric: str | None = typer.Option(
         None, "--metric",
-        help="fid or fd_digits (default: the run's evaluator; else fd_digits for 8x8 1-channel images, fid otherwise).",
+        help="fid or fd_digits: the fid evaluator's feature space (default: the run's; else fd_digits for "
+        "8x8 1-channel images, fid otherwise).",
     ),
     weights: Path | None = typer.Option(None, "--weights", help="InceptionV3 FID weights file (for fid)."),
     antialias: bool | None = typer.Option(
@@ -138,23 +148,26 @@ def evaluate(
     batch_size: int | None = BatchOpt,
     device: str | None = DeviceOpt,
 ) -> None:
-    """Fréchet distance (FID or fd_digits) of samples to a reference, with the evaluator used
-    during training; writes eval.json next to the samples."""
+    """Score samples against a reference with a registered evaluator (default: the run's, or
+    the Fréchet distance fid / fd_digits); writes eval.json next to the samples."""
 
     with user_errors():
         from noisevalue.errors import DataError
-        from noisevalue.workflows import scoring
+        from noisevalue.sampling import score as scoring
 
         path = Path(samples)
-        evaluator: Any = None
+        given = _parse_params(params or [])
+        chosen: Any = None
         ref: Any = reference
         label = reference
         if path.is_dir():
-            npz, metric, evaluator, ref, label = _sample_for_eval(
-                path, recipe, num, metric, weights, antialias, reference, batch_size, device
+            npz, chosen, ref, label = _sample_for_eval(
+                path, recipe, num, evaluator_name, given, metric, weights, antialias, reference, batch_size, device
             )
         elif path.is_file():
             npz = path
+            if evaluator_name or given or metric or weights is not None or antialias is not None:
+                chosen = scoring.build_evaluator(evaluator_name, given, metric, weights, antialias)
             if reference is None:
                 from noisevalue.errors import ConfigError
 
@@ -165,41 +178,55 @@ def evaluate(
         else:
             raise DataError(f"'{path}' not found: expected a samples .npz (uint8 arr_0, NHWC) or a run folder")
         record = scoring.score_samples(
-            npz, ref, metric=metric, weights=weights, antialias=antialias, num=num,
-            stats_cache=stats_cache, reference_label=label, say=typer.echo,
-            evaluator=evaluator,
+            npz, ref, chosen, num=num, stats_cache=stats_cache, reference_label=label, say=typer.echo,
         )
         typer.echo(f"{record['metric']} {record['value']:.6g}  ({record['n']} samples vs {record['reference']})")
         typer.echo(f"written: {npz.parent / scoring.EVAL_FILE}")
 
 
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    """``--param KEY=VALUE`` options as a dict (values read as YAML: numbers, booleans, lists)."""
+    import yaml
+
+    from noisevalue.errors import ConfigError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value) if value else None
+    return out
+
+
 def _sample_for_eval(
-    run: Path, recipe: str | None, num: int | None, metric: str | None, weights: Path | None,
-    antialias: bool | None, reference: str | None, batch_size: int | None, device: str | None,
-) -> tuple[Path, str | None, Any, Any, str | None]:
-    """A run: the metric and reference of its FID evaluator (checked before sampling, so
-    that missing weights fail at once), then its samples with the recipe's settings (drawn
-    unless a complete samples.npz with those settings is there)."""
-    from noisevalue.workflows import sampling as sp
-    from noisevalue.workflows import scoring
+    run: Path, recipe: str | None, num: int | None, name: str | None, given: dict[str, Any],
+    metric: str | None, weights: Path | None, antialias: bool | None, reference: str | None,
+    batch_size: int | None, device: str | None,
+) -> tuple[Path, Any, Any, str | None]:
+    """A run: its evaluator (``name``, else the recipe's first; built before sampling, so
+    that missing weights fail at once) with the recipe's parameters for it, the reference it
+    trained against, then its samples with the recipe's settings (drawn unless a complete
+    samples.npz with those settings is there)."""
+    from noisevalue.sampling import sample as sp
+    from noisevalue.sampling import score as scoring
 
     ctx = sp.resolve_run(run, recipe)
     r = ctx.recipe
     settings = sp.sample_settings(ctx, num=num, use_ema=r.sample.use_ema, batch_size=batch_size, device=device)
-    params: dict | None = None
-    for comp in r.eval.evaluators:  # the run's own FID evaluator, if it has one
-        if comp.name == "fid":
-            features = comp.params.get("features", "inception")
-            name = next((m for m, f in scoring.METRICS.items() if f == features), None)
-            if metric is None or metric == name:
-                metric, params = name, dict(comp.params)
-            break
-    evaluator = scoring.build_evaluator(metric, weights, antialias, params) if metric else None
+    comps = r.eval.evaluators
+    name = name or (comps[0].name if comps else None)
+    base = next((dict(c.params) for c in comps if c.name == name), {})
+    if metric is not None and base.get("features", "inception") != scoring.METRICS.get(metric):
+        base = {}  # another feature space than the run's: none of its settings apply
+    chosen = None  # no evaluator named anywhere: fid in the feature space the images call for
+    if name is not None or metric is not None or given or weights is not None or antialias is not None:
+        chosen = scoring.build_evaluator(name, {**base, **given}, metric, weights, antialias)
     if reference is not None:
         ref: Any = reference
         label: str | None = reference
-    elif params and params.get("reference_stats"):
-        ref = label = str(params["reference_stats"])
+    elif base.get("reference_stats"):
+        ref = label = str(base["reference_stats"])
     else:
         ref = r.data.eval_dataset or r.data.dataset
         label = f"{'data.eval_dataset' if r.data.eval_dataset else 'data.dataset'} ({ref.name})"
@@ -207,4 +234,4 @@ def _sample_for_eval(
         scoring.parse_reference(ref)  # a missing reference fails before sampling
     npz = _draw(sp, ctx, settings, sp.default_out_dir(ctx, settings), batch_size is not None,
                 launch_settings(1, "1", 0, None, "noisevalue"))
-    return npz, metric, evaluator, ref, label
+    return npz, chosen, ref, label

@@ -22,6 +22,8 @@ DEFAULT_RECIPE = "digits"
 
 #: the file name of the resolved recipe written into every run folder
 RESOLVED_RECIPE = "recipe.yaml"
+#: the settings a stage ran with (flat dotted keys), written into every stage folder
+STAGE_SETTINGS = "stage.json"
 
 
 class _Strict(BaseModel):
@@ -453,3 +455,15 @@ def trial_build(where: str, kind: str, comp: Component) -> None:
             registry.build(kind, comp, where=where, rater=nn.Module())
         return
     registry.build(kind, comp, where=where)
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """``data["a"]["b"] = value`` for ``dotted`` = ``"a.b"`` in a recipe's dict form,
+    creating missing sections."""
+    node = data
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[leaf] = value

@@ -2,7 +2,7 @@
 
 ``noisevalue run RECIPE --nproc-per-node N`` calls ``torch.distributed.run`` from inside
 the CLI process (standalone rendezvous on one machine, a c10d endpoint on several), which
-starts N workers running :mod:`noisevalue.workflows.worker`. Each worker joins the process
+starts N workers running :mod:`noisevalue.jobs`. Each worker joins the process
 group (NCCL on GPUs, gloo on CPU) and binds to ``cuda:LOCAL_RANK``: the *local* rank, not
 the global one, so a second node uses its own GPUs 0..N-1.
 """
@@ -75,6 +75,7 @@ def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def launcher_args(
+    module: str,
     worker_args: list[str],
     nproc_per_node: int,
     nnodes: str = "1",
@@ -82,7 +83,8 @@ def launcher_args(
     rdzv_endpoint: str | None = None,
     rdzv_id: str = "noisevalue",
 ) -> list[str]:
-    """The ``torch.distributed.run`` command line for the worker module."""
+    """The ``torch.distributed.run`` command line that runs ``python -m module *worker_args``
+    on every process."""
     args = [f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}"]
     if rdzv_endpoint:
         args += [
@@ -93,7 +95,7 @@ def launcher_args(
         ]
     else:
         args += ["--standalone"]
-    return args + ["-m", "noisevalue.workflows.worker", *worker_args]
+    return args + ["-m", module, *worker_args]
 
 
 def launch(args: list[str]) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -258,6 +259,23 @@ class Evaluator(ABC):
     @abstractmethod
     def evaluate(self, generated: Iterable[torch.Tensor]) -> Mapping[str, float]:
         ...
+
+    # Optional: reference statistics that ``noisevalue eval`` caches and reuses. An evaluator
+    # that keeps none leaves these as they are; its reference images are then read each time.
+    def reference_key(self) -> dict[str, Any] | None:
+        """What this evaluator's reference statistics depend on (feature space, weights
+        file, ...), JSON-able; None (the default) when it has none to cache."""
+        return None
+
+    def save_reference(self, path: Path) -> None:
+        """Write the statistics :meth:`prepare` computed to ``path`` (called only when
+        :meth:`reference_key` is not None)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no reference statistics")
+
+    def load_reference(self, path: Path) -> None:
+        """Use statistics from ``path`` (written by :meth:`save_reference`, or a file in the
+        same format) instead of calling :meth:`prepare`."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no reference statistics")
 
 
 class ImageDataset(Dataset, ABC):

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from noisevalue.checkpoint import read_meta, resolve_checkpoint
 from noisevalue.cli import app
-from noisevalue.workflows.tables import ResultTable, Row, markdown, mean_ci, p_value
+from noisevalue.experiments.tables import ResultTable, Row, markdown, mean_ci, p_value
 from tests.conftest import TINY
 from tests.test_protocol import META
 
@@ -41,9 +41,9 @@ def test_ablate_variants_share_the_start_and_switch_inputs_off(tmp_path):
     assert {int(r["step"]) for r in rows} == {4, 6}
 
     # the variants' raters really lack the removed inputs
-    no_t = read_meta(resolve_checkpoint(out / "ablate" / "no-timestep" / "rater"))["rater"]["params"]
+    no_t = read_meta(resolve_checkpoint(out / "ablate" / "no-timestep" / "rater")).rater.params
     assert no_t["use_timestep"] is False and no_t.get("use_image", True) is not False
-    only = read_meta(resolve_checkpoint(out / "ablate" / "noise-only" / "rater"))["rater"]["params"]
+    only = read_meta(resolve_checkpoint(out / "ablate" / "noise-only" / "rater")).rater.params
     assert (only["use_timestep"], only["use_image"], only["use_label"]) == (False, False, False)
 
     # the full-rater row is the protocol's own rater continuation, and differs from the variants

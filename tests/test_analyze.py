@@ -12,7 +12,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from noisevalue.cli import app
-from noisevalue.workflows.rater_stats import (
+from noisevalue.experiments.rater_stats import (
     average_ranks,
     discrete_timestep,
     discrete_timesteps,
@@ -102,10 +102,10 @@ def read_rows(path):
 
 
 def test_analyze_writes_one_row_per_checkpoint_image_timestep_and_recomputes(analyzed):
+    from noisevalue.experiments.analyze import STREAM_ANALYZE_NOISE
     from noisevalue.raters import load_rater
     from noisevalue.registry import create
-    from noisevalue.workflows.analyze import STREAM_ANALYZE_NOISE
-    from noisevalue.workflows.batches import seeded_generator
+    from noisevalue.train.batches import seeded_generator
 
     root = analyzed / "analyze"
     for name in ("scores_stats.csv", "summary.csv", "summary.md", "by_timestep.png", "by_stage.png"):
@@ -143,7 +143,7 @@ def test_analyze_writes_one_row_per_checkpoint_image_timestep_and_recomputes(ana
 
 def test_step_zero_is_the_initial_weights(analyzed):
     from noisevalue.config import load_recipe
-    from noisevalue.workflows.build import backbone_params, build_backbone
+    from noisevalue.train.build import backbone_params, build_backbone
 
     init = analyzed / "analyze" / "init" / "checkpoints" / "step_0000000"
     model, ema = load_file(str(init / "model.safetensors")), load_file(str(init / "ema.safetensors"))

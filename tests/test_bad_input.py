@@ -75,7 +75,7 @@ def test_image_size_that_does_not_fit_the_patch(tiny_overrides):
 
 def test_batch_not_divisible_by_processes_is_a_recipe_error(tiny_overrides):
     from noisevalue.errors import ConfigError
-    from noisevalue.workflows.batches import local_batch_size
+    from noisevalue.train.batches import local_batch_size
 
     with pytest.raises(ConfigError, match="train.global_batch_size: 8 is not divisible by the 3 processes"):
         local_batch_size(8, 3)

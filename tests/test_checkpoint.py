@@ -27,7 +27,8 @@ def test_round_trip_is_bit_exact(tmp_path):
     model = small_model()
     opt = trained_optimizer(model)
     tensors, opt_meta = ckpt.optimizer_to_flat(opt.state_dict())
-    path = ckpt.save_checkpoint(tmp_path, 3, {"model": model.state_dict(), "optimizer": tensors}, {"optimizer": opt_meta})
+    path = ckpt.save_checkpoint(tmp_path, {"model": model.state_dict(), "optimizer": tensors},
+                                ckpt.CheckpointMeta(step=3, optimizer=opt_meta))
     assert path.name == "step_0000003" and (tmp_path / "latest").read_text().strip() == path.name
 
     fresh = small_model()
@@ -40,7 +41,7 @@ def test_round_trip_is_bit_exact(tmp_path):
 
     opt2 = torch.optim.AdamW(fresh.parameters(), lr=1.0)
     meta = ckpt.read_meta(path)
-    opt2.load_state_dict(ckpt.optimizer_from_flat(ckpt.load_tensors(path, "optimizer"), meta["optimizer"]))
+    opt2.load_state_dict(ckpt.optimizer_from_flat(ckpt.load_tensors(path, "optimizer"), meta.optimizer))
     s1, s2 = opt.state_dict(), opt2.state_dict()
     assert s1["param_groups"] == s2["param_groups"]
     for i in s1["state"]:
@@ -51,7 +52,7 @@ def test_round_trip_is_bit_exact(tmp_path):
 def test_keep_last_and_latest(tmp_path):
     m = small_model()
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(tmp_path, step, {"model": m.state_dict()}, {}, keep=2)
+        ckpt.save_checkpoint(tmp_path, {"model": m.state_dict()}, ckpt.CheckpointMeta(step=step), keep=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000002", "step_0000003"]
     assert ckpt.resolve_checkpoint(tmp_path).name == "step_0000003"
 
@@ -60,7 +61,7 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     import safetensors.torch
 
     m = small_model()
-    good = ckpt.save_checkpoint(tmp_path, 1, {"model": m.state_dict()}, {})
+    good = ckpt.save_checkpoint(tmp_path, {"model": m.state_dict()}, ckpt.CheckpointMeta(step=1))
     before = (good / "model.safetensors").read_bytes()
 
     def boom(*args, **kwargs):
@@ -68,7 +69,7 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError):
-        ckpt.save_checkpoint(tmp_path, 2, {"model": m.state_dict()}, {})
+        ckpt.save_checkpoint(tmp_path, {"model": m.state_dict()}, ckpt.CheckpointMeta(step=2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000001"]
     assert (good / "model.safetensors").read_bytes() == before
     assert ckpt.latest_checkpoint(tmp_path) == good
@@ -76,7 +77,7 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
 
 def test_truncated_and_corrupt_files_are_clear_errors(tmp_path):
     m = small_model()
-    path = ckpt.save_checkpoint(tmp_path, 1, {"model": m.state_dict()}, {})
+    path = ckpt.save_checkpoint(tmp_path, {"model": m.state_dict()}, ckpt.CheckpointMeta(step=1))
     data = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
@@ -90,7 +91,7 @@ def test_truncated_and_corrupt_files_are_clear_errors(tmp_path):
 
 def test_mismatched_model_is_named(tmp_path):
     m = small_model()
-    path = ckpt.save_checkpoint(tmp_path, 1, {"model": m.state_dict()}, {"x": 1})
+    path = ckpt.save_checkpoint(tmp_path, {"model": m.state_dict()}, ckpt.CheckpointMeta(step=1, x=1))
     other = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.GELU(), torch.nn.Linear(16, 2))
     with pytest.raises(CheckpointError, match=r"'0.bias' has shape \(8,\) in the checkpoint but \(16,\)"):
         ckpt.load_state_into(other, ckpt.load_tensors(path, "model"), str(path))
@@ -103,7 +104,7 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     mask = os.umask(0o022)
     try:
         ckpt.atomic_write_text(tmp_path / "a.txt", "x")
-        step = ckpt.save_checkpoint(tmp_path / "c", 1, {"m": {"w": torch.zeros(1)}}, {})
+        step = ckpt.save_checkpoint(tmp_path / "c", {"m": {"w": torch.zeros(1)}}, ckpt.CheckpointMeta(step=1))
     finally:
         os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0o600

@@ -13,7 +13,7 @@ from torch import nn
 from noisevalue import checkpoint as ckpt
 from noisevalue.meta import Unrolled, make_problem, param_dict, unroll
 from noisevalue.selectors.oracle import OracleSelector, alignment_scores
-from noisevalue.workflows.meta_train import checkpoint_adam_state, cosine
+from noisevalue.train.meta_training import checkpoint_adam_state, cosine
 from tests.test_meta import CLASSES, SIZE, TinyNet, TinyRater, batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,7 +71,8 @@ def test_adamw_checkpoint_inner_steps_equal_torch_adamw_resumed(diffusion, tmp_p
     lr, betas, eps, wd = 3e-3, (0.9, 0.95), 1e-8, 0.05
     opt = trained_adamw(net, 7, lr, betas, eps, wd)
     tensors, meta = ckpt.optimizer_to_flat(opt.state_dict())
-    path = ckpt.save_checkpoint(tmp_path, 7, {"model": net.state_dict(), "optimizer": tensors}, {"optimizer": meta})
+    path = ckpt.save_checkpoint(tmp_path, {"model": net.state_dict(), "optimizer": tensors},
+                                ckpt.CheckpointMeta(step=7, optimizer=meta))
     theta = param_dict(net)
     state, step = checkpoint_adam_state(path, list(theta))
     assert step == 7 and set(state) == {"m", "v"}
@@ -145,7 +146,7 @@ def test_checkpoint_without_optimizer_state_is_refused(tmp_path):
     from noisevalue.errors import CheckpointError
 
     net = TinyNet().double()
-    path = ckpt.save_checkpoint(tmp_path, 3, {"model": net.state_dict()}, {})
+    path = ckpt.save_checkpoint(tmp_path, {"model": net.state_dict()}, ckpt.CheckpointMeta(step=3))
     with pytest.raises(CheckpointError, match="adamw_checkpoint needs the optimizer state"):
         checkpoint_adam_state(path, list(param_dict(net)))
 

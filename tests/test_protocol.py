@@ -39,7 +39,7 @@ def rater_state_at_init(run):
 
     meta = read_meta(resolve_checkpoint(run))
     torch.manual_seed(json.loads((run / "stage.json").read_text())["seed"] + 1)
-    rater = registry.create("rater", meta["rater"]["name"], **meta["rater"]["params"])
+    rater = registry.create("rater", meta.rater.name, **meta.rater.params)
     return rater.state_dict()
 
 
@@ -98,8 +98,8 @@ def test_resumed_adamw_carried_along_resumes_exactly(tmp_path, pretrained):
     assert {k.split("/")[0] for k in state} == {"m", "v"}
     from noisevalue.checkpoint import read_meta
 
-    start = read_meta(pretrained / "checkpoints" / "step_0000004")["step"]
-    assert read_meta(full / "checkpoints" / "step_0000004")["inner_step"] == start + 4 * 2  # S = 2 per outer step
+    start = read_meta(pretrained / "checkpoints" / "step_0000004").step
+    assert read_meta(full / "checkpoints" / "step_0000004").inner_step == start + 4 * 2  # S = 2 per outer step
 
 
 def test_inner_optimizer_defaults_are_shown_and_bad_ones_refused(tmp_path, pretrained):
@@ -118,9 +118,9 @@ def test_inner_optimizer_defaults_are_shown_and_bad_ones_refused(tmp_path, pretr
 
     bare = tmp_path / "bare"  # the stage-(i) weights without the optimizer state
     src = pretrained / "checkpoints" / "step_0000004"
-    ckpt.save_checkpoint(bare, 4, {"model": load_file(str(src / "model.safetensors")),
-                                   "ema": load_file(str(src / "ema.safetensors"))},
-                         {k: v for k, v in ckpt.read_meta(src).items() if k not in ("optimizer", "step")})
+    ckpt.save_checkpoint(bare, {"model": load_file(str(src / "model.safetensors")),
+                                "ema": load_file(str(src / "ema.safetensors"))},
+                         ckpt.read_meta(src).model_copy(update={"optimizer": None}))
     for command in (["recipe", "validate", "digits"], ["run"]):
         out = tmp_path / "never"
         refused = invoke(*command, "workflow=meta_train", f"meta.pretrained={bare}",
@@ -208,7 +208,8 @@ def test_rater_checkpoint_that_does_not_fit_the_backbone(tmp_path, tiny_override
 
     rater = dual_stream_tiny(input_size=4, in_channels=2, num_classes=3, hidden_size=32, depth=1, num_heads=2)
     params = {"input_size": 4, "in_channels": 2, "num_classes": 3, "hidden_size": 32, "depth": 1, "num_heads": 2}
-    checkpoint.save_checkpoint(tmp_path / "r", 1, {"rater": rater.state_dict()}, {"rater": {"name": "dual_stream_tiny", "params": params}})
+    checkpoint.save_checkpoint(tmp_path / "r", {"rater": rater.state_dict()},
+                              checkpoint.CheckpointMeta(step=1, rater={"name": "dual_stream_tiny", "params": params}))
     result = invoke("run", *tiny_overrides, f"train.selector={{name: rater, params: {{k: 2, checkpoint: {tmp_path / 'r'}}}}}")
     assert result.exit_code == 2, result.output
     assert "(2, 4, 4)" in result.stderr and "(1, 8, 8)" in result.stderr

@@ -91,8 +91,8 @@ def direct_samples(run: Path, start: int, stop: int, cfg: float, steps: int, eta
 
     from noisevalue.backbones.dit import DiT_Tiny_2
     from noisevalue.diffusion import Diffusion, ddim_sample, guided_eps
-    from noisevalue.workflows.batches import seeded_generator
-    from noisevalue.workflows.sampling import STREAM_SAMPLES
+    from noisevalue.sampling.sample import STREAM_SAMPLES
+    from noisevalue.train.batches import seeded_generator
 
     step = run / "checkpoints" / "step_0000004"
     meta = json.loads((step / "meta.json").read_text())
@@ -144,7 +144,7 @@ def test_sample_writes_adm_npz_equal_to_a_direct_computation(run, tmp_path) -> N
 
 
 def test_interrupted_sample_continues_from_its_shards(run, tmp_path, monkeypatch) -> None:
-    from noisevalue.workflows import sampling
+    from noisevalue.sampling import sample as sampling
 
     calls: list[int] = []
     original = sampling.Sampler.images
@@ -189,7 +189,7 @@ def test_two_processes_give_the_images_of_one(run, tmp_path) -> None:
 
 
 def test_stage_folder_uses_the_nearest_recipe_and_its_stage_settings(run, tmp_path) -> None:
-    from noisevalue.workflows.sampling import resolve_run, sample_settings
+    from noisevalue.sampling.sample import resolve_run, sample_settings
 
     root = tmp_path / "proto"
     shutil.copytree(run / "checkpoints", root / "pretrain" / "checkpoints")
@@ -285,3 +285,55 @@ def test_bad_input_is_one_line_and_exit_code_2(run, tmp_path) -> None:
     fails_cleanly(["eval", tmp_path / "good.npz", "--reference", "digits", "--metric", "fid"],
                   "for `noisevalue eval`: --weights FILE")
     fails_cleanly(["eval", tmp_path / "good.npz", "--reference", "digits", "--metric", "is"], "--metric is: expected one of")
+
+
+# -- eval with any registered evaluator ---------------------------------------------------
+@pytest.fixture
+def mean_gap():
+    """A third-party evaluator registered in-process: |mean(generated) - mean(reference)| x
+    scale; it keeps no reference statistics."""
+    from noisevalue import registry
+    from noisevalue.interfaces import Evaluator
+
+    @registry.register("evaluator", "mean-gap")
+    class MeanGap(Evaluator):
+        def __init__(self, scale: float = 1.0) -> None:
+            if scale <= 0:
+                raise ValueError(f"scale must be positive, got {scale}")
+            self.scale = scale
+
+        def prepare(self, reference):
+            self.ref = torch.cat([b.flatten() for b in reference]).double().mean()
+
+        def evaluate(self, generated):
+            gen = torch.cat([b.flatten() for b in generated]).double().mean()
+            return {"mean_gap": float((gen - self.ref).abs() * self.scale)}
+
+    yield
+    registry.reset()
+
+
+def test_eval_uses_a_plugin_evaluator_from_the_registry(run, cache, tmp_path, mean_gap) -> None:
+    from noisevalue.evaluators.digit_features import digits_split
+
+    out = tmp_path / "s"
+    ok("sample", run, "--num", 12, "--steps", 2, "--out", out)
+    npz = out / "samples.npz"
+    result = ok("eval", npz, "--reference", "digits", "--evaluator", "mean-gap", "--param", "scale=2.5")
+    record = json.loads((out / "eval.json").read_text())
+    reference, _ = digits_split("test")
+    expected = abs(npz_images(npz).astype(np.float64).mean() / 255 - reference.double().mean().item()) * 2.5
+    assert record["metric"] == "mean_gap" and record["value"] == pytest.approx(expected, rel=1e-9)
+    assert record["settings"] == {"evaluator": "mean-gap", "scale": 2.5}
+    assert record["stats"] is None and record["reference_n"] == 360  # nothing cached
+    assert "mean_gap" in result.output
+    fails_cleanly(["eval", npz, "--reference", "digits", "--evaluator", "mean-gap", "--param", "scale=-1"],
+                  "--evaluator (mean-gap): scale must be positive, got -1")
+    fails_cleanly(["eval", npz, "--reference", "digits", "--evaluator", "mean-gap", "--param", "scale"],
+                  "--param 'scale': expected KEY=VALUE")
+    fails_cleanly(["eval", npz, "--reference", "digits", "--evaluator", "mean-gap", "--weights", npz],
+                  "give evaluator 'mean-gap' its settings with --param KEY=VALUE")
+    fails_cleanly(["eval", npz, "--reference", "digits", "--evaluator", "no-such"], "no-such")
+    stats = tmp_path / "stats.npz"
+    np.savez(stats, mu=np.zeros(2), sigma=np.eye(2))
+    fails_cleanly(["eval", npz, "--reference", stats, "--evaluator", "mean-gap"], "keeps none; give reference images")

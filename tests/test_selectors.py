@@ -111,8 +111,8 @@ def test_rater_selector_with_norm_rater_matches_max_and_min_norm():
 
 
 def save_tiny(tmp_path, rater, params, step=7):
-    meta = {"rater": {"name": "dual_stream_tiny", "params": params}}
-    return checkpoint.save_checkpoint(tmp_path, step, {"rater": rater.state_dict()}, meta)
+    meta = checkpoint.CheckpointMeta(step=step, rater={"name": "dual_stream_tiny", "params": params})
+    return checkpoint.save_checkpoint(tmp_path, {"rater": rater.state_dict()}, meta)
 
 
 def test_rater_selector_from_checkpoint(tmp_path, tiny_registered):
@@ -161,7 +161,8 @@ def test_rater_selector_config_errors(tmp_path, tiny_registered):
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         RaterSelector(k=4, checkpoint=tmp_path / "missing")
     # A checkpoint that is not a rater's.
-    other = checkpoint.save_checkpoint(tmp_path / "model", 1, {"model": {}}, {"backbone": "x"})
+    other = checkpoint.save_checkpoint(tmp_path / "model", {"model": {}},
+                                      checkpoint.CheckpointMeta(step=1, backbone={"name": "x"}))
     with pytest.raises(CheckpointError, match="not a rater checkpoint"):
         RaterSelector(k=4, checkpoint=other)
     # Weights that do not fit the recorded architecture.

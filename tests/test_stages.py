@@ -9,8 +9,8 @@ import torch
 from noisevalue import checkpoint
 from noisevalue.config import load_recipe
 from noisevalue.errors import ConfigError
-from noisevalue.workflows import stages
-from noisevalue.workflows.run_log import RunLog, read_scalar
+from noisevalue.experiments import stages
+from noisevalue.train.run_log import RunLog, read_scalar
 from tests.conftest import TINY
 
 
@@ -38,7 +38,8 @@ def test_seeded_dir_names(tmp_path):
 
 def test_keep_every_retains_a_trajectory(tmp_path):
     for step in range(1, 9):
-        checkpoint.save_checkpoint(tmp_path, step, {"m": {"w": torch.zeros(1)}}, {}, keep=2, keep_every=3)
+        checkpoint.save_checkpoint(tmp_path, {"m": {"w": torch.zeros(1)}}, checkpoint.CheckpointMeta(step=step),
+                                  keep=2, keep_every=3)
     kept = [checkpoint.checkpoint_step(p) for p in checkpoint.list_checkpoints(tmp_path)]
     assert kept == [3, 6, 7, 8]
 
@@ -60,7 +61,7 @@ def test_scalar_log_drops_lines_past_a_resumed_step(tmp_path):
 
 def test_a_selectors_k_is_named_once_by_its_component():
     from noisevalue.config import Component
-    from noisevalue.workflows.stages import candidates, needed_rater, with_rater
+    from noisevalue.experiments.stages import candidates, needed_rater, with_rater
 
     assert candidates(Component(name="rater", params={"k": 3})) == 3
     assert candidates(Component(name="max_norm")) == 4  # the factory's default

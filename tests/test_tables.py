@@ -10,7 +10,7 @@ import math
 import pytest
 from scipy import stats
 
-from noisevalue.workflows.tables import (
+from noisevalue.experiments.tables import (
     ResultTable,
     Row,
     Run,

@@ -135,7 +135,7 @@ def test_selection_with_k1_reproduces_vanilla_training_exactly(tmp_path, tiny_ov
 def test_evaluation_suite_prepares_once_and_reuses_baselines():
     from noisevalue.config import load_recipe
     from noisevalue.data.digits import DigitsDataset
-    from noisevalue.workflows.evaluate import EvaluationSuite
+    from noisevalue.train.evaluate import EvaluationSuite
 
     class MeanEvaluator:
         prepared = 0

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from noisevalue.cli import app
-from noisevalue.workflows.matching import (
+from noisevalue.experiments.matching import (
     level_at,
     matched_index,
     matched_step,
@@ -185,7 +185,7 @@ def transferred(tmp_path_factory):
 
 
 def test_transfer_end_to_end(transferred):
-    from noisevalue.workflows.run_log import read_scalar
+    from noisevalue.train.run_log import read_scalar
 
     out, result = transferred
     root = out / "transfer"
@@ -268,7 +268,7 @@ def test_a_target_that_never_matches_then_pretrains_longer(transferred):
     (m,) = read_csv(out / "transfer" / "matching.csv")
     assert m["backbone"] == "DiT-Tiny/2" and int(m["matched_step"]) in (8, 9) and int(m["checkpoint_step"]) == 8
     # resumed, not restarted: the same backbone, seed and data as stage (i), so the same losses
-    from noisevalue.workflows.run_log import read_scalar
+    from noisevalue.train.run_log import read_scalar
 
     assert read_scalar(out / "transfer" / "DiT-Tiny_2" / "pretrain", "train/loss")[1][:8] == pytest.approx(
         read_scalar(out / "pretrain", "train/loss")[1], rel=1e-6
@@ -282,9 +282,10 @@ def fake_rater(path, size, channels, classes, pretrained):
     params = {"input_size": size, "in_channels": channels, "num_classes": classes,
               "hidden_size": 32, "depth": 1, "num_heads": 2}
     rater = dual_stream_tiny(**params)
-    meta = {"rater": {"name": "dual_stream_tiny", "params": params}, "latent_shape": [channels, size, size],
-            "num_classes": classes, "pretrained": str(pretrained)}
-    return checkpoint.save_checkpoint(path, 3, {"rater": rater.state_dict()}, meta)
+    meta = checkpoint.CheckpointMeta(step=3, rater={"name": "dual_stream_tiny", "params": params},
+                                     latent_shape=(channels, size, size), num_classes=classes,
+                                     pretrained=str(pretrained))
+    return checkpoint.save_checkpoint(path, {"rater": rater.state_dict()}, meta)
 
 
 def test_a_rater_for_other_latents_is_refused_before_any_training(tmp_path):

@@ -39,6 +39,7 @@ import inspect
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -168,6 +169,7 @@ class FIDEvaluator(Evaluator):
         if not isinstance(antialias, bool):
             raise ConfigError(f"antialias must be true or false, got {antialias!r}")
         self.features = "custom" if feature_extractor is not None else features
+        self.antialias = antialias
         if self.features != "inception" and (weights_path is not None or antialias):
             raise ConfigError("weights_path and antialias apply only to features=inception")
         self.metric_name = metric_name or {"inception": "fid"}.get(
@@ -187,7 +189,8 @@ class FIDEvaluator(Evaluator):
         options: dict = {"reset_real_features": False}
         if self.features == "inception":
             options.update(feature=2048, normalize=False)  # we quantise to uint8 ourselves
-            options["feature_extractor_weights_path"] = _inception_weights(weights_path)
+            self._weights_path = _inception_weights(weights_path)
+            options["feature_extractor_weights_path"] = self._weights_path
             if "antialias" in inspect.signature(FrechetInceptionDistance.__init__).parameters:
                 options["antialias"] = antialias
             elif antialias:
@@ -252,6 +255,29 @@ class FIDEvaluator(Evaluator):
             arrays["n"] = np.asarray(self._reference_count)
         with atomic_file(Path(path).expanduser()) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)  # type: ignore[arg-type]
+
+    def reference_key(self) -> dict[str, Any] | None:
+        """The feature space, and the file or network behind it (None for a custom
+        ``feature_extractor``, which cannot be identified)."""
+        if self.features == "inception":
+            weights = Path(self._weights_path)
+            st = weights.stat()
+            return {"features": "inception", "antialias": self.antialias,
+                    "weights": {"path": str(weights.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}}
+        if self.features == "digits":
+            from noisevalue.evaluators.digit_features import DigitFeatureConfig
+
+            return {"features": "digits", "digit_features": DigitFeatureConfig().key()}
+        return None
+
+    def save_reference(self, path: Path) -> None:
+        self.save_reference_stats(path)
+
+    def load_reference(self, path: Path) -> None:
+        if self.kid_name is not None:
+            raise ConfigError("kid needs the reference images' features; statistics hold only mu and sigma")
+        self.reference_stats = Path(path)
+        self.prepare([])
 
     def _load_stats(self, path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
         try:

@@ -15,34 +15,27 @@ from noisevalue.raters.norm import NormRater
 
 __all__ = ["DualStreamRater", "NormRater", "dual_stream", "dual_stream_tiny", "load_rater"]
 
-RATER_GROUP = "rater"  # tensor group (``rater.safetensors``) and meta.json key
+RATER_GROUP = "rater"  # tensor group (``rater.safetensors``)
 
 
 def load_rater(path: str | Path) -> tuple[Rater, Path]:
     """Rebuild a rater from a checkpoint folder (or a run / checkpoints folder, whose
     newest checkpoint is used) and load its weights. Returns ``(rater, checkpoint_dir)``.
 
-    The folder holds ``rater.safetensors`` and ``meta.json`` whose ``"rater"`` entry is
-    ``{"name": registry name, "params": constructor params}``. The rater is returned in
+    The folder holds ``rater.safetensors`` and ``meta.json`` whose ``rater`` entry names
+    the registry name and constructor params. The rater is returned in
     eval mode with ``requires_grad`` off. Problems raise ``CheckpointError``.
     """
     from noisevalue import checkpoint, registry
     from noisevalue.errors import CheckpointError
 
     ckpt = checkpoint.resolve_checkpoint(path)
-    meta = checkpoint.read_meta(ckpt)
-    info = meta.get(RATER_GROUP)
-    if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+    identity = checkpoint.read_meta(ckpt).rater
+    if identity is None:
         raise CheckpointError(
-            f"checkpoint '{ckpt}' is not a rater checkpoint: meta.json has no "
-            f"'{RATER_GROUP}' entry with a 'name'"
+            f"checkpoint '{ckpt}' is not a rater checkpoint: {checkpoint.META} has no '{RATER_GROUP}' entry"
         )
-    params = info.get("params") or {}
-    if not isinstance(params, dict):
-        raise CheckpointError(
-            f"checkpoint '{ckpt}': meta.json '{RATER_GROUP}.params' is not a mapping"
-        )
-    rater = registry.create("rater", info["name"], **params)
+    rater = registry.create("rater", identity.name, **identity.params)
     state = checkpoint.load_tensors(ckpt, RATER_GROUP)
     checkpoint.load_state_into(rater, state, f"rater checkpoint '{ckpt}'")
     rater.eval()

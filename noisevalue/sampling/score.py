@@ -1,13 +1,15 @@
 """``noisevalue eval``: the Fréchet distance of a samples ``.npz`` to a reference.
 
-The distance is computed by the same :class:`~noisevalue.evaluators.fid.FIDEvaluator` that
-scores runs during training (``fid``: Inception features; ``fd_digits``: the digit
-classifier's features). The reference can be precomputed statistics (an ``.npz`` with
+The score comes from a registered evaluator (``--evaluator``, default ``fid``, the same
+:class:`~noisevalue.evaluators.fid.FIDEvaluator` that scores runs during training: ``fid``
+on Inception features, ``fd_digits`` on the digit classifier's); a plugin evaluator works
+the same way. The reference can be precomputed statistics (an ``.npz`` with
 ``mu`` and ``sigma``, the ADM format), a reference batch (an ``.npz`` with ``arr_0``), an
 image folder, the held-out digits (``digits``), or a dataset component of a recipe.
-Statistics of image references are computed once and cached as ``mu``/``sigma`` ``.npz``
-files keyed by the reference (path, size and modification time of its files) and the
-feature space (features, antialias, Inception weights file).
+Statistics of image references are computed once and cached as ``.npz`` files keyed by the
+reference (path, size and modification time of its files) and the evaluator's
+``reference_key()`` (features, antialias, Inception weights file), for evaluators that keep
+statistics.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from noisevalue import registry
 from noisevalue.checkpoint import atomic_write_text
 from noisevalue.config import Component
 from noisevalue.errors import ConfigError, DataError, WeightsUnavailableError
-from noisevalue.workflows.sampling import display_path
+from noisevalue.sampling.sample import display_path
 
 __all__ = [
     "DIGITS_REFERENCE",
@@ -36,6 +38,7 @@ __all__ = [
     "METRICS",
     "NpzImages",
     "Reference",
+    "ChosenEvaluator",
     "build_evaluator",
     "default_metric",
     "default_stats_cache",
@@ -47,7 +50,9 @@ __all__ = [
 
 EVAL_FILE = "eval.json"
 DIGITS_REFERENCE = "digits"
-METRICS = {"fid": "inception", "fd_digits": "digits"}  # metric name -> FIDEvaluator features
+METRICS = {"fid": "inception", "fd_digits": "digits"}  # --metric -> the fid evaluator's features
+_FID_TRAINING_ONLY = ("reference_stats", "kid", "metric_name")
+_PLACEMENT = ("device", "batch_size", "cache_dir")
 _BATCH = 256  # images read per step
 
 
@@ -111,49 +116,76 @@ class NpzImages:
                 yield torch.from_numpy(array.copy()).permute(0, 3, 1, 2)
 
 
+def _unit(batch: torch.Tensor) -> torch.Tensor:
+    """An evaluator's input: float images in [0, 1] (uint8 v becomes v / 255, which the
+    built-in evaluators quantise back to v exactly)."""
+    return batch.float() / 255 if batch.dtype == torch.uint8 else batch
+
+
 def default_metric(channels: int, height: int, width: int) -> str:
     """``fd_digits`` for 8x8 one-channel images, else ``fid``."""
     return "fd_digits" if channels == 1 and height == width == 8 else "fid"
 
 
 # -------------------------------------------------------------------------- evaluator
+@dataclass
+class ChosenEvaluator:
+    """A registered evaluator, built, with the component it was built from."""
+
+    evaluator: Any
+    name: str
+    params: dict[str, Any]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What decides its numbers (for ``eval.json``): the name and the parameters except
+        where and how fast it runs."""
+        return {"evaluator": self.name, **{k: v for k, v in self.params.items() if k not in _PLACEMENT}}
+
+
 def build_evaluator(
-    metric: str,
+    name: str | None = None,
+    params: dict[str, Any] | None = None,
+    metric: str | None = None,
     weights: str | Path | None = None,
     antialias: bool | None = None,
-    params: dict[str, Any] | None = None,
-) -> Any:
-    """A :class:`FIDEvaluator` for ``metric`` (``fid`` or ``fd_digits``); ``params`` are
-    further constructor arguments (e.g. a recipe evaluator's), overridden by the options."""
-    from noisevalue.evaluators.fid import FIDEvaluator
-
-    if metric not in METRICS:
-        raise ConfigError(f"--metric {metric}: expected one of {', '.join(METRICS)}")
-    features = METRICS[metric]
-    kwargs = {k: v for k, v in (params or {}).items() if k not in ("reference_stats", "features", "metric_name")}
-    kwargs["features"] = features
-    kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-    if features == "inception":
-        if weights is not None:
-            kwargs["weights_path"] = str(weights)
-        if antialias is not None:
-            kwargs["antialias"] = bool(antialias)
-    else:
-        if weights is not None or antialias:
-            raise ConfigError(f"--weights and --antialias apply only to --metric fid, not {metric}")
-        kwargs.pop("weights_path", None)
-        kwargs.pop("antialias", None)
+    where: str = "--evaluator",
+) -> ChosenEvaluator:
+    """Evaluator ``name`` (default ``fid``) from the registry, with ``params`` (e.g. a recipe
+    evaluator's). ``metric``, ``weights`` and ``antialias`` are the shortcuts of the
+    built-in ``fid``: its feature space (``fid``/``fd_digits``), Inception weights and resize."""
+    name = name or "fid"
+    params = dict(params or {})
+    if name == "fid":
+        for key in _FID_TRAINING_ONLY:  # the reference is --reference; eval reports the distance
+            params.pop(key, None)
+        if metric is not None:
+            if metric not in METRICS:
+                raise ConfigError(f"--metric {metric}: expected one of {', '.join(METRICS)}")
+            params["features"] = METRICS[metric]
+        inception = params.get("features", "inception") == "inception"
+        if inception:
+            if weights is not None:
+                params["weights_path"] = str(weights)
+            if antialias is not None:
+                params["antialias"] = bool(antialias)
+        else:
+            if weights is not None or antialias:
+                raise ConfigError(f"--weights and --antialias apply only to --metric fid, not {metric}")
+            params.pop("weights_path", None)
+            params.pop("antialias", None)
+    elif metric is not None or weights is not None or antialias is not None:
+        raise ConfigError(
+            f"--metric, --weights and --antialias set the built-in fid evaluator; give evaluator "
+            f"'{name}' its settings with --param KEY=VALUE"
+        )
+    if "device" in registry.accepted("evaluator", name) and "device" not in params:
+        params["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        evaluator: Any = FIDEvaluator(**kwargs)
+        evaluator = registry.build("evaluator", Component(name=name, params=params), where=where)
     except WeightsUnavailableError as exc:
         raise WeightsUnavailableError(f"{exc}; for `noisevalue eval`: --weights FILE") from None
-    # what decides the features, for the cache key and eval.json (FIDEvaluator keeps no copy)
-    evaluator.feature_settings = {"features": features}
-    if features == "inception":
-        evaluator.feature_settings.update(
-            antialias=bool(kwargs.get("antialias", False)), weights=str(kwargs.get("weights_path"))
-        )
-    return evaluator
+    return ChosenEvaluator(evaluator, name, params)
 
 
 # -------------------------------------------------------------------------- reference
@@ -217,14 +249,9 @@ def _folder_files(folder: Path) -> list[Path]:
 
 
 def reference_key(ref: Reference, evaluator: Any) -> dict[str, Any]:
-    """What the cached statistics of ``ref`` depend on."""
-    key: dict[str, Any] = {"kind": ref.kind, **evaluator.feature_settings}
-    if evaluator.features == "inception":
-        key["weights"] = _file_id(Path(evaluator.feature_settings["weights"]))
-    elif evaluator.features == "digits":
-        from noisevalue.evaluators.digit_features import DigitFeatureConfig
-
-        key["digit_features"] = DigitFeatureConfig().key()
+    """What the cached statistics of ``ref`` depend on: the evaluator's features and the
+    reference's files."""
+    key: dict[str, Any] = {"kind": ref.kind, **evaluator.reference_key()}
     if ref.kind in ("npz", "stats"):
         assert ref.path is not None
         key["file"] = _file_id(ref.path)
@@ -283,7 +310,7 @@ def _folder_batches(folder: Path) -> Iterator[torch.Tensor]:
 
 
 def _dataset_batches(component: Component) -> Iterator[torch.Tensor]:
-    from noisevalue.workflows.build import image_to_unit
+    from noisevalue.train.build import image_to_unit
 
     dataset = registry.build("dataset", component, where="data.eval_dataset")
     n = len(dataset)
@@ -311,44 +338,53 @@ def default_stats_cache() -> Path:
 def prepare_reference(
     evaluator: Any, ref: Reference, cache_dir: str | Path | None = None, say: Callable[[str], Any] = print
 ) -> dict[str, Any]:
-    """Give ``evaluator`` the reference statistics: from a stats file, from the cache, or
-    computed from the images (then cached). Returns what was used (for eval.json)."""
+    """Give ``evaluator`` its reference: statistics from a stats file or the cache, or the
+    reference images (statistics then cached, when the evaluator keeps any). Returns what
+    was used (for eval.json)."""
     from noisevalue.errors import UserError
 
+    cacheable = evaluator.reference_key() is not None
     if ref.kind == "stats":
-        evaluator.reference_stats = ref.path
-        try:
-            evaluator.prepare([])
-            say(f"reference statistics: {ref.path}")
-            return {"stats": str(ref.path), "cache_hit": None, "reference_n": _stats_count(ref.path)}
-        except ConfigError:
-            if not ref.has_images:
-                raise
-            say(f"reference '{ref.path}': its mu/sigma are not {evaluator.features} statistics; using its arr_0 images")
-    key = reference_key(ref, evaluator)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    name = ref.path.stem if ref.path else (ref.component.name if ref.component else ref.label)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "reference"
-    cache = Path(cache_dir).expanduser() if cache_dir else default_stats_cache()
-    cached = cache / f"{stem}-{evaluator.features}-{digest}.npz"
-    if cached.is_file():
-        evaluator.reference_stats = cached
-        try:
-            evaluator.prepare([])
-            say(f"reference statistics: cache hit {display_path(cached)}")
-            return {"stats": display_path(cached), "cache_hit": True, "reference_n": _stats_count(cached)}
-        except UserError as exc:
-            say(f"reference statistics: ignoring unreadable cache {display_path(cached)} ({exc})")
-    evaluator.reference_stats = None
+        if not cacheable and not ref.has_images:
+            raise ConfigError(
+                f"reference '{ref.path}' holds statistics, but {type(evaluator).__name__} keeps none; "
+                "give reference images (an .npz with arr_0, an image folder)"
+            )
+        if cacheable:
+            try:
+                evaluator.load_reference(ref.path)
+                say(f"reference statistics: {ref.path}")
+                return {"stats": str(ref.path), "cache_hit": None, "reference_n": _stats_count(ref.path)}
+            except ConfigError:
+                if not ref.has_images:
+                    raise
+                say(f"reference '{ref.path}': its mu/sigma do not fit these features; using its arr_0 images")
     counted = [0]
 
     def counting() -> Iterator[torch.Tensor]:
         for batch in _reference_batches(ref):
             counted[0] += len(batch)
-            yield batch
+            yield _unit(batch)
 
+    if not cacheable:
+        evaluator.prepare(counting())
+        say(f"reference: {counted[0]} images (this evaluator keeps no statistics to cache)")
+        return {"stats": None, "cache_hit": None, "reference_n": counted[0]}
+    key = reference_key(ref, evaluator)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = ref.path.stem if ref.path else (ref.component.name if ref.component else ref.label)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40] or "reference"
+    cache = Path(cache_dir).expanduser() if cache_dir else default_stats_cache()
+    cached = cache / f"{stem}-{key.get('features', 'features')}-{digest}.npz"
+    if cached.is_file():
+        try:
+            evaluator.load_reference(cached)
+            say(f"reference statistics: cache hit {display_path(cached)}")
+            return {"stats": display_path(cached), "cache_hit": True, "reference_n": _stats_count(cached)}
+        except UserError as exc:
+            say(f"reference statistics: ignoring unreadable cache {display_path(cached)} ({exc})")
     evaluator.prepare(counting())
-    evaluator.save_reference_stats(cached)
+    evaluator.save_reference(cached)
     atomic_write_text(cached.with_suffix(".json"), json.dumps(key, indent=2, sort_keys=True))
     n = counted[0]
     say(f"reference statistics: computed from {n} images, cached as {display_path(cached)}")
@@ -359,20 +395,15 @@ def prepare_reference(
 def score_samples(
     samples: str | Path,
     reference: str | Path | Component,
-    metric: str | None = None,
-    weights: str | Path | None = None,
-    antialias: bool | None = None,
+    chosen: ChosenEvaluator | None = None,
     num: int | None = None,
     stats_cache: str | Path | None = None,
-    evaluator_params: dict[str, Any] | None = None,
     reference_label: str | None = None,
     say: Callable[[str], Any] = print,
-    evaluator: Any = None,
 ) -> dict[str, Any]:
-    """Score the ``arr_0`` images of ``samples`` against ``reference``; writes
-    ``eval.json`` next to ``samples`` and returns its record. ``evaluator``: one made by
-    :func:`build_evaluator` (then ``metric``, ``weights``, ``antialias`` and
-    ``evaluator_params`` are not used)."""
+    """Score the ``arr_0`` images of ``samples`` against ``reference`` with ``chosen`` (by
+    default the ``fid`` evaluator in the feature space :func:`default_metric` picks); writes
+    ``eval.json`` next to ``samples`` and returns its record."""
     images = NpzImages(samples)
     if num is not None:
         if num < 2:
@@ -380,21 +411,22 @@ def score_samples(
         if num > len(images):
             raise DataError(f"samples file '{images.path}' holds {len(images)} images, fewer than --num {num}")
     n = len(images) if num is None else num
-    if evaluator is None:
-        metric = metric or default_metric(images.channels, images.shape[1], images.shape[2])
-        evaluator = build_evaluator(metric, weights, antialias, evaluator_params)
+    if chosen is None:
+        chosen = build_evaluator(metric=default_metric(images.channels, images.shape[1], images.shape[2]))
     ref = parse_reference(reference)
-    used = prepare_reference(evaluator, ref, stats_cache, say)
-    value = float(evaluator.evaluate(images.batches(limit=n))[evaluator.metric_name])
-    settings = dict(evaluator.feature_settings)
+    used = prepare_reference(chosen.evaluator, ref, stats_cache, say)
+    generated = (_unit(batch) for batch in images.batches(limit=n))
+    results = {k: float(v) for k, v in chosen.evaluator.evaluate(generated).items()}
+    metric, value = next(iter(results.items()))
     record = {
-        "metric": evaluator.metric_name,
+        "metric": metric,
         "value": value,
+        **({"metrics": results} if len(results) > 1 else {}),
         "samples": images.path.name,
         "n": n,
         "reference": reference_label or ref.label,
         **used,
-        "settings": settings,
+        "settings": chosen.settings,
     }
     _write_eval_json(images.path.parent / EVAL_FILE, record)
     return record

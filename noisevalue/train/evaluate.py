@@ -12,14 +12,14 @@ import torch
 from noisevalue.checkpoint import atomic_file, atomic_write_text
 from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion, ddim_sample, guided_eps
-from noisevalue.workflows.batches import (
+from noisevalue.train.batches import (
     STREAM_EVAL,
     STREAM_HELDOUT,
     STREAM_SAMPLE,
     seeded_generator,
 )
-from noisevalue.workflows.build import image_to_unit
-from noisevalue.workflows.train_data import dataset_images, reference_images, reference_items
+from noisevalue.train.build import image_to_unit
+from noisevalue.train.data import dataset_images, reference_images, reference_items
 
 HELDOUT_LOSS = "heldout_loss"  # the primary metric of every comparison table
 HELDOUT_SEED = 0  # not the run's seed: every run, method and seed scores the same set

@@ -37,11 +37,11 @@ from noisevalue import checkpoint as ckpt
 from noisevalue.config import Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
-from noisevalue.workflows import stages
-from noisevalue.workflows.batches import seeded_generator, validation_split
-from noisevalue.workflows.rater_stats import spearman
-from noisevalue.workflows.run_log import read_scalar
-from noisevalue.workflows.tables import mean_ci
+from noisevalue.experiments import stages
+from noisevalue.experiments.rater_stats import spearman
+from noisevalue.experiments.tables import mean_ci
+from noisevalue.train.batches import seeded_generator, validation_split
+from noisevalue.train.run_log import read_scalar
 
 SIGNAL_DIR = "signal"
 STREAM_SIGNAL = 532  # the groups' images, timesteps and candidates, and the L_val draws
@@ -50,7 +50,7 @@ SCORE_ROWS = 1024  # candidates per rater or oracle call
 
 
 def run_signal(recipe: Recipe, info: DistInfo, say: stages.Say) -> list[Path]:
-    from noisevalue.workflows.protocol import seed_rater, untrained_rater
+    from noisevalue.experiments.protocol import seed_rater, untrained_rater
 
     if recipe.rater is None:
         raise ConfigError("analyze --signal needs a 'rater' section in the recipe")
@@ -85,16 +85,17 @@ class SignalInputs:
 
     def __init__(self, recipe: Recipe, info: DistInfo, root: Path, checkpoint: Path) -> None:
         from noisevalue.diffusion import Diffusion
-        from noisevalue.workflows.build import checkpoint_backbone
-        from noisevalue.workflows.train_data import load_train_data
+        from noisevalue.train.build import checkpoint_backbone
+        from noisevalue.train.data import load_train_data
 
         a, dev = recipe.analyze, info.device
         if recipe.train.threads and dev.type == "cpu":
             torch.set_num_threads(recipe.train.threads)
-        data_recipe = stages.stage_recipe(recipe, root, **{"data.latent_cache": stages.latent_cache(recipe)})
+        data_recipe = stages.stage_recipe(recipe, root)
         data, _ = load_train_data(data_recipe, root, info)
-        meta = ckpt.read_meta(checkpoint)
-        self.model = checkpoint_backbone(checkpoint, meta["backbone"], "model", "meta.pretrained",
+        meta = ckpt.require_diffusion(checkpoint, "meta.pretrained")
+        assert meta.backbone is not None
+        self.model = checkpoint_backbone(checkpoint, meta.backbone, "model", "meta.pretrained",
                                          str(checkpoint)).to(dev)
         self.diffusion = Diffusion.from_config(recipe.diffusion)
         self.device, self.k, self.groups = dev, a.candidates, a.signal_groups
@@ -239,7 +240,7 @@ def plot_signal(path: Path, rows: list[dict], scorers: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from noisevalue.workflows.tables import save_figure
+    from noisevalue.experiments.tables import save_figure
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     centres = [(b + 0.5) / TIME_BINS for b in range(TIME_BINS)]

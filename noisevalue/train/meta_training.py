@@ -34,7 +34,7 @@ from noisevalue.interfaces import BilevelProblem, Params
 from noisevalue.meta.one_step import OneStep
 from noisevalue.meta.problem import GroupedBatch, PlainBatch, group_stats, make_problem, param_dict
 from noisevalue.raters import RATER_GROUP
-from noisevalue.workflows.batches import (
+from noisevalue.train.batches import (
     STREAM_META,
     STREAM_PROBE,
     STREAM_VAL,
@@ -43,10 +43,10 @@ from noisevalue.workflows.batches import (
     draw_step,
     validation_split,
 )
-from noisevalue.workflows.build import checkpoint_backbone
-from noisevalue.workflows.progress import StepProgress
-from noisevalue.workflows.run_log import RunLog
-from noisevalue.workflows.train_data import load_train_data
+from noisevalue.train.build import checkpoint_backbone
+from noisevalue.train.data import load_train_data
+from noisevalue.train.progress import StepProgress
+from noisevalue.train.trainer import Trainer
 
 
 def local_subproblems(total: int, world_size: int) -> int:
@@ -70,7 +70,8 @@ def checkpoint_adam_state(path: Path, names: list[str]) -> tuple[dict[str, Param
     the trainer built its optimizer from)."""
     where = "meta.inner_optimizer: adamw_checkpoint"
     meta = ckpt.require_optimizer_state(path, where)
-    state = ckpt.optimizer_from_flat(ckpt.load_tensors(path, "optimizer"), meta["optimizer"])
+    assert meta.optimizer is not None
+    state = ckpt.optimizer_from_flat(ckpt.load_tensors(path, "optimizer"), meta.optimizer)
     groups = state["param_groups"]
     order = [i for g in groups for i in g["params"]]
     if len(order) != len(names):
@@ -100,13 +101,9 @@ def cosine(a: Params, b: Params) -> tuple[float, float, float]:
     return (dot / (na * nb) if na > 0 and nb > 0 else math.nan), na, nb
 
 
-class RaterMetaTraining:
+class RaterMetaTraining(Trainer):
     def __init__(self, recipe: Recipe, run_dir: str | Path, info: DistInfo, resume: bool = False):
-        self.recipe, self.info, self.resume = recipe, info, resume
-        self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.step = 0
-        self.log = RunLog()
+        super().__init__(recipe, run_dir, info, resume)
         self.theta: dict[str, torch.Tensor] | None = None  # carried theta (reset_theta false)
         self.inner_state: dict[str, Params] | None = None  # the inner optimizer's starting state
         self.inner_step = 0  # and its step count
@@ -116,8 +113,7 @@ class RaterMetaTraining:
     def setup(self) -> None:
         r, info, m = self.recipe, self.info, self.recipe.meta
         assert r.rater is not None
-        if r.train.threads and info.device.type == "cpu":
-            torch.set_num_threads(r.train.threads)
+        self.set_threads()
         if not m.pretrained:
             raise ConfigError("meta.pretrained: a diffusion checkpoint (run or step folder) is required")
         self.data, _ = load_train_data(r, self.run_dir, info)
@@ -128,15 +124,15 @@ class RaterMetaTraining:
         self.train_idx, self.val_idx = validation_split(self.data.num_items, m.val_fraction, r.seed)
 
         path = ckpt.resolve_checkpoint(m.pretrained)
-        meta = ckpt.read_meta(path)
-        identity = meta.get("backbone") or {}
-        if tuple(meta.get("latent_shape", ())) != tuple(self.latent_shape) or meta.get("num_classes") != self.num_classes:
+        meta = ckpt.require_diffusion(path, "meta.pretrained")
+        assert meta.backbone is not None
+        if meta.latent_shape != tuple(self.latent_shape) or meta.num_classes != self.num_classes:
             raise CheckpointError(
-                f"checkpoint '{path}' was trained on latents {tuple(meta.get('latent_shape', ()))} with "
-                f"{meta.get('num_classes')} classes, but the data gives {tuple(self.latent_shape)} "
+                f"checkpoint '{path}' was trained on latents {meta.latent_shape} with "
+                f"{meta.num_classes} classes, but the data gives {tuple(self.latent_shape)} "
                 f"with {self.num_classes}"
             )
-        backbone = checkpoint_backbone(path, identity, "model", "meta.pretrained", str(path))
+        backbone = checkpoint_backbone(path, meta.backbone, "model", "meta.pretrained", str(path))
         self.backbone = backbone.to(info.device)  # its parameters are only read, via theta
         self.pretrained = path
         self.drop_prob = float(backbone.class_dropout_prob) if self.num_classes else 0.0
@@ -158,7 +154,7 @@ class RaterMetaTraining:
         self.val_order = GlobalOrder(len(self.val_idx), r.seed + 1)
         if self.resume:
             self._restore()
-        self.log = RunLog(self.run_dir, info.is_main, self.step)
+        self.open_log()
 
     # ------------------------------------------------------------------ batches
     def _batch(self, order: GlobalOrder, pool: torch.Tensor, key: int, size: int, k: int, stream: int, part: int,
@@ -309,7 +305,7 @@ class RaterMetaTraining:
     def _stop_on_nan(self, outer: int) -> None:
         """Keep the last good rater (the one before this update) and stop with one line."""
         latest = ckpt.latest_checkpoint(self.ckpt_dir)
-        if latest is None or int(ckpt.read_meta(latest)["step"]) != outer:
+        if latest is None or ckpt.read_meta(latest).step != outer:
             self.save_checkpoint()
         last = ckpt.latest_checkpoint(self.ckpt_dir)
         raise UserError(
@@ -318,12 +314,9 @@ class RaterMetaTraining:
             "meta.rater_grad_clip"
         )
 
-    def log_scalars(self, scalars: dict[str, float]) -> None:
-        self.log.scalars(scalars, self.step)
-
-    def _identity(self) -> dict:
+    def _identity(self) -> ckpt.Identity:
         assert self.recipe.rater is not None
-        return {"name": self.recipe.rater.name, "params": self.rater_params}
+        return ckpt.Identity(name=self.recipe.rater.name, params=self.rater_params)
 
     def save_checkpoint(self) -> None:
         if self.info.is_main:
@@ -333,30 +326,24 @@ class RaterMetaTraining:
                 tensors["theta"] = self.theta
                 if self.inner_state is not None:
                     tensors[INNER_STATE] = {f"{p}/{k}": v for p, t in self.inner_state.items() for k, v in t.items()}
-            meta = {
-                RATER_GROUP: self._identity(),
-                "optimizer": opt_meta,
-                "latent_shape": list(self.latent_shape),
-                "num_classes": self.num_classes,
-                "pretrained": str(self.pretrained),
-                "meta": self.recipe.meta.model_dump(mode="json"),
-                "inner_step": self.inner_step,
-            }
-            ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, meta, keep=self.recipe.train.keep_checkpoints)
+            meta = ckpt.CheckpointMeta(
+                step=self.step, rater=self._identity(), optimizer=opt_meta, latent_shape=self.latent_shape,
+                num_classes=self.num_classes, pretrained=str(self.pretrained),
+                meta=self.recipe.meta.model_dump(mode="json"), inner_step=self.inner_step,
+            )
+            ckpt.save_checkpoint(self.ckpt_dir, tensors, meta, keep=self.recipe.train.keep_checkpoints)
         barrier(self.info)
 
     def _restore(self) -> None:
-        path = ckpt.latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            raise CheckpointError(f"--resume: no checkpoint in '{self.ckpt_dir}'")
+        path = self.checkpoint_to_resume()
         meta = ckpt.read_meta(path)
-        if meta.get(RATER_GROUP) != self._identity():
+        if meta.rater != self._identity():
             raise CheckpointError(
-                f"checkpoint '{path}' holds rater {meta.get(RATER_GROUP)}, but the recipe builds {self._identity()}"
+                f"checkpoint '{path}' holds rater {meta.rater}, but the recipe builds {self._identity()}"
             )
         ckpt.load_state_into(self.rater, ckpt.load_tensors(path, RATER_GROUP, self.info.device), str(path))
         flat = ckpt.load_tensors(path, "rater_optimizer", self.info.device)
-        self.rater_opt.load_state_dict(ckpt.optimizer_from_flat(flat, meta["optimizer"]))
+        self.rater_opt.load_state_dict(ckpt.optimizer_from_flat(flat, meta.optimizer or {}))
         if (path / "theta.safetensors").is_file():
             self.theta = ckpt.load_tensors(path, "theta", self.info.device)
         if (path / f"{INNER_STATE}.safetensors").is_file():
@@ -365,11 +352,5 @@ class RaterMetaTraining:
             for key, v in flat.items():
                 part, name = key.split("/", 1)
                 state.setdefault(part, {})[name] = v
-            self.inner_state, self.inner_step = state, int(meta["inner_step"])
-        self.step = int(meta["step"])
-
-    def evaluate(self) -> dict[str, float]:
-        return {}
-
-    def cleanup(self) -> None:
-        self.log.close()
+            self.inner_state, self.inner_step = state, int(meta.inner_step or 0)
+        self.step = meta.step

@@ -40,10 +40,9 @@ from noisevalue import checkpoint as ckpt
 from noisevalue.checkpoint import atomic_file
 from noisevalue.config import Recipe, TrainConfig
 from noisevalue.distributed import DistInfo, barrier
-from noisevalue.errors import CheckpointError, ConfigError
-from noisevalue.workflows import stages
-from noisevalue.workflows.batches import seeded_generator
-from noisevalue.workflows.rater_stats import (
+from noisevalue.errors import ConfigError
+from noisevalue.experiments import stages
+from noisevalue.experiments.rater_stats import (
     SCORE_STD_DDOF,
     STAT_FIELDS,
     candidate_stats,
@@ -51,6 +50,7 @@ from noisevalue.workflows.rater_stats import (
     noise_norms,
     summarize,
 )
+from noisevalue.train.batches import seeded_generator
 
 # random streams of the analysis (see batches.py for the training ones): which training
 # images, and image i's candidate noises: randn((K, *latent_shape)) from
@@ -92,12 +92,12 @@ def run_analyze(
     checkpoints: list[str] | None = None, steps: list[int] | None = None, signal: bool = False,
 ) -> list[Path]:
     """Run the analysis (or, with ``signal``, the meta-signal analysis of
-    :mod:`noisevalue.workflows.signal`); returns the paths of the tables and figures."""
+    :mod:`noisevalue.experiments.signal`); returns the paths of the tables and figures."""
     if signal:
         if checkpoints or steps:
             raise ConfigError("analyze --signal probes the recipe's own stage-(i) checkpoint and rater; "
                               "drop --checkpoint / --step")
-        from noisevalue.workflows.signal import run_signal
+        from noisevalue.experiments.signal import run_signal
 
         return run_signal(recipe, info, say)
     if recipe.rater is None:
@@ -113,9 +113,9 @@ def run_analyze(
         f"a rater each ({a.outer_steps} outer steps), {a.num_images} images x {a.candidates} noises x "
         f"{len(a.timesteps)} timesteps")
     raters: dict[int, Path] = {}
-    updates: dict[str, Any] = {"meta.outer_steps": a.outer_steps}
     for step, path in targets:
-        raters[step] = stages.train_rater(recipe, info, say, path, root / f"rater-step{step}", **updates)
+        raters[step] = stages.train_rater(recipe, info, say, path, root / f"rater-step{step}",
+                                          outer_steps=a.outer_steps)
     score_all(recipe, info, say, root, raters)
     paths = output_paths(root)
     if info.is_main:
@@ -196,10 +196,7 @@ def _explicit_checkpoints(checkpoints: list[str]) -> list[tuple[int, Path]]:
     out: dict[int, Path] = {}
     for given in checkpoints:
         path = ckpt.resolve_checkpoint(given)
-        meta = ckpt.read_meta(path)
-        if not isinstance(meta.get("backbone"), dict):
-            raise CheckpointError(f"--checkpoint '{given}': '{path}' is not a diffusion checkpoint (no 'backbone' in meta.json)")
-        step = int(meta["step"])
+        step = ckpt.require_diffusion(path, f"--checkpoint '{given}'").step
         if step in out and out[step] != path:
             raise ConfigError(
                 f"--checkpoint: '{out[step]}' and '{path}' are both at step {step}; results are labelled "
@@ -212,13 +209,13 @@ def _explicit_checkpoints(checkpoints: list[str]) -> list[tuple[int, Path]]:
 def initial_checkpoint(recipe: Recipe, info: DistInfo, say: stages.Say) -> Path:
     """Step 0: the diffusion model as stage (i) initialises it (same seed, EMA = weights),
     saved once with the same meta as a training checkpoint, in ``analyze/init``."""
-    from noisevalue.workflows.diffusion_training import DiffusionTraining
+    from noisevalue.train.diffusion_training import DiffusionTraining
 
     run_dir = Path(recipe.output_dir) / ANALYZE_DIR / INIT_DIR
-    stage = stages.stage_recipe(
-        recipe, run_dir, workflow="pretrain",
-        **{"data.latent_cache": stages.latent_cache(recipe), "train.steps": 0, "train.init_from": None,
-           "train.compile": False, "eval.evaluators": [], "eval.every": None},
+    stage = stages.replace(
+        stages.stage_recipe(recipe, run_dir, workflow="pretrain"),
+        train=stages.replace(recipe.train, steps=0, init_from=None, compile=False),
+        eval=stages.replace(recipe.eval, evaluators=[], every=None),
     )
     stages.check_stage_settings(stage)
     path = run_dir / "checkpoints" / ckpt.step_dir_name(0)
@@ -312,13 +309,13 @@ class ScoringInputs:
     """The images, labels, candidate noises and timesteps every rater is scored on."""
 
     def __init__(self, recipe: Recipe, info: DistInfo, root: Path) -> None:
-        from noisevalue.workflows.train_data import load_train_data
+        from noisevalue.train.data import load_train_data
 
         self.recipe, self.info = recipe, info
         a = recipe.analyze
         if recipe.train.threads and info.device.type == "cpu":
             torch.set_num_threads(recipe.train.threads)
-        data_recipe = stages.stage_recipe(recipe, root, **{"data.latent_cache": stages.latent_cache(recipe)})
+        data_recipe = stages.stage_recipe(recipe, root)
         data, encoder = load_train_data(data_recipe, root, info)  # collective (latent cache)
         if a.num_images > data.num_items:
             raise ConfigError(f"analyze.num_images: {a.num_images} is more than the {data.num_items} training images")
@@ -342,7 +339,7 @@ class ScoringInputs:
     @torch.no_grad()
     def score(self, rater: torch.nn.Module, label: str, show: bool) -> tuple[np.ndarray, np.ndarray]:
         """(scores ``[N, nT, K]`` float32, noise norms ``[N, K]`` float64)."""
-        from noisevalue.workflows.progress import StepProgress
+        from noisevalue.train.progress import StepProgress
 
         n_img, k, n_t = len(self.x0), self.recipe.analyze.candidates, len(self.timesteps)
         per_image = k * n_t
@@ -501,7 +498,7 @@ def plot_violins(path: Path, labels: list[str], groups: list[dict[str, np.ndarra
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from noisevalue.workflows.tables import save_figure
+    from noisevalue.experiments.tables import save_figure
 
     width = max(10.0, 0.45 * len(labels) * 2)
     fig, axes = plt.subplots(1, 2, figsize=(width, 4), dpi=120)

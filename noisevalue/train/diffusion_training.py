@@ -18,14 +18,13 @@ import torch
 
 from noisevalue import checkpoint as ckpt
 from noisevalue import registry
-from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion
-from noisevalue.distributed import DistInfo, all_reduce_mean, barrier
+from noisevalue.distributed import all_reduce_mean, barrier
 from noisevalue.ema import EMA, unwrap
 from noisevalue.errors import CheckpointError, ConfigError
 from noisevalue.interfaces import TrainingContext
-from noisevalue.workflows import evaluate as ev
-from noisevalue.workflows.batches import (
+from noisevalue.train import evaluate as ev
+from noisevalue.train.batches import (
     STREAM_EVAL,
     STREAM_ORACLE,
     STREAM_SELECT,
@@ -35,25 +34,17 @@ from noisevalue.workflows.batches import (
     seeded_generator,
     validation_split,
 )
-from noisevalue.workflows.build import backbone_params, build_backbone, build_evaluators
-from noisevalue.workflows.progress import StepProgress
-from noisevalue.workflows.run_log import RunLog
-from noisevalue.workflows.train_data import load_train_data
+from noisevalue.train.build import backbone_params, build_backbone, build_evaluators
+from noisevalue.train.data import load_train_data
+from noisevalue.train.progress import StepProgress
+from noisevalue.train.trainer import Trainer
 
 
-class DiffusionTraining:
-    def __init__(self, recipe: Recipe, run_dir: str | Path, info: DistInfo, resume: bool = False):
-        self.recipe, self.info, self.resume = recipe, info, resume
-        self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        self.step = 0
-        self.log = RunLog()
-
+class DiffusionTraining(Trainer):
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         r, info = self.recipe, self.info
-        if r.train.threads and info.device.type == "cpu":
-            torch.set_num_threads(r.train.threads)
+        self.set_threads()
         self.evaluators = build_evaluators(r) if info.is_main else []
         self.selector = registry.build("selector", r.train.selector, where="train.selector")
         self.data, self.encoder = load_train_data(r, self.run_dir, info)
@@ -101,17 +92,17 @@ class DiffusionTraining:
         elif r.train.init_from:
             self.load(ckpt.resolve_checkpoint(r.train.init_from), with_optimizer=True)
         # evaluations are counted from where this run started (a continuation's origin)
-        self.origin = int(ckpt.read_meta(ckpt.resolve_checkpoint(r.train.init_from))["step"]) if r.train.init_from else 0
+        self.origin = ckpt.read_meta(ckpt.resolve_checkpoint(r.train.init_from)).step if r.train.init_from else 0
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if r.train.compile:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.order = GlobalOrder(self.data.num_items, r.seed)
-        self.log = RunLog(self.run_dir, info.is_main, self.step)
+        self.open_log()
 
-    def _identity(self) -> dict:
-        return {"name": self.recipe.model.name, "params": self.model_params}
+    def _identity(self) -> ckpt.Identity:
+        return ckpt.Identity(name=self.recipe.model.name, params=self.model_params)
 
     def _validation_batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """``n`` held-out samples for the current step (a selector's TrainingContext)."""
@@ -128,16 +119,13 @@ class DiffusionTraining:
         return x0.to(dev), y_in, draws.t.to(dev), draws.noise[:, 0].to(dev)
 
     def _restore(self) -> None:
-        path = ckpt.latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            raise CheckpointError(f"--resume: no checkpoint in '{self.ckpt_dir}'")
-        self.load(path, with_optimizer=True)
+        self.load(self.checkpoint_to_resume(), with_optimizer=True)
 
     def load(self, path: Path, with_optimizer: bool) -> None:
         meta = ckpt.read_meta(path)
-        if meta.get("backbone") != self._identity():
+        if meta.backbone != self._identity():
             raise CheckpointError(
-                f"checkpoint '{path}' was written for backbone {meta.get('backbone')}, "
+                f"checkpoint '{path}' was written for backbone {meta.backbone}, "
                 f"but the recipe builds {self._identity()}"
             )
         model = unwrap(self.model)
@@ -148,10 +136,10 @@ class DiffusionTraining:
         if with_optimizer:
             flat = ckpt.load_tensors(path, "optimizer", self.info.device)
             try:
-                self.optimizer.load_state_dict(ckpt.optimizer_from_flat(flat, meta["optimizer"]))
+                self.optimizer.load_state_dict(ckpt.optimizer_from_flat(flat, meta.optimizer or {}))
             except (KeyError, ValueError) as exc:
                 raise CheckpointError(f"checkpoint '{path}': optimizer state does not fit ({exc})") from None
-        self.step = int(meta["step"])
+        self.step = meta.step
 
     # ------------------------------------------------------------------ training
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -219,28 +207,21 @@ class DiffusionTraining:
                 if r.eval.every and (self.step - self.origin) % r.eval.every == 0 and self.step != total:
                     self.evaluate()
 
-    def log_scalars(self, scalars: dict[str, float]) -> None:
-        self.log.scalars(scalars, self.step)
-
     def save_checkpoint(self) -> None:
         if self.info.is_main:
             opt_tensors, opt_meta = ckpt.optimizer_to_flat(self.optimizer.state_dict())
-            meta = {
-                "backbone": self._identity(),
-                "optimizer": opt_meta,
-                "recipe": self.recipe.name,
-                "seed": self.recipe.seed,
-                "latent_shape": list(self.latent_shape),
-                "num_classes": self.num_classes,
-                "diffusion": self.recipe.diffusion.model_dump(),
-            }
+            meta = ckpt.CheckpointMeta(
+                step=self.step, backbone=self._identity(), optimizer=opt_meta, recipe=self.recipe.name,
+                seed=self.recipe.seed, latent_shape=self.latent_shape, num_classes=self.num_classes,
+                diffusion=self.recipe.diffusion.model_dump(),
+            )
             tensors = {
                 "model": unwrap(self.model).state_dict(),
                 "ema": self.ema.state_dict(),
                 "optimizer": opt_tensors,
             }
             ckpt.save_checkpoint(
-                self.ckpt_dir, self.step, tensors, meta, keep=self.recipe.train.keep_checkpoints,
+                self.ckpt_dir, tensors, meta, keep=self.recipe.train.keep_checkpoints,
                 keep_every=self.recipe.train.keep_every,
             )
         barrier(self.info)
@@ -278,9 +259,6 @@ class DiffusionTraining:
             self.log.image("samples", make_grid(images, nrow=nrow), self.step)
         barrier(self.info)
         return metrics
-
-    def cleanup(self) -> None:
-        self.log.close()
 
 
 class _ImagesView:

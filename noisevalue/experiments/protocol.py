@@ -18,12 +18,11 @@ and minimum detectable effect, for every metric (the held-out loss first).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from noisevalue.config import Component, Recipe
 from noisevalue.distributed import DistInfo, barrier
-from noisevalue.workflows import stages
-from noisevalue.workflows.tables import Run, primary_metric, tables_for, write_tables
+from noisevalue.experiments import stages
+from noisevalue.experiments.tables import Run, primary_metric, tables_for, write_tables
 
 VANILLA = "vanilla"
 UNTRAINED_DIR = "rater-untrained"
@@ -35,19 +34,18 @@ def start_row(run_dir: Path) -> dict:
 
 
 def seed_rater(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained: Path, seed: int,
-               rater: Component | None = None, base: Path | None = None, **updates: object) -> Path:
+               rater: Component | None = None, base: Path | None = None) -> Path:
     """The rater for one seed (default folder ``<output_dir>/rater``, or ``-seed<N>``)."""
     base = base or Path(recipe.output_dir) / "rater"
     return stages.train_rater(recipe, info, say, pretrained, stages.seeded_dir(base, seed, recipe),
-                              rater=rater, seed=seed, **updates)
+                              rater=rater, seed=seed)
 
 
 def untrained_rater(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained: Path, seed: int) -> Path:
     """The seed's rater as initialised, before any outer step (``meta.outer_steps=0``): the
     same architecture and initial weights the meta-trained rater started from."""
     run_dir = stages.seeded_dir(Path(recipe.output_dir) / UNTRAINED_DIR, seed, recipe)
-    updates: dict[str, Any] = {"meta.outer_steps": 0}
-    return stages.train_rater(recipe, info, say, pretrained, run_dir, seed=seed, **updates)
+    return stages.train_rater(recipe, info, say, pretrained, run_dir, seed=seed, outer_steps=0)
 
 
 def run_protocol(recipe: Recipe, info: DistInfo, say: stages.Say = print) -> dict:

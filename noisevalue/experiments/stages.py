@@ -18,16 +18,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from noisevalue import registry
 from noisevalue.checkpoint import atomic_write_text, latest_checkpoint
-from noisevalue.config import Component, Recipe, parse_recipe
+from noisevalue.config import STAGE_SETTINGS, Component, Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
 
 DONE = "DONE"
-STAGE_SETTINGS = "stage.json"
 
 # the sections that decide a stage's result, per workflow
 _RELEVANT = {
@@ -41,26 +42,27 @@ _IGNORED = {
 }
 
 Say = Callable[[str], Any]
+M = TypeVar("M", bound=BaseModel)
 
 
-def stage_recipe(recipe: Recipe, output_dir: Path, **updates: Any) -> Recipe:
-    """A copy of ``recipe`` for one stage: dotted keys in ``updates`` replace values."""
-    data = recipe.model_dump(mode="json")
-    data["output_dir"] = str(output_dir)
-    for dotted, value in updates.items():
-        set_dotted(data, dotted, value)
-    return parse_recipe(data, f"recipe '{recipe.name}' ({output_dir.name} stage)")
+def stage_recipe(recipe: Recipe, output_dir: Path, workflow: str | None = None, seed: int | None = None) -> Recipe:
+    """A copy of ``recipe`` for one stage in ``output_dir`` (running ``workflow`` with
+    ``seed``, by default the recipe's), sharing the recipe's latent cache. Copies of
+    validated sections, not a re-parse: change a section with :func:`replace`."""
+    return replace(
+        recipe, output_dir=str(output_dir), workflow=workflow or recipe.workflow,
+        seed=recipe.seed if seed is None else seed,
+        data=replace(recipe.data, latent_cache=latent_cache(recipe)),
+    )
 
 
-def set_dotted(data: dict, dotted: str, value: Any) -> None:
-    """``data["a"]["b"] = value`` for ``dotted`` = ``"a.b"``, creating missing sections."""
-    node = data
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        if not isinstance(node.get(key), dict):
-            node[key] = {}
-        node = node[key]
-    node[leaf] = value
+def replace(section: M, **fields: Any) -> M:
+    """A copy of a recipe section (or the recipe) with ``fields`` replaced; each must be a
+    field of that section."""
+    unknown = sorted(set(fields) - set(type(section).model_fields))
+    if unknown:
+        raise TypeError(f"{type(section).__name__} has no field {unknown[0]!r}")
+    return section.model_copy(update=fields)
 
 
 def seeded_dir(base: Path, seed: int, recipe: Recipe) -> Path:
@@ -116,7 +118,7 @@ def write_stage_recipe(recipe: Recipe) -> None:
 
 def run_stage(recipe: Recipe, info: DistInfo, say: Say) -> dict:
     """Run (or reuse, or resume) one stage; returns its final metrics."""
-    from noisevalue.workflows.single import run_single
+    from noisevalue.train.run import run_trainer
 
     run_dir = Path(recipe.output_dir)
     check_stage_settings(recipe)
@@ -131,7 +133,7 @@ def run_stage(recipe: Recipe, info: DistInfo, say: Say) -> dict:
     if info.is_main:
         atomic_write_text(run_dir / STAGE_SETTINGS, json.dumps(stage_settings(recipe), indent=1, sort_keys=True))
     barrier(info)
-    metrics = run_single(recipe, run_dir, info, resume=resume)
+    metrics = run_trainer(recipe, run_dir, info, resume=resume)
     if info.is_main:
         atomic_write_text(marker, json.dumps({"metrics": metrics}, indent=2))
     barrier(info)
@@ -142,54 +144,42 @@ def latent_cache(recipe: Recipe) -> str:
     return recipe.data.latent_cache or str(Path(recipe.output_dir) / "latents")
 
 
-def pretrain(recipe: Recipe, info: DistInfo, say: Say, run_dir: Path | None = None, **updates: Any) -> Path:
-    """Stage (i) (default folder ``<output_dir>/pretrain``); returns its folder."""
+def pretrain(recipe: Recipe, info: DistInfo, say: Say, run_dir: Path | None = None) -> Path:
+    """Stage (i) of ``recipe`` (default folder ``<output_dir>/pretrain``); returns its folder."""
     run_dir = run_dir or Path(recipe.output_dir) / "pretrain"
-    stage = stage_recipe(recipe, run_dir, workflow="pretrain", **{"data.latent_cache": latent_cache(recipe), **updates})
-    run_stage(stage, info, say)
+    run_stage(stage_recipe(recipe, run_dir, workflow="pretrain"), info, say)
     return run_dir
 
 
 def train_rater(
     recipe: Recipe, info: DistInfo, say: Say, pretrained: str | Path, run_dir: Path,
-    rater: Component | None = None, seed: int | None = None, **updates: Any,
+    rater: Component | None = None, seed: int | None = None, outer_steps: int | None = None,
 ) -> Path:
-    """Stage (ii): meta-train ``rater`` (default: the recipe's) on ``pretrained``."""
+    """Stage (ii): meta-train ``rater`` (default: the recipe's) on ``pretrained`` for
+    ``outer_steps`` (default: ``meta.outer_steps``)."""
     assert rater is not None or recipe.rater is not None
-    stage = stage_recipe(
-        recipe, run_dir, workflow="meta_train",
-        **{
-            "data.latent_cache": latent_cache(recipe),
-            "meta.pretrained": str(pretrained),
-            "rater": (rater or recipe.rater).model_dump(mode="json"),  # type: ignore[union-attr]
-            "seed": recipe.seed if seed is None else seed,
-            **updates,
-        },
-    )
+    meta = replace(recipe.meta, pretrained=str(pretrained))
+    if outer_steps is not None:
+        meta = replace(meta, outer_steps=outer_steps)
+    stage = replace(stage_recipe(recipe, run_dir, workflow="meta_train", seed=seed), meta=meta,
+                    rater=rater or recipe.rater)
     run_stage(stage, info, say)
     return run_dir
 
 
 def continue_training(
     recipe: Recipe, info: DistInfo, say: Say, init_from: str | Path, run_dir: Path,
-    selector: Component, steps: int, seed: int | None = None, **updates: Any,
+    selector: Component, steps: int, seed: int | None = None,
 ) -> list[dict]:
     """Stage (iii): ``steps`` more steps from ``init_from`` with ``selector`` choosing the
     noise; returns the evaluation rows after the starting step."""
     from noisevalue.checkpoint import read_meta, resolve_checkpoint
 
-    origin = int(read_meta(resolve_checkpoint(init_from))["step"])
-    stage = stage_recipe(
-        recipe, run_dir, workflow="pretrain",
-        **{
-            "data.latent_cache": latent_cache(recipe),
-            "train.steps": origin + steps,
-            "train.init_from": str(init_from),
-            "train.selector": selector.model_dump(mode="json"),
-            "eval.every": recipe.select.eval_every,
-            "seed": recipe.seed if seed is None else seed,
-            **updates,
-        },
+    origin = read_meta(resolve_checkpoint(init_from)).step
+    stage = replace(
+        stage_recipe(recipe, run_dir, workflow="pretrain", seed=seed),
+        train=replace(recipe.train, steps=origin + steps, init_from=str(init_from), selector=selector),
+        eval=replace(recipe.eval, every=recipe.select.eval_every),
     )
     run_stage(stage, info, say)
     return evaluations(run_dir, after=origin)

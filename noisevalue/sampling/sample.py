@@ -13,16 +13,14 @@ images; each shard is one batch of the model, written to ``shards/`` as soon as 
   ``[N, H, W, C]``, ``arr_1`` int64 labels when class-conditional), writes ``grid.png``
   and removes ``shards/``. A folder with ``samples.npz`` is complete and is reused.
 
-Multi-process runs start this module under ``torch.distributed.run`` (``main``); every rank
-reads the settings the CLI wrote to ``<out>/settings.json``.
+Multi-process runs start job ``sample`` of :mod:`noisevalue.jobs` on every rank; each reads
+the settings the CLI wrote to ``<out>/settings.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -36,16 +34,17 @@ from noisevalue import checkpoint as ckpt
 from noisevalue import registry
 from noisevalue.config import (
     RESOLVED_RECIPE,
+    STAGE_SETTINGS,
     Component,
     DiffusionConfig,
     Recipe,
     load_recipe,
     load_recipe_dict,
     parse_recipe,
+    set_dotted,
 )
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import CheckpointError, ConfigError, DataError
-from noisevalue.workflows.stages import STAGE_SETTINGS, set_dotted
 
 __all__ = [
     "GRID_FILE",
@@ -59,8 +58,6 @@ __all__ = [
     "default_out_dir",
     "display_path",
     "image_generators",
-    "launcher_args",
-    "main",
     "prepare_out_dir",
     "read_settings",
     "resolve_run",
@@ -88,22 +85,23 @@ class RunContext:
 
     checkpoint: Path
     run_dir: Path
-    meta: dict[str, Any]
+    meta: ckpt.CheckpointMeta  # a diffusion checkpoint's
     recipe: Recipe
     recipe_source: str  # where the recipe came from, for messages
 
     @property
     def step(self) -> int:
-        return int(self.meta["step"])
+        return self.meta.step
 
     @property
     def num_classes(self) -> int:
-        return int(self.meta["num_classes"])
+        assert self.meta.num_classes is not None
+        return self.meta.num_classes
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.meta["latent_shape"]
-        return int(c), int(h), int(w)
+        assert self.meta.latent_shape is not None
+        return self.meta.latent_shape
 
 
 def resolve_run(path: str | Path, recipe: str | Path | None = None) -> RunContext:
@@ -120,13 +118,7 @@ def resolve_run(path: str | Path, recipe: str | Path | None = None) -> RunContex
     if not path.exists():
         raise CheckpointError(f"'{path}' not found: expected a run folder or a checkpoint folder")
     checkpoint = ckpt.resolve_checkpoint(path)
-    meta = ckpt.read_meta(checkpoint)
-    missing = [k for k in ("backbone", "latent_shape", "num_classes", "diffusion") if k not in meta]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint '{checkpoint}' is not a diffusion checkpoint ({ckpt.META} has no "
-            f"{missing[0]}; a rater checkpoint cannot be sampled)"
-        )
+    meta = ckpt.require_diffusion(checkpoint, "noisevalue sample")
     parent = checkpoint.parent
     run_dir = parent.parent if parent.name == "checkpoints" else parent
     parsed, source = _load_run_recipe(run_dir, recipe)
@@ -255,8 +247,8 @@ def sample_settings(
     settings = SampleSettings(
         checkpoint=str(run.checkpoint.resolve()),
         step=run.step,
-        backbone=dict(run.meta["backbone"]),
-        diffusion=dict(run.meta["diffusion"]),
+        backbone=run.meta.backbone.model_dump(mode="json"),  # type: ignore[union-attr]
+        diffusion=dict(run.meta.diffusion or {}),
         encoder=r.data.encoder.model_dump(mode="json"),
         latent_shape=list(run.latent_shape),
         num_classes=run.num_classes,
@@ -264,7 +256,7 @@ def sample_settings(
         num_steps=r.sample.num_steps if steps is None else int(steps),
         cfg_scale=r.sample.cfg_scale if cfg_scale is None else float(cfg_scale),
         eta=r.sample.eta if eta is None else float(eta),
-        seed=int(run.meta.get("seed", r.seed)) if seed is None else int(seed),
+        seed=(r.seed if run.meta.seed is None else run.meta.seed) if seed is None else int(seed),
         use_ema=bool(use_ema),
         class_label=class_label,
         batch_size=r.sample.batch_size if batch_size is None else int(batch_size),
@@ -359,7 +351,7 @@ def read_settings(out: Path) -> SampleSettings:
 # -------------------------------------------------------------------------- sampling
 def image_generators(seed: int, start: int, stop: int) -> list[torch.Generator]:
     """One generator per image ``start..stop-1``, seeded by ``(seed, STREAM_SAMPLES, i)``."""
-    from noisevalue.workflows.batches import seeded_generator
+    from noisevalue.train.batches import seeded_generator
 
     return [seeded_generator(seed, STREAM_SAMPLES, i) for i in range(start, stop)]
 
@@ -369,7 +361,7 @@ class Sampler:
 
     def __init__(self, settings: SampleSettings, device: torch.device) -> None:
         from noisevalue.diffusion import Diffusion
-        from noisevalue.workflows.build import checkpoint_backbone
+        from noisevalue.train.build import checkpoint_backbone
 
         self.settings, self.device = settings, device
         path = Path(settings.checkpoint)
@@ -377,7 +369,7 @@ class Sampler:
         if not (path / f"{name}.safetensors").is_file():
             hint = "; pass --no-ema to use the raw weights" if settings.use_ema else ""
             raise CheckpointError(f"checkpoint '{path}': {name}.safetensors is missing{hint}")
-        model = checkpoint_backbone(path, settings.backbone, name, "model", f"{path} ({name})")
+        model = checkpoint_backbone(path, ckpt.Identity(**settings.backbone), name, "model", f"{path} ({name})")
         self.model = model.to(device).eval()
         dropout = float(model.class_dropout_prob)
         if settings.num_classes and settings.cfg_scale != 1.0 and dropout <= 0:
@@ -393,7 +385,7 @@ class Sampler:
     def images(self, start: int, stop: int) -> np.ndarray:
         """Samples ``start..stop-1`` as uint8 ``[n, H, W, C]`` (one model batch)."""
         from noisevalue.diffusion import ddim_sample, guided_eps
-        from noisevalue.workflows.build import image_to_unit
+        from noisevalue.train.build import image_to_unit
 
         s = self.settings
         gens = image_generators(s.seed, start, stop)
@@ -426,7 +418,7 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
 def run_sampling(out: Path, info: DistInfo, say: Any = print) -> Path:
     """Draw this rank's missing shards of the samples in ``out`` (``settings.json``), then
     on rank 0 assemble ``samples.npz`` and ``grid.png``. Returns the npz path."""
-    from noisevalue.workflows.progress import StepProgress
+    from noisevalue.train.progress import StepProgress
 
     out = Path(out)
     settings = read_settings(out)
@@ -476,7 +468,7 @@ def _assemble(out: Path, settings: SampleSettings) -> None:
 
 def _write_grid(path: Path, shard_paths: list[Path], settings: SampleSettings) -> None:
     """The first images: one column per class (up to 16 classes) or 8 columns, 8 rows."""
-    from noisevalue.workflows.evaluate import save_png_atomic
+    from noisevalue.train.evaluate import save_png_atomic
 
     k = settings.num_classes
     nrow = k if 2 <= k <= 16 and settings.class_label is None else 8
@@ -515,32 +507,3 @@ def write_images_npz(
             if labels is not None:
                 with zf.open("arr_1.npy", "w", force_zip64=True) as fh:
                     np.lib.format.write_array(fh, np.asarray(labels, dtype=np.int64))
-
-
-# -------------------------------------------------------------------------- torchrun entry
-def main(argv: list[str] | None = None) -> int:
-    """One rank of ``noisevalue sample --nproc-per-node N`` (started by torch.distributed.run)."""
-    parser = argparse.ArgumentParser(prog="noisevalue-sample-worker")
-    parser.add_argument("--out", required=True, help=f"the samples folder holding {SETTINGS_FILE}")
-    args = parser.parse_args(argv)
-    from noisevalue.workflows.worker import run_rank
-
-    out = Path(args.out)
-
-    def prepare() -> tuple[str, Any]:
-        return read_settings(out).device, lambda info: run_sampling(out, info)
-
-    return run_rank(prepare)
-
-
-def launcher_args(out: Path, **launch: Any) -> list[str]:
-    """``torch.distributed.run`` arguments starting :func:`main` on every rank."""
-    from noisevalue import distributed
-
-    args = distributed.launcher_args([], **launch)
-    args[args.index("-m") + 1] = "noisevalue.workflows.sampling"
-    return [*args, "--out", str(out)]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

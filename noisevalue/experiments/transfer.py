@@ -10,7 +10,7 @@
     <output_dir>/transfer/loss_curves.png              the curves the matching read
 
 Each target continues from the kept checkpoint nearest to the step where its smoothed
-training loss comes down to the source's (see :mod:`noisevalue.workflows.matching`).
+training loss comes down to the source's (see :mod:`noisevalue.experiments.matching`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from noisevalue import registry
 from noisevalue.config import Component, Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import CheckpointError, ConfigError
-from noisevalue.workflows import matching, stages
-from noisevalue.workflows.run_log import SCALARS, read_scalar
-from noisevalue.workflows.tables import (
+from noisevalue.experiments import matching, stages
+from noisevalue.experiments.tables import (
     ResultTable,
     Run,
     csv_text,
@@ -40,6 +39,7 @@ from noisevalue.workflows.tables import (
     save_figure,
     tables_for,
 )
+from noisevalue.train.run_log import SCALARS, read_scalar
 
 LOSS_TAG = "train/loss"
 VANILLA, RATER = "vanilla", "rater"
@@ -122,12 +122,12 @@ def run_transfer(
     }
     histories: dict[tuple[int, str, int], list[dict]] = {}
     for n, m in enumerate(matches):
+        target_recipe = stages.replace(recipe, model=target_model(recipe, m.target))
         for seed in recipe.continuation_seeds():
             for kind, selector in selectors.items():
                 run_dir = stages.seeded_dir(m.folder / kind, seed, recipe)
                 histories[n, kind, seed] = stages.continue_training(
-                    recipe, info, say, m.checkpoint, run_dir, selector, recipe.select.steps, seed=seed,
-                    model=target_model(recipe, m.target).model_dump(mode="json"),
+                    target_recipe, info, say, m.checkpoint, run_dir, selector, recipe.select.steps, seed=seed,
                 )
 
     # 5. tables and figures: per target, one table per metric (held-out loss first)
@@ -219,8 +219,7 @@ def check_rater_fits(recipe: Recipe, rater_ckpt: Path, given: str) -> None:
 
 def find_source(rater_ckpt: Path, smoothing_window: int, given: str) -> Source:
     """The diffusion run and step the rater was meta-trained on, and its loss level there."""
-    meta = ckpt.read_meta(rater_ckpt)
-    pretrained = meta.get("pretrained")
+    pretrained = ckpt.read_meta(rater_ckpt).pretrained
     if not pretrained:
         raise CheckpointError(
             f"rater '{rater_ckpt}': its meta.json does not name the diffusion checkpoint it was "
@@ -230,8 +229,8 @@ def find_source(rater_ckpt: Path, smoothing_window: int, given: str) -> Source:
     backbone = "source"
     if (path / ckpt.META).is_file():
         diffusion_meta = ckpt.read_meta(path)
-        step = int(diffusion_meta["step"])
-        backbone = str((diffusion_meta.get("backbone") or {}).get("name", backbone))
+        step = diffusion_meta.step
+        backbone = diffusion_meta.backbone.name if diffusion_meta.backbone else backbone
     else:
         try:
             step = ckpt.checkpoint_step(path)
@@ -264,13 +263,13 @@ def match_target(recipe: Recipe, info: DistInfo, say: stages.Say, target: Compon
     folder = out / target_folder(target)
     run_dir = folder / "pretrain"
     label = target_label(target)
-    updates = {
-        "model": target_model(recipe, target).model_dump(mode="json"), "train.steps": steps,
+    target_recipe = stages.replace(
+        recipe, model=target_model(recipe, target), train=stages.replace(recipe.train, steps=steps),
         # evaluated where it may be continued from, for the table's start column
-        "eval.every": recipe.eval.every or recipe.train.keep_every,
-    }
-    extend_if_longer(recipe, info, say, run_dir, updates)
-    stages.pretrain(recipe, info, say, run_dir=run_dir, **updates)
+        eval=stages.replace(recipe.eval, every=recipe.eval.every or recipe.train.keep_every),
+    )
+    extend_if_longer(target_recipe, info, say, run_dir)
+    stages.pretrain(target_recipe, info, say, run_dir=run_dir)
     logged, raw = read_scalar(run_dir, LOSS_TAG)
     if not logged:
         raise ConfigError(f"'{run_dir}': no '{LOSS_TAG}' in its {SCALARS}; cannot match it to the source")
@@ -293,15 +292,14 @@ def match_target(recipe: Recipe, info: DistInfo, say: stages.Say, target: Compon
     return Match(target, label, folder, curve, matched, path, chosen)
 
 
-def extend_if_longer(recipe: Recipe, info: DistInfo, say: stages.Say, run_dir: Path, updates: dict) -> None:
+def extend_if_longer(recipe: Recipe, info: DistInfo, say: stages.Say, run_dir: Path) -> None:
     """A finished target pretraining asked now for more steps (``transfer.pretrain_steps``
     raised after a failed match), with every other setting the same, is resumed and trained
     on instead of refused; any other change still stops at the stage's settings check."""
     settings, done = run_dir / stages.STAGE_SETTINGS, run_dir / stages.DONE
     if not (settings.is_file() and done.is_file()):
         return
-    stage = stages.stage_recipe(recipe, run_dir, workflow="pretrain",
-                                **{"data.latent_cache": stages.latent_cache(recipe), **updates})
+    stage = stages.stage_recipe(recipe, run_dir, workflow="pretrain")
     old, new = json.loads(settings.read_text()), stages.stage_settings(stage)
     changed = {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
     if changed != {"train.steps"} or not old["train.steps"] < new["train.steps"]:

@@ -20,9 +20,9 @@ from noisevalue import registry
 from noisevalue.config import ABLATION_INPUTS, Component, Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
-from noisevalue.workflows import stages
-from noisevalue.workflows.protocol import VANILLA, seed_rater, start_row
-from noisevalue.workflows.tables import Run, tables_for, write_tables
+from noisevalue.experiments import stages
+from noisevalue.experiments.protocol import VANILLA, seed_rater, start_row
+from noisevalue.experiments.tables import Run, tables_for, write_tables
 
 FULL = "full rater"
 

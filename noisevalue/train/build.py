@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from noisevalue import registry
+from noisevalue.checkpoint import Identity
 from noisevalue.config import Recipe
 from noisevalue.interfaces import Backbone
 
@@ -30,13 +31,13 @@ def build_backbone(recipe: Recipe, params: dict) -> Backbone:
     return model
 
 
-def checkpoint_backbone(path: Path, identity: dict, weights: str, where: str, label: str) -> Backbone:
-    """The backbone that a checkpoint's ``meta.json`` names (``identity``: name and params),
+def checkpoint_backbone(path: Path, identity: Identity, weights: str, where: str, label: str) -> Backbone:
+    """The backbone that a checkpoint's ``meta.json`` names (``identity``),
     with the checkpoint's ``weights`` group (``model`` or ``ema``) loaded and checked;
     ``where`` names it in recipe errors, ``label`` in weight errors."""
     from noisevalue import checkpoint as ckpt
 
-    model = registry.build("backbone", registry.Named(identity["name"], identity.get("params", {})), where=where)
+    model = registry.build("backbone", registry.Named(identity.name, identity.params), where=where)
     ckpt.load_state_into(model, ckpt.load_tensors(path, weights), label)
     return model
 

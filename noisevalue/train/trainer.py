@@ -1,0 +1,73 @@
+"""The shape both trainers share, after torchtune's recipes: ``setup`` builds everything
+and restores a checkpoint, ``train`` runs the loop and calls ``save_checkpoint``,
+``evaluate`` scores the result, ``cleanup`` closes writers. :meth:`Trainer.run` calls them
+in that order; only rank 0 logs and writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from noisevalue import checkpoint as ckpt
+from noisevalue.config import Recipe
+from noisevalue.distributed import DistInfo
+from noisevalue.errors import CheckpointError
+from noisevalue.train.run_log import RunLog
+
+
+class Trainer:
+    """One run of a recipe in ``run_dir`` on this rank (``resume``: continue from the newest
+    checkpoint in ``run_dir/checkpoints``)."""
+
+    def __init__(self, recipe: Recipe, run_dir: str | Path, info: DistInfo, resume: bool = False):
+        self.recipe, self.info, self.resume = recipe, info, resume
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step = 0
+        self.log = RunLog()  # replaced by a writing one at the end of setup
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def train(self) -> None:
+        raise NotImplementedError
+
+    def save_checkpoint(self) -> None:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def cleanup(self) -> None:
+        self.log.close()
+
+    def run(self) -> dict[str, float]:
+        """setup, train, evaluate; cleanup always. Returns the final metrics."""
+        try:
+            self.setup()
+            self.train()
+            return self.evaluate()
+        finally:
+            self.cleanup()
+
+    # ------------------------------------------------------------------ shared plumbing
+    def set_threads(self) -> None:
+        """``train.threads`` torch threads on a CPU run (0: torch's default)."""
+        if self.recipe.train.threads and self.info.device.type == "cpu":
+            torch.set_num_threads(self.recipe.train.threads)
+
+    def open_log(self) -> None:
+        """The run's TensorBoard and ``scalars.jsonl`` writer, from the current step."""
+        self.log = RunLog(self.run_dir, self.info.is_main, self.step)
+
+    def log_scalars(self, scalars: dict[str, float]) -> None:
+        self.log.scalars(scalars, self.step)
+
+    def checkpoint_to_resume(self) -> Path:
+        """The newest checkpoint of this run, which ``--resume`` continues from."""
+        path = ckpt.latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            raise CheckpointError(f"--resume: no checkpoint in '{self.ckpt_dir}'")
+        return path
