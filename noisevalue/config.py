@@ -402,6 +402,21 @@ def component_slots(recipe: Recipe) -> list[tuple[str, str, Component]]:
     return slots
 
 
+def check_has_rater(where: str, comp: Component) -> None:
+    """A selector that declares it needs a rater gets one from its ``checkpoint`` where
+    nothing hands it one (``train.selector``; ``select.methods`` are handed theirs)."""
+    from noisevalue import registry
+    from noisevalue.interfaces import rater_need
+
+    need = rater_need(registry.resolve("selector", comp, where))
+    if need is not None and "checkpoint" not in comp.params:
+        raise ConfigError(
+            f"{where}.params.checkpoint: selector '{comp.name}' needs a{'n untrained' if need == 'untrained' else ' trained'}"
+            f" rater; give a rater checkpoint (run or step folder), or list the selector under select.methods, "
+            "where the protocol hands it its seed's rater"
+        )
+
+
 def check_takes_trained_rater(where: str, comp: Component) -> None:
     """``ablate.selector`` and ``transfer.selector`` are handed a rater per row: they must
     declare ``needs_rater = "trained"`` and name no checkpoint of their own."""
@@ -425,6 +440,7 @@ def check_components(recipe: Recipe) -> None:
     for where, kind, comp in component_slots(recipe):
         registry.resolve(kind, comp, where)
         trial_build(where, kind, comp)
+    check_has_rater("train.selector", recipe.train.selector)
     check_takes_trained_rater("ablate.selector", recipe.ablate.selector)
     check_takes_trained_rater("transfer.selector", recipe.transfer.selector)
     m = recipe.meta

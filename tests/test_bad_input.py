@@ -44,6 +44,9 @@ def digest(folder: Path) -> dict:
         ("train.selector={name: max_norm, params: {k: 0}}", "train.selector (max_norm): selector 'max_norm': k must be"),
         ("train.selector={name: rater, params: {k: 4, batch_size: 0}}",
          "train.selector (rater): selector 'rater': batch_size must be an integer >= 1 or null"),
+        # a selector that needs a rater, where nothing hands it one, is refused before training
+        ("train.selector={name: rater, params: {k: 4}}",
+         "train.selector.params.checkpoint: selector 'rater' needs a trained rater; give a rater checkpoint"),
     ],
 )
 def test_recipe_errors(tiny_overrides, override, expected):

@@ -109,3 +109,22 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
         os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0o600
     assert step.stat().st_mode & 0o777 == 0o755
+
+
+def test_meta_json_is_typed_and_round_trips(tmp_path):
+    meta = ckpt.CheckpointMeta(step=5, backbone={"name": "DiT-Tiny/2", "params": {"depth": 2}},
+                               latent_shape=(1, 8, 8), num_classes=10, diffusion={"num_timesteps": 1000})
+    path = ckpt.save_checkpoint(tmp_path, {"model": {"w": torch.zeros(1)}}, meta)
+    back = ckpt.read_meta(path)
+    assert back == meta and back.is_diffusion and back.backbone.params == {"depth": 2}
+    assert json.loads((path / "meta.json").read_text())["latent_shape"] == [1, 8, 8]
+    assert ckpt.require_diffusion(path, "here") == meta
+
+    rater = ckpt.save_checkpoint(tmp_path / "r", {"rater": {"w": torch.zeros(1)}},
+                                 ckpt.CheckpointMeta(step=1, rater={"name": "dual_stream_tiny"}))
+    with pytest.raises(CheckpointError, match=r"noisevalue sample: '.*' is a rater checkpoint"):
+        ckpt.require_diffusion(rater, "noisevalue sample")
+
+    (path / "meta.json").write_text(json.dumps({"step": 5, "latent_shape": "wide"}))
+    with pytest.raises(CheckpointError, match=r"meta.json 'latent_shape': Input should be a valid tuple"):
+        ckpt.read_meta(path)

@@ -70,3 +70,49 @@ def test_no_import_cycles():
     graph = import_graph()
     assert "noisevalue.experiments.stages" in graph["noisevalue.experiments.protocol"]  # the graph is read
     assert cycles(graph) == []
+
+
+# The layers, lowest first: a module may import its own layer and those below it only.
+LAYERS = [
+    ("core", {"noisevalue", "noisevalue.errors", "noisevalue.interfaces", "noisevalue.registry",
+              "noisevalue.config", "noisevalue.checkpoint", "noisevalue.diffusion", "noisevalue.distributed",
+              "noisevalue.ema", "noisevalue.builtin_recipes"}),
+    ("components", {"noisevalue.backbones", "noisevalue.raters", "noisevalue.selectors", "noisevalue.meta",
+                    "noisevalue.data", "noisevalue.evaluators"}),
+    ("train", {"noisevalue.train"}),
+    ("experiments, sampling", {"noisevalue.experiments", "noisevalue.sampling"}),
+    ("entry points", {"noisevalue.jobs", "noisevalue.cli", "noisevalue.cli_options", "noisevalue.cli_sampling"}),
+]
+
+
+def layer_of(module: str) -> int:
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        if module in prefixes or any(module.startswith(p + ".") for p in prefixes - {"noisevalue"}):
+            return rank
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    found = [f"{a} -> {b}" for a in sorted(graph) for b in sorted(graph[a]) if layer_of(b) > layer_of(a)]
+    # experiments and sampling share a layer but are independent of each other
+    found += [f"{a} -> {b}" for a in sorted(graph) for b in sorted(graph[a])
+              if {_package(a), _package(b)} == {"experiments", "sampling"}]
+    return found
+
+
+def test_the_layer_check_sees_an_upward_import():
+    graph = {"noisevalue.config": {"noisevalue.train.batches"}, "noisevalue.train.batches": set(),
+             "noisevalue.sampling.sample": {"noisevalue.experiments.stages"}, "noisevalue.experiments.stages": set()}
+    assert upward_imports(graph) == ["noisevalue.config -> noisevalue.train.batches",
+                                     "noisevalue.sampling.sample -> noisevalue.experiments.stages"]
+
+
+def test_imports_point_down_the_layers():
+    graph = import_graph()
+    assert {layer_of(m) for m in graph} == set(range(len(LAYERS)))  # every module placed, every layer used
+    assert upward_imports(graph) == []

@@ -73,3 +73,23 @@ def test_a_selectors_k_is_named_once_by_its_component():
     raters = {"trained": Path("a"), "untrained": Path("b")}
     assert with_rater(Component(name="random_rater", params={"k": 2}), raters).params == {"k": 2, "checkpoint": "b"}
     assert with_rater(Component(name="min_norm"), raters) == Component(name="min_norm")
+
+
+def test_stage_recipes_are_typed_copies_equal_to_a_reparse(tmp_path):
+    from noisevalue.config import Component, parse_recipe
+
+    recipe = load_recipe(None, [*TINY, f"output_dir={tmp_path}"])
+    selector = Component(name="random", params={"k": 2})
+    stage_ = stages.replace(
+        stages.stage_recipe(recipe, tmp_path / "select" / "x", workflow="pretrain", seed=3),
+        train=stages.replace(recipe.train, steps=9, init_from="elsewhere", selector=selector),
+    )
+    assert isinstance(stage_.train.selector, Component) and stage_.train.selector == selector
+    assert (stage_.seed, stage_.train.steps, stage_.output_dir) == (3, 9, str(tmp_path / "select" / "x"))
+    assert stage_.data.latent_cache == str(tmp_path / "latents")  # the recipe's shared cache
+    assert recipe.train.steps != 9 and recipe.seed == 0  # the recipe itself is untouched
+    # the copy is what parsing its dump gives: the same stage settings, so no stage drifts
+    reparsed = parse_recipe(stage_.model_dump(mode="json"))
+    assert stages.stage_settings(reparsed) == stages.stage_settings(stage_)
+    with pytest.raises(TypeError, match="TrainConfig has no field 'stpes'"):
+        stages.replace(recipe.train, stpes=9)

@@ -1,0 +1,55 @@
+"""The one torchrun entry point (``noisevalue.jobs``) and the trainers' shared base."""
+
+import pytest
+
+from noisevalue import jobs
+from noisevalue.config import RESOLVED_RECIPE
+from noisevalue.train.trainer import Trainer
+
+
+def test_every_job_kind_starts_the_one_entry_point(tmp_path):
+    for kind in ("run", "experiment", "sample"):
+        args = jobs.launcher_args(kind, tmp_path, nproc_per_node=2)
+        assert args[:2] == ["--nproc-per-node=2", "--nnodes=1"]
+        assert args[args.index("-m"):] == ["-m", "noisevalue.jobs", kind, str(tmp_path)]
+    assert jobs.launcher_args("run", tmp_path, resume=True, nproc_per_node=2)[-1] == "--resume"
+    with pytest.raises(ValueError, match="unknown job kind 'train'"):
+        jobs.launcher_args("train", tmp_path, nproc_per_node=2)
+
+
+def test_a_rank_reports_a_bad_folder_in_one_line(tmp_path, capsys):
+    assert jobs.main(["run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("noisevalue: error: ") and RESOLVED_RECIPE in err
+    assert jobs.main(["sample", str(tmp_path)]) == 2
+    assert "settings.json" in capsys.readouterr().err
+
+
+def test_the_trainer_base_always_cleans_up(tmp_path):
+    calls = []
+
+    class Failing(Trainer):
+        def setup(self):
+            calls.append("setup")
+
+        def train(self):
+            calls.append("train")
+            raise RuntimeError("diverged")
+
+        def cleanup(self):
+            calls.append("cleanup")
+
+    class Done(Failing):
+        def train(self):
+            calls.append("train")
+
+        def evaluate(self):
+            return {"loss": 1.0}
+
+    with pytest.raises(RuntimeError, match="diverged"):
+        Failing(None, tmp_path, None).run()  # type: ignore[arg-type]
+    assert calls == ["setup", "train", "cleanup"]
+    calls.clear()
+    assert Done(None, tmp_path, None).run() == {"loss": 1.0}  # type: ignore[arg-type]
+    assert calls == ["setup", "train", "cleanup"]
+    assert Trainer(None, tmp_path, None).ckpt_dir == tmp_path / "checkpoints"  # type: ignore[arg-type]
