@@ -310,11 +310,11 @@ class ScoringInputs:
 
     def __init__(self, recipe: Recipe, info: DistInfo, root: Path) -> None:
         from noisevalue.train.data import load_train_data
+        from noisevalue.train.trainer import use_threads
 
         self.recipe, self.info = recipe, info
         a = recipe.analyze
-        if recipe.train.threads and info.device.type == "cpu":
-            torch.set_num_threads(recipe.train.threads)
+        use_threads(recipe, info.device)
         data_recipe = stages.stage_recipe(recipe, root)
         data, encoder = load_train_data(data_recipe, root, info)  # collective (latent cache)
         if a.num_images > data.num_items:

@@ -87,10 +87,10 @@ class SignalInputs:
         from noisevalue.diffusion import Diffusion
         from noisevalue.train.build import checkpoint_backbone
         from noisevalue.train.data import load_train_data
+        from noisevalue.train.trainer import use_threads
 
         a, dev = recipe.analyze, info.device
-        if recipe.train.threads and dev.type == "cpu":
-            torch.set_num_threads(recipe.train.threads)
+        use_threads(recipe, dev)
         data_recipe = stages.stage_recipe(recipe, root)
         data, _ = load_train_data(data_recipe, root, info)
         meta = ckpt.require_diffusion(checkpoint, "meta.pretrained")

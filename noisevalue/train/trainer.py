@@ -17,6 +17,12 @@ from noisevalue.errors import CheckpointError
 from noisevalue.train.run_log import RunLog
 
 
+def use_threads(recipe: Recipe, device: torch.device) -> None:
+    """``train.threads`` torch threads when running on the CPU (unset: torch's default)."""
+    if recipe.train.threads and device.type == "cpu":
+        torch.set_num_threads(recipe.train.threads)
+
+
 class Trainer:
     """One run of a recipe in ``run_dir`` on this rank (``resume``: continue from the newest
     checkpoint in ``run_dir/checkpoints``)."""
@@ -54,9 +60,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ shared plumbing
     def set_threads(self) -> None:
-        """``train.threads`` torch threads on a CPU run (0: torch's default)."""
-        if self.recipe.train.threads and self.info.device.type == "cpu":
-            torch.set_num_threads(self.recipe.train.threads)
+        use_threads(self.recipe, self.info.device)
 
     def open_log(self) -> None:
         """The run's TensorBoard and ``scalars.jsonl`` writer, from the current step."""
