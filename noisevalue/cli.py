@@ -268,6 +268,14 @@ def recipe_show(recipe: str | None = RecipeArg, overrides: list[str] | None = Ov
         source, extra = _split_recipe_arg(recipe, overrides)
         parsed = load_recipe(source, extra)
         typer.echo(OmegaConf.to_yaml(OmegaConf.create(parsed.model_dump(mode="json"))))
+        from noisevalue.config import uses_cuda
+
+        tr = parsed.train
+        typer.echo(
+            f"# train.device {tr.device}: {'CUDA' if uses_cuda(tr.device) else 'CPU'} on this machine, so "
+            f"precision {tr.precision} and compile {str(tr.compile).lower()} (their default, auto, is bf16 "
+            "and compiled on CUDA, fp32 and eager on the CPU)"
+        )
 
 
 @recipe_app.command("list")

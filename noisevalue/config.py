@@ -76,13 +76,34 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(default=2, ge=1)
     keep_every: int | None = Field(default=None, gt=0)  # also keep checkpoints at multiples
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False
+    # auto: bf16 autocast and torch.compile when the run is on CUDA, fp32 eager on the CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool | Literal["auto"] = "auto"
     threads: int | None = Field(default=None, gt=0)  # torch.set_num_threads on CPU
     # how each training sample's noise is chosen among k i.i.d. candidates (k=1: vanilla)
     selector: Component = Field(default_factory=lambda: Component(name="random", params={"k": 1}))
     # start from another run's checkpoint (model, EMA, optimizer, step): a continuation
     init_from: str | None = None
+
+    @model_validator(mode="after")
+    def _device_defaults(self) -> TrainConfig:
+        """Resolve ``auto`` precision and compile for the device the run will use."""
+        if self.precision == "auto" or self.compile == "auto":
+            cuda = uses_cuda(self.device)
+            if self.precision == "auto":
+                self.precision = "bf16" if cuda else "fp32"
+            if self.compile == "auto":
+                self.compile = cuda
+        return self
+
+
+def uses_cuda(device: str) -> bool:
+    """Whether ``train.device`` puts the run on a GPU on this machine."""
+    if device == "cpu":
+        return False
+    import torch
+
+    return device == "cuda" or torch.cuda.is_available()
 
 
 InnerOptimizerName = Literal["sgd", "adamw_checkpoint", "adamw_fresh"]

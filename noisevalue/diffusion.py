@@ -90,16 +90,24 @@ def drop_labels(
 
 
 def guided_eps(
-    model: nn.Module, num_classes: int, y: torch.Tensor | None, cfg_scale: float
+    model: nn.Module, num_classes: int, y: torch.Tensor | None, cfg_scale: float, precision: str = "fp32"
 ) -> EpsFn:
-    """eps(x, t) with classifier-free guidance on all epsilon channels."""
+    """eps(x, t) with classifier-free guidance on all epsilon channels. ``precision="bf16"``
+    runs the model under bf16 autocast; the guidance and the sampler stay in float32."""
+
+    def forward(*args: torch.Tensor | None) -> torch.Tensor:
+        if precision != "bf16":
+            return model(*args)
+        device = args[0].device.type  # type: ignore[union-attr]
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return model(*args).float()
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
         if y is None or num_classes == 0 or cfg_scale == 1.0:
-            return model(x, t, y)[:, :c]
+            return forward(x, t, y)[:, :c]
         null = torch.full_like(y, num_classes)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))[:, :c]
+        out = forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))[:, :c]
         cond, uncond = out.chunk(2)
         return uncond + cfg_scale * (cond - uncond)
 

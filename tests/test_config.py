@@ -73,3 +73,20 @@ def test_missing_recipe_file_and_bad_override():
         load_recipe("digits", ["train.steps"])
     with pytest.raises(ConfigError, match="not in the recipe"):
         load_recipe("digits", ["~train.nothing"])
+
+
+def test_precision_and_compile_default_to_fast_on_cuda_only(monkeypatch):
+    import torch
+
+    from noisevalue.config import load_recipe
+
+    cpu = load_recipe("imagenet_cond").train
+    assert (cpu.precision, cpu.compile) == ("fp32", False)  # no CUDA here (or forced below)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("digits", "imagenet_cond", "ffhq_uncond"):
+        gpu = load_recipe(name).train
+        assert (gpu.precision, gpu.compile) == ("bf16", True), name
+    pinned = load_recipe("imagenet_cond", ["train.precision=fp32", "train.compile=false"]).train
+    assert (pinned.precision, pinned.compile) == ("fp32", False)
+    on_cpu = load_recipe("digits", ["train.device=cpu"]).train
+    assert (on_cpu.precision, on_cpu.compile) == ("fp32", False)

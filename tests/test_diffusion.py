@@ -141,3 +141,22 @@ def test_ddim_eta1_full_steps_matches_ddpm_ancestral_sampling():
         assert abs(samples.mean().item() - MU) < 3 * SD / np.sqrt(n)
         assert abs(samples.std().item() - SD) < 3 * SD / np.sqrt(2 * n) + 2e-3
     assert abs(ddim.mean().item() - x.mean().item()) < 4 * SD / np.sqrt(n)
+
+
+def test_guided_eps_in_bf16_runs_the_model_under_autocast_and_returns_float32():
+    from noisevalue.backbones.dit import DiT
+    from noisevalue.diffusion import guided_eps
+
+    torch.manual_seed(0)
+    model = DiT(8, 2, 1, 64, 2, 4, num_classes=10, learn_sigma=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # leave adaLN-Zero's all-zero output
+        x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([10, 200, 500, 900]), torch.tensor([0, 3, 10, 7])
+        full = guided_eps(model, 10, y, 1.5)(x, t)
+        half = guided_eps(model, 10, y, 1.5, "bf16")(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)])).float()
+    cond, uncond = out.chunk(2)
+    assert half.dtype == torch.float32 and torch.equal(half, uncond + 1.5 * (cond - uncond))
+    assert not torch.equal(half, full) and torch.allclose(half, full, atol=0.05 * full.abs().max().item())

@@ -42,6 +42,7 @@ from noisevalue.config import (
     load_recipe_dict,
     parse_recipe,
     set_dotted,
+    uses_cuda,
 )
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import CheckpointError, ConfigError, DataError
@@ -192,6 +193,7 @@ class SampleSettings:
     weights_fingerprint: str = ""  # identifies the weights file wherever the run is moved
     device: str = "auto"
     threads: int | None = None
+    precision: str = "fp32"  # bf16: the model under bf16 autocast (runs on CUDA with train.precision bf16)
 
     def tag(self) -> str:
         """A short folder name for these settings."""
@@ -262,6 +264,7 @@ def sample_settings(
         batch_size=r.sample.batch_size if batch_size is None else int(batch_size),
         device=device or r.train.device,
         threads=r.train.threads,
+        precision=r.train.precision if uses_cuda(device or r.train.device) else "fp32",
         weights_fingerprint=_fingerprint(run.checkpoint / f"{'ema' if use_ema else 'model'}.safetensors"),
     )
     if settings.num < 1:
@@ -393,7 +396,7 @@ class Sampler:
         noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(self.device)
         labels = s.labels(start, stop)
         y = labels.to(self.device) if labels is not None else None
-        eps = guided_eps(self.model, s.num_classes, y, s.cfg_scale)
+        eps = guided_eps(self.model, s.num_classes, y, s.cfg_scale, s.precision)
         # a list of generators: diffusers draws each image's DDIM noise from its own one
         z = ddim_sample(eps, self.diffusion, noise, num_steps=s.num_steps, eta=s.eta, generator=gens)  # type: ignore[arg-type]
         unit = image_to_unit(self.encoder.decode(z))
