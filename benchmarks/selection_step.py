@@ -1,12 +1,16 @@
 """Cost of rater-guided noise selection: training-step time at k candidates vs. vanilla.
 
     python benchmarks/selection_step.py [--size 16] [--batch 8] [--steps 5] [--ks 1 2 4 8]
+    python benchmarks/selection_step.py --device cuda --size 32 --batch 256 --precision bf16 --compile
 
 Measures, side by side in one run, the time of one training step (DiT forward + backward +
 AdamW, plus scoring k candidates per sample with a frozen dual-stream rater when k > 1),
 and divides by the vanilla step (k = 1). Beside it, the ratio predicted from FLOPs counted
 with torch.utils.flop_counter on the same step. Defaults: DiT-S/2 and the paper's rater at
-16x16x4 latents so that it runs in a minute on a laptop CPU.
+16x16x4 latents so that it runs in a minute on a laptop CPU. ``--precision bf16`` trains under
+bf16 autocast and scores in bf16 (the flash attention kernel on CUDA); ``--compile`` compiles
+the rater (with CUDA graphs on CUDA) as the ``rater`` selector's ``compile`` option does.
+``--markdown`` prints the table as markdown.
 """
 
 from __future__ import annotations
@@ -24,18 +28,21 @@ from noisevalue.diffusion import Diffusion
 from noisevalue.selectors.builtin import RaterSelector
 
 
-def make_step(model, opt, selector, diffusion, x0, y, k):
+def make_step(model, opt, selector, diffusion, x0, y, k, bf16=False):
+    autocast = torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16)
+
     def step() -> None:
-        n = x0.shape[0]
-        t = torch.randint(0, 1000, (n,))
-        candidates = torch.randn(n, k, *x0.shape[1:])
+        n, dev = x0.shape[0], x0.device
+        t = torch.randint(0, 1000, (n,), device=dev)
+        candidates = torch.randn(n, k, *x0.shape[1:], device=dev)
         if k > 1:
             with torch.no_grad():
                 pick = selector.select(x0, y, t, candidates)
-            noise = candidates[torch.arange(n), pick]
+            noise = candidates[torch.arange(n, device=dev), pick]
         else:
             noise = candidates[:, 0]
-        loss = diffusion.per_sample_loss(model, x0, t, y, noise).mean()
+        with autocast:
+            loss = diffusion.per_sample_loss(model, x0, t, y, noise).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -52,35 +59,55 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--compile", action="store_true", help="compile the rater (CUDA graphs on CUDA)")
+    parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape = dict(input_size=args.size, in_channels=4, num_classes=1000)
-    model = registry.create("backbone", args.backbone, **shape)
-    rater = registry.create("rater", args.rater, **shape).eval().requires_grad_(False)
+    model = registry.create("backbone", args.backbone, **shape).to(device)
+    rater = registry.create("rater", args.rater, **shape).eval().requires_grad_(False).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
     diffusion = Diffusion()
-    x0 = torch.randn(args.batch, 4, args.size, args.size)
-    y = torch.randint(0, 1000, (args.batch,))
+    x0 = torch.randn(args.batch, 4, args.size, args.size, device=device)
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     rows = []
     for k in args.ks:
-        selector = RaterSelector(k=k, rater=rater) if k > 1 else None
-        step = make_step(model, opt, selector, diffusion, x0, y, k)
+        selector = RaterSelector(k=k, rater=rater, precision=args.precision, compile=args.compile) if k > 1 else None
+        step = make_step(model, opt, selector, diffusion, x0, y, k, bf16=args.precision == "bf16")
+        flop_step = make_step(model, opt, RaterSelector(k=k, rater=rater, precision="fp32", compile=False)
+                              if k > 1 else None, diffusion, x0, y, k)
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            step()  # also the warm-up
+            flop_step()  # FLOPs of the eager fp32 step (also a warm-up)
         flops = counter.get_total_flops()
+        for _ in range(3 if args.compile else 1):
+            step()  # warm-up (compilation, CUDA graph capture)
         times = []
         for _ in range(args.steps):
+            sync()
             start = time.perf_counter()
             step()
+            sync()
             times.append(time.perf_counter() - start)
         rows.append((k, statistics.median(times), flops))
 
     base_time, base_flops = rows[0][1], rows[0][2]
-    print(f"{args.backbone} + {args.rater} rater, latents 4x{args.size}x{args.size}, batch {args.batch}, "
-          f"threads {torch.get_num_threads()}, median of {args.steps} steps")
+    head = (f"{args.backbone} + {args.rater} rater, latents 4x{args.size}x{args.size}, batch {args.batch}, "
+            f"device {device}, {args.precision}{', rater compiled' if args.compile else ''}, "
+            f"threads {torch.get_num_threads()}, median of {args.steps} steps")
+    if args.markdown:
+        print(head + "\n\n| k | step s | time ratio | FLOP ratio | time / FLOP ratio |\n|---|---|---|---|---|")
+        for k, t, f in rows:
+            r_t, r_f = t / base_time, f / base_flops
+            print(f"| {k} | {t:.4f} | {r_t:.2f}x | {r_f:.2f}x | {r_t / r_f:.2f} |")
+        return
+    print(head)
     print(f"{'k':>3} {'step s':>8} {'time ratio':>11} {'GFLOPs':>9} {'FLOP ratio':>11}")
     for k, t, f in rows:
         print(f"{k:>3} {t:>8.3f} {t / base_time:>11.2f} {f / 1e9:>9.1f} {f / base_flops:>11.2f}")

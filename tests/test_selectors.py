@@ -174,3 +174,32 @@ def test_rater_selector_config_errors(tmp_path, tiny_registered):
         RaterSelector(k=4, checkpoint=ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["rater"]["name"] == "dual_stream_tiny"
+
+
+def test_rater_selector_scores_in_bf16_and_through_a_compiled_rater(monkeypatch):
+    rater = tiny_rater(seed=2)
+    with torch.no_grad():
+        for p in rater.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # leave the zero-initialised head
+    x0, y, t, cands = batch(n=16, k=4)
+    full = RaterSelector(k=4, rater=rater, precision="fp32").scores(x0, y, t, cands)
+    half = RaterSelector(k=4, rater=rater, precision="bf16").scores(x0, y, t, cands)
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    assert torch.allclose(half, full, atol=0.05 * full.abs().max().item())
+    assert torch.equal(RaterSelector(k=4, rater=rater).scores(x0, y, t, cands), full)  # auto on CPU: fp32
+
+    compiled = []
+
+    def fake_compile(module, **options):
+        compiled.append(options)
+        return lambda *args: module(*args)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    sel = RaterSelector(k=4, rater=rater, compile=True, batch_size=24)
+    for _ in range(2):
+        assert torch.equal(sel.scores(x0, y, t, cands), full)
+    assert compiled == [{"mode": "default", "dynamic": False}]  # built once; CUDA graphs on CUDA only
+    RaterSelector(k=4, rater=rater).scores(x0, y, t, cands)  # auto: not compiled on the CPU
+    assert len(compiled) == 1
+    with pytest.raises(ConfigError, match="precision must be auto, fp32 or bf16, got 'fp16'"):
+        RaterSelector(k=4, rater=rater, precision="fp16")

@@ -7,7 +7,7 @@ without an autograd graph (see :class:`noisevalue.interfaces.NoiseSelector`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -105,6 +105,10 @@ class RaterSelector(NoiseSelector):
     registered rater and its constructor params. Alternatively ``rater``: an in-memory
     rater module (used as given: it is neither copied nor frozen, only run under
     ``no_grad``). ``batch_size`` caps how many candidates are scored per rater call.
+    ``precision`` (``auto``: ``bf16`` on CUDA, ``fp32`` elsewhere) runs the rater under bf16
+    autocast, where attention takes the fused flash kernel (no gradients are needed);
+    ``compile`` (``auto``: on with CUDA) scores through ``torch.compile(mode="reduce-overhead")``,
+    which adds CUDA graphs.
     In the protocol, ``ablate`` and ``transfer`` a missing ``checkpoint`` is filled with
     the rater meta-trained for the run's seed (``needs_rater = "trained"``).
     """
@@ -117,8 +121,16 @@ class RaterSelector(NoiseSelector):
         checkpoint: str | Path | None = None,
         rater: Rater | nn.Module | None = None,
         batch_size: int | None = None,
+        precision: str = "auto",
+        compile: bool | str = "auto",
     ):
         self.k = _check_k("rater", k)
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"selector 'rater': precision must be auto, fp32 or bf16, got {precision!r}")
+        if compile not in ("auto", True, False):
+            raise ConfigError(f"selector 'rater': compile must be auto, true or false, got {compile!r}")
+        self.precision, self.compile = precision, compile
+        self._compiled: Any = None
         if batch_size is not None and (
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
@@ -175,12 +187,27 @@ class RaterSelector(NoiseSelector):
         t_rep = t.repeat_interleave(k, dim=0)
         y_rep = y.repeat_interleave(k, dim=0) if y is not None else None
         step = self.batch_size or n * k
+        cuda = candidates.device.type == "cuda"
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and cuda)
+        rater = self._scorer(cuda)
+        autocast = torch.autocast(candidates.device.type, dtype=torch.bfloat16, enabled=bf16)
         chunks = []
         for start in range(0, n * k, step):
             part = slice(start, start + step)
             y_part = y_rep[part] if y_rep is not None else None
-            chunks.append(self.rater(flat[part], t_rep[part], x0_rep[part], y_part))
+            with autocast:
+                out = rater(flat[part], t_rep[part], x0_rep[part], y_part)
+            # a copy: a compiled rater's CUDA graph reuses its output buffer on the next call
+            chunks.append(out.float() if bf16 else out.clone() if rater is not self.rater else out)
         return torch.cat(chunks).reshape(n, k)
+
+    def _scorer(self, cuda: bool) -> Any:
+        """The rater, or (``compile``) its compiled form, made once."""
+        if not (self.compile is True or (self.compile == "auto" and cuda)):
+            return self.rater
+        if self._compiled is None:
+            self._compiled = torch.compile(self.rater, mode="reduce-overhead" if cuda else "default", dynamic=False)
+        return self._compiled
 
     @torch.no_grad()
     def select(
