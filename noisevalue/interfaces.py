@@ -98,6 +98,14 @@ class Rater(nn.Module, ABC):
         """False for a rater that ignores ``y``: it then fits data with any class count."""
         return True
 
+    @property
+    def grouped(self) -> bool:
+        """True for a rater whose ``forward`` also takes the k candidates of each sample at
+        once, ``noise`` ``[N, k, C, H, W]`` beside ``x0`` ``[N, C, H, W]`` and ``t``/``y``
+        ``[N]``, and returns ``[N, k]``: it can then share the work that does not depend on
+        the noise between them. Selection and meta-training call it that way."""
+        return False
+
     @abstractmethod
     def forward(
         self, noise: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, y: torch.Tensor | None

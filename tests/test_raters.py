@@ -418,3 +418,79 @@ def test_shared_attention_equals_reference_multihead_attention(context_only):
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+# -- the shared-image-stream variant -------------------------------------------------------
+def shared_pair(seed=0, **kw):
+    """A joint rater and the shared variant with the same weights (float64)."""
+    params = dict(input_size=8, in_channels=1, num_classes=10, hidden_size=32, depth=3, num_heads=2, **kw)
+    torch.manual_seed(seed)
+    joint = dual_stream_tiny(**params).double()
+    shared = dual_stream_tiny(**params, shared_image_stream=True).double()
+    shared.load_state_dict(joint.state_dict())  # the same parameters, only the attention pattern differs
+    return joint, shared
+
+
+def grouped_inputs(n=3, k=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, k, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 1000, (n,), generator=g),
+            torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 11, (n,), generator=g))
+
+
+@pytest.mark.parametrize("per_stream", [False, True])
+def test_shared_image_stream_is_joint_attention_with_image_queries_masked_from_noise(monkeypatch, per_stream):
+    import sys
+
+    ds = sys.modules["noisevalue.raters.dual_stream"]  # the module (the package exports a function of that name)
+    joint, shared = shared_pair(per_stream_attention_weights=per_stream)
+    noise, t, x0, y = grouped_inputs()
+    n, k = noise.shape[:2]
+    got = shared(noise, t, x0, y)
+    assert got.shape == (n, k) and shared.grouped and not joint.grouped
+    flat = (noise.flatten(0, 1), t.repeat_interleave(k), x0.repeat_interleave(k, 0), y.repeat_interleave(k))
+    torch.testing.assert_close(shared(*flat).reshape(n, k), got, rtol=1e-12, atol=1e-12)  # one candidate per row
+
+    real = ds.F.scaled_dot_product_attention
+
+    def masked(q, kk, v):  # the joint rater's attention with image queries blind to noise keys
+        if q.shape[2] == kk.shape[2]:  # image and noise queries (every block but the last)
+            half = q.shape[2] // 2
+            allowed = torch.ones(q.shape[2], kk.shape[2], dtype=torch.bool)
+            allowed[:half, half:] = False
+            return real(q, kk, v, attn_mask=allowed)
+        return real(q, kk, v)
+
+    reference = joint(*flat).reshape(n, k)
+    assert not torch.allclose(reference, got)  # the patterns differ ...
+    monkeypatch.setattr(ds.F, "scaled_dot_product_attention", masked)
+    torch.testing.assert_close(joint(*flat).reshape(n, k), got, rtol=1e-10, atol=1e-12)  # ... by exactly that
+
+
+def test_shared_image_stream_costs_less_per_candidate():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    joint, shared = shared_pair()
+    noise, t, x0, y = grouped_inputs(n=4, k=8)
+    flat = (noise.flatten(0, 1), t.repeat_interleave(8), x0.repeat_interleave(8, 0), y.repeat_interleave(8))
+    costs = []
+    for call in (lambda: joint(*flat), lambda: shared(noise, t, x0, y)):
+        with FlopCounterMode(display=False) as counter:
+            call()
+        costs.append(counter.get_total_flops())
+    assert costs[1] < 0.65 * costs[0]  # about half, plus the image stream once per sample (1/k)
+    assert sum(p.numel() for p in shared.parameters()) == sum(p.numel() for p in joint.parameters())
+
+
+def test_grouped_raters_in_selection_and_meta_training():
+    from noisevalue.meta.problem import GroupedBatch, group_scores, param_dict
+    from noisevalue.selectors import RaterSelector
+
+    _, shared = shared_pair()
+    noise, t, x0, y = grouped_inputs(n=5, k=4)
+    expected = shared(noise, t, x0, y)
+    chunked = RaterSelector(k=4, rater=shared, batch_size=8).scores(x0, y, t, noise)  # 2 samples per call
+    torch.testing.assert_close(chunked, expected, rtol=1e-12, atol=1e-12)
+    functional = group_scores(shared, param_dict(shared), GroupedBatch(x0, y, t, noise))
+    torch.testing.assert_close(functional, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ConfigError, match="shared_image_stream needs the image stream"):
+        dual_stream_tiny(use_image=False, shared_image_stream=True)

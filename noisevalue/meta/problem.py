@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from noisevalue.interfaces import BilevelProblem, Params
+from noisevalue.interfaces import BilevelProblem, Params, Rater
 
 __all__ = [
     "GroupedBatch",
@@ -103,7 +103,10 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
 
 
 def group_scores(rater: nn.Module, eta: Params, batch: GroupedBatch) -> torch.Tensor:
-    """Rater scores of every candidate, ``[B, K]``."""
+    """Rater scores of every candidate, ``[B, K]`` (a ``grouped`` rater takes the K
+    candidates of each sample at once)."""
+    if isinstance(rater, Rater) and rater.grouped:
+        return functional_call(rater, eta, (batch.noise, batch.t, batch.x0, batch.y))
     x0, y, t, noise = batch.flat()
     scores = functional_call(rater, eta, (noise, t, x0, y))
     return scores.reshape(batch.noise.shape[0], batch.k)

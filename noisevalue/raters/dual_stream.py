@@ -45,6 +45,7 @@ __all__ = [
     "JointAttention",
     "DualStreamBlock",
     "dual_stream",
+    "dual_stream_shared",
     "dual_stream_tiny",
 ]
 
@@ -117,6 +118,35 @@ class JointAttention(nn.Module):
             return [proj_layers[s](x) for s, x in zip(self.outputs, parts, strict=True)]
         return list(self.proj(out).split(out_lengths, dim=1))
 
+    def _qkv(self, stream: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        layer = cast(nn.ModuleDict, self.qkv)[stream] if self.per_stream_weights else self.qkv
+        n, length, _ = x.shape
+        qkv = layer(x).reshape(n, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return q, k, v
+
+    def _project(self, stream: str, out: torch.Tensor) -> torch.Tensor:
+        n, _, length, _ = out.shape
+        out = out.transpose(1, 2).reshape(n, length, self.num_heads * self.head_dim)
+        layer = cast(nn.ModuleDict, self.proj)[stream] if self.per_stream_weights else self.proj
+        return layer(out)
+
+    def forward_shared(self, image: torch.Tensor, noise: torch.Tensor) -> list[torch.Tensor]:
+        """The shared-image-stream pattern: ``image`` ``[N, T, D]`` attends to itself only,
+        so it is computed once per sample; ``noise`` ``[N * k, T, D]`` (k candidates per
+        sample, sample-major) attends to its sample's image tokens and to itself. Returns
+        the outputs of the ``outputs`` streams."""
+        n, k = image.shape[0], noise.shape[0] // image.shape[0]
+        q_i, k_i, v_i = self._qkv(IMAGE, image)
+        q_n, k_n, v_n = self._qkv(NOISE, noise)
+        keys = torch.cat([k_i.repeat_interleave(k, 0), k_n], dim=2)
+        values = torch.cat([v_i.repeat_interleave(k, 0), v_n], dim=2)
+        out = {NOISE: self._project(NOISE, F.scaled_dot_product_attention(q_n, keys, values))}
+        if IMAGE in self.outputs:
+            out[IMAGE] = self._project(IMAGE, F.scaled_dot_product_attention(q_i, k_i, v_i))
+        del n
+        return [out[s] for s in self.outputs]
+
 
 class DualStreamBlock(nn.Module):
     """One block: per-stream modulated LayerNorm + MLP residual paths, joint attention.
@@ -162,15 +192,24 @@ class DualStreamBlock(nn.Module):
             nn.SiLU(), nn.Linear(hidden_size, sum(self.num_mods.values()) * hidden_size)
         )
 
-    def forward(self, x: dict[str, torch.Tensor], c: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: dict[str, torch.Tensor], c: torch.Tensor, shared_k: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``shared_k``: the shared-image-stream pattern (:meth:`JointAttention.forward_shared`)
+        with ``x["image"]`` and ``c`` per sample and ``x["noise"]`` per candidate (k each)."""
         chunks = self.adaLN_modulation(c).chunk(sum(self.num_mods.values()), dim=1)
         mods: dict[str, tuple[torch.Tensor, ...]] = {}
         start = 0
         for s in self.streams:
             mods[s] = chunks[start : start + self.num_mods[s]]
+            if shared_k is not None and s == NOISE:
+                mods[s] = tuple(m.repeat_interleave(shared_k, 0) for m in mods[s])
             start += self.num_mods[s]
         normed = [modulate(self.norm1(x[s]), mods[s][0], mods[s][1]) for s in self.streams]
-        attended = self.attn(normed)
+        if shared_k is None:
+            attended = self.attn(normed)
+        else:
+            attended = self.attn.forward_shared(*normed)
         out: dict[str, torch.Tensor] = {}
         for s, a in zip(self.outputs, attended, strict=True):
             _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[s]
@@ -190,6 +229,12 @@ class DualStreamRater(Rater):
     (no class embedding; ``y`` may be ``None``); otherwise the table has ``num_classes + 1``
     rows, the last one being the null label. ``per_stream_attention_weights=True`` gives
     each stream its own qkv/proj projections (SD3's MMDiT layout) instead of one shared set.
+
+    ``shared_image_stream=True`` is a cheaper variant (not the paper's): image tokens attend
+    to image tokens only, noise tokens to both. The image stream then does not depend on the
+    noise, so for k candidates of one sample it is computed once and its keys and values are
+    shared (the rater is ``grouped``): per candidate only the noise stream is paid for. The
+    parameters are the same as the joint rater's.
     """
 
     def __init__(
@@ -206,6 +251,7 @@ class DualStreamRater(Rater):
         use_image: bool = True,
         use_label: bool = True,
         per_stream_attention_weights: bool = False,
+        shared_image_stream: bool = False,
     ):
         super().__init__()
         problem = shape_problem(input_size, patch_size, in_channels, depth, hidden_size, num_heads, num_classes)
@@ -227,7 +273,11 @@ class DualStreamRater(Rater):
             "use_image": use_image,
             "use_label": use_label,
             "per_stream_attention_weights": per_stream_attention_weights,
+            "shared_image_stream": shared_image_stream,
         }
+        if shared_image_stream and not use_image:
+            raise ConfigError("rater: shared_image_stream needs the image stream (use_image=true)")
+        self.shared_image_stream = shared_image_stream
         self.latent_shape = (in_channels, input_size, input_size)
         self.num_classes = num_classes
         self.patch_size = patch_size
@@ -285,6 +335,10 @@ class DualStreamRater(Rater):
         """Whether the score depends on ``y`` (so class counts must match on reuse)."""
         return self.y_embedder is not None
 
+    @property
+    def grouped(self) -> bool:
+        return self.shared_image_stream
+
     @torch.no_grad()
     def initialize_weights(self) -> None:
         """Xavier-uniform for every linear layer and patch projection, zero biases, frozen
@@ -336,7 +390,15 @@ class DualStreamRater(Rater):
         y: torch.Tensor | None,
     ) -> torch.Tensor:
         """``noise``/``x0`` ``[N, C, H, W]``, ``t`` long ``[N]``, ``y`` long ``[N]`` or None.
-        Returns scores ``[N]``. Without the image stream ``x0`` is ignored (may be None)."""
+        Returns scores ``[N]``. Without the image stream ``x0`` is ignored (may be None).
+        A ``grouped`` rater also takes ``noise`` ``[N, k, C, H, W]`` and returns ``[N, k]``."""
+        if noise.ndim == 5:
+            if not self.shared_image_stream:
+                raise ValueError("noise [N, k, C, H, W] needs shared_image_stream=True")
+            n, k = noise.shape[:2]
+            return self._shared(noise.flatten(0, 1), t, x0, y, k).reshape(n, k)
+        if self.shared_image_stream:
+            return self._shared(noise, t, x0, y, 1)
         self._check_input("noise", noise)
         pos = cast(torch.Tensor, self.pos_embed).to(noise.dtype)
         tokens = {NOISE: self.noise_embedder(noise) + pos + self.noise_type_embed}
@@ -351,6 +413,25 @@ class DualStreamRater(Rater):
             tokens = block(tokens, c)
         pooled = tokens[NOISE].mean(dim=1)  # image tokens are dropped
         return self.head(self.head_norm(pooled)).squeeze(-1)
+
+    def _shared(
+        self, noise: torch.Tensor, t: torch.Tensor, x0: torch.Tensor | None, y: torch.Tensor | None, k: int
+    ) -> torch.Tensor:
+        """Scores ``[N * k]`` of k candidates per sample, the image stream computed once."""
+        self._check_input("noise", noise)
+        if x0 is None:
+            raise ValueError("the rater reads the clean latent x0; got x0=None")
+        self._check_input("x0", x0)
+        assert self.image_embedder is not None and self.image_type_embed is not None
+        pos = cast(torch.Tensor, self.pos_embed).to(noise.dtype)
+        tokens = {
+            IMAGE: self.image_embedder(x0) + pos + self.image_type_embed,
+            NOISE: self.noise_embedder(noise) + pos + self.noise_type_embed,
+        }
+        c = self.condition(t, y, x0.shape[0])
+        for block in self.blocks:
+            tokens = {**tokens, **block(tokens, c, shared_k=k)}
+        return self.head(self.head_norm(tokens[NOISE].mean(dim=1))).squeeze(-1)
 
     def _check_input(self, name: str, x: torch.Tensor) -> None:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.latent_shape:
@@ -371,6 +452,7 @@ def dual_stream(
     use_image: bool = True,
     use_label: bool = True,
     per_stream_attention_weights: bool = False,
+    shared_image_stream: bool = False,
 ) -> DualStreamRater:
     """The paper's rater: DiT-S/2-sized blocks (depth 12, D 384, 6 heads, patch 2) on
     4x32x32 latents with 1000 classes. Every argument can be overridden.
@@ -378,7 +460,8 @@ def dual_stream(
     As in appendix B.1, attention is the one shared sublayer: a single multi-head
     self-attention (one qkv/proj set) over both streams' tokens, with per-stream MLPs and
     adaLN modulation (55.6M parameters). ``per_stream_attention_weights=True`` gives each
-    stream its own qkv/proj weights as SD3's MMDiT does (62.6M)."""
+    stream its own qkv/proj weights as SD3's MMDiT does (62.6M). ``shared_image_stream=True``:
+    the cheaper variant of :class:`DualStreamRater` (also registered as ``dual_stream_shared``)."""
     return DualStreamRater(
         input_size=input_size,
         in_channels=in_channels,
@@ -392,6 +475,7 @@ def dual_stream(
         use_image=use_image,
         use_label=use_label,
         per_stream_attention_weights=per_stream_attention_weights,
+        shared_image_stream=shared_image_stream,
     )
 
 
@@ -408,6 +492,7 @@ def dual_stream_tiny(
     use_image: bool = True,
     use_label: bool = True,
     per_stream_attention_weights: bool = False,
+    shared_image_stream: bool = False,
 ) -> DualStreamRater:
     """A CPU-sized rater for 8x8 single-channel digits with 10 classes (shared attention, as
     :func:`dual_stream`)."""
@@ -424,4 +509,30 @@ def dual_stream_tiny(
         use_image=use_image,
         use_label=use_label,
         per_stream_attention_weights=per_stream_attention_weights,
+        shared_image_stream=shared_image_stream,
+    )
+
+
+def dual_stream_shared(
+    input_size: int = 32,
+    in_channels: int = 4,
+    num_classes: int = 1000,
+    patch_size: int = 2,
+    hidden_size: int = 384,
+    depth: int = 12,
+    num_heads: int = 6,
+    mlp_ratio: float = 4.0,
+    use_timestep: bool = True,
+    use_label: bool = True,
+    per_stream_attention_weights: bool = False,
+) -> DualStreamRater:
+    """The paper-sized rater with a shared image stream (``shared_image_stream=True``): the
+    image tokens attend to themselves only, so the k candidates of a sample share them and
+    selection pays for the noise stream alone (see :class:`DualStreamRater`). Not the
+    paper's rater; its agreement with it is measured in ``docs/benchmarks.md``."""
+    return DualStreamRater(
+        input_size=input_size, in_channels=in_channels, num_classes=num_classes, patch_size=patch_size,
+        hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+        use_timestep=use_timestep, use_image=True, use_label=use_label,
+        per_stream_attention_weights=per_stream_attention_weights, shared_image_stream=True,
     )

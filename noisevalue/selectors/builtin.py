@@ -181,18 +181,21 @@ class RaterSelector(NoiseSelector):
         n, k = candidates.shape[:2]
         param = next(iter(self.rater.parameters()), None)
         dtype = param.dtype if param is not None else candidates.dtype
-        flat = candidates.reshape(n * k, *candidates.shape[2:]).to(dtype)
-        # Candidate j of sample i sits at row i * k + j, next to copies of its x0, y, t.
-        x0_rep = x0.to(dtype).repeat_interleave(k, dim=0)
-        t_rep = t.repeat_interleave(k, dim=0)
-        y_rep = y.repeat_interleave(k, dim=0) if y is not None else None
-        step = self.batch_size or n * k
+        x0 = x0.to(dtype)
+        if isinstance(self.rater, Rater) and self.rater.grouped:  # the k candidates of a sample at once
+            rows, step, flat = n, max(1, (self.batch_size or n * k) // k), candidates.to(dtype)
+            x0_rep, t_rep, y_rep = x0, t, y
+        else:  # candidate j of sample i at row i * k + j, next to copies of its x0, y, t
+            rows, step = n * k, self.batch_size or n * k
+            flat = candidates.reshape(n * k, *candidates.shape[2:]).to(dtype)
+            x0_rep, t_rep = x0.repeat_interleave(k, dim=0), t.repeat_interleave(k, dim=0)
+            y_rep = y.repeat_interleave(k, dim=0) if y is not None else None
         cuda = candidates.device.type == "cuda"
         bf16 = self.precision == "bf16" or (self.precision == "auto" and cuda)
         rater = self._scorer(cuda)
         autocast = torch.autocast(candidates.device.type, dtype=torch.bfloat16, enabled=bf16)
         chunks = []
-        for start in range(0, n * k, step):
+        for start in range(0, rows, step):
             part = slice(start, start + step)
             y_part = y_rep[part] if y_rep is not None else None
             with autocast:
