@@ -10,6 +10,14 @@ more.
 
     python benchmarks/meta_step.py                       # DiT-Tiny/2, 16x16x4, CPU
     python benchmarks/meta_step.py --device cuda --model DiT-S/2 --size 32
+    # the per-GPU share of the ImageNet recipe: 8 groups x K=8, validation batch 16, the
+    # paper's rater, with and without activation checkpointing
+    python benchmarks/meta_step.py --device cuda --model DiT-S/2 --size 32 --batch 8 --k 8 \
+        --val-batch 16 --rater dual_stream --s-values 1,5 --checkpointing both
+
+``--checkpointing on`` recomputes the blocks' activations in the backward passes
+(``meta.activation_checkpointing``), for the engines that differentiate by reverse mode only;
+``both`` measures each such engine without and with it, side by side.
 """
 
 from __future__ import annotations
@@ -91,7 +99,14 @@ def run_one(args: argparse.Namespace) -> dict:
             )
             return self.out(h).squeeze(-1)
 
-    backbone, rater = backbone.to(device), SmallRater().to(device)
+    if args.rater == "small":
+        rater = SmallRater()
+    else:
+        from noisevalue import registry
+
+        rater = registry.create("rater", args.rater, input_size=args.size, in_channels=args.channels, num_classes=10)
+    backbone, rater = backbone.to(device), rater.to(device)
+    backbone.gradient_checkpointing = rater.gradient_checkpointing = bool(args.ckpt)
     g = torch.Generator().manual_seed(1)
     shape = (args.channels, args.size, args.size)
 
@@ -108,7 +123,8 @@ def run_one(args: argparse.Namespace) -> dict:
         )
         for _ in range(args.steps)
     ]
-    val = PlainBatch(*common(args.batch), torch.randn(args.batch, *shape, generator=g).to(device))
+    vb = args.val_batch or args.batch
+    val = PlainBatch(*common(vb), torch.randn(vb, *shape, generator=g).to(device))
     problem = make_problem(backbone, rater, Diffusion(), inner, val, args.optimizer, 1e-4)
     engine = {
         "unrolled-reverse": lambda: Unrolled("reverse"),
@@ -153,7 +169,7 @@ def run_one(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return {
-        "engine": args.engine,
+        "engine": args.engine + ("+ckpt" if args.ckpt else ""),
         "S": args.steps,
         "peak_mib": peak / 2**20,
         "time_s": statistics.median(times),
@@ -178,30 +194,40 @@ def main() -> None:
     ap.add_argument("--cg-iterations", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=0)
+    ap.add_argument("--val-batch", type=int, default=None, help="validation batch (default: --batch)")
+    ap.add_argument("--rater", default="small", help="'small' (an MLP) or a registered rater, e.g. dual_stream")
+    ap.add_argument("--checkpointing", choices=["off", "on", "both"], default="off")
+    ap.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)  # one run: on or off
     args = ap.parse_args()
     if args.engine is not None:
         print(json.dumps(run_one(args)))
         return
     passthrough = []
     for key, value in vars(args).items():
-        if key not in ("engine", "steps", "s_values", "engines"):
+        if key not in ("engine", "steps", "s_values", "engines", "checkpointing", "ckpt", "val_batch"):
             passthrough += ["--" + key.replace("_", "-"), str(value)]
     print(
         f"{args.model} {args.channels}x{args.size}x{args.size}, B={args.batch}, K={args.k}, "
         f"inner {args.optimizer}, device {args.device}, threads {args.threads}"
     )
-    print(f"{'engine':<18}{'S':>4}{'peak MiB':>11}{'time s':>9}")
+    if args.val_batch:
+        passthrough += ["--val-batch", str(args.val_batch)]
+    recompute_ok = {"unrolled-reverse", "unrolled-mixed-db"}  # reverse mode only
+    modes = {"off": [0], "on": [1], "both": [0, 1]}[args.checkpointing]
+    print(f"{'engine':<23}{'S':>4}{'peak MiB':>11}{'time s':>9}")
     for engine in args.engines.split(","):
-        for s in (int(v) for v in args.s_values.split(",")):
-            cmd = [sys.executable, __file__, *passthrough, "--engine", engine, "--steps", str(s)]
+        for s, ckpt in ((int(v), c) for v in args.s_values.split(",") for c in modes):
+            if ckpt and engine not in recompute_ok:
+                continue
+            cmd = [sys.executable, __file__, *passthrough, "--engine", engine, "--steps", str(s), "--ckpt", str(ckpt)]
             # large blocks through mmap, so that freed memory leaves the resident set
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
-                print(f"{engine:<18}{s:>4}  failed: {proc.stderr.strip().splitlines()[-1]}")
+                print(f"{engine + ('+ckpt' if ckpt else ''):<23}{s:>4}  failed: {proc.stderr.strip().splitlines()[-1]}")
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"{engine:<18}{s:>4}{r['peak_mib']:>11.1f}{r['time_s']:>9.3f}", flush=True)
+            print(f"{r['engine']:<23}{s:>4}{r['peak_mib']:>11.1f}{r['time_s']:>9.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,10 @@ class MetaConfig(_Strict):
     """Stage (ii): bilevel meta-training of the rater on a frozen diffusion checkpoint."""
 
     optimizer: Component = Field(default_factory=lambda: Component(name="unrolled"))
+    # recompute the backbone's and the rater's block activations in the backward passes:
+    # less memory, about one more forward per step; needs an optimizer that differentiates by
+    # reverse mode only (unrolled reverse, or hvp: double_backward)
+    activation_checkpointing: bool = False
     pretrained: str | None = None  # diffusion checkpoint (run or step folder); protocol fills it
     outer_steps: int = Field(default=2000, ge=0)
     inner_steps: int = Field(default=5, ge=1)  # S
@@ -465,6 +469,14 @@ def check_components(recipe: Recipe) -> None:
     check_takes_trained_rater("ablate.selector", recipe.ablate.selector)
     check_takes_trained_rater("transfer.selector", recipe.transfer.selector)
     m = recipe.meta
+    if m.activation_checkpointing and recipe.workflow in ("meta_train", "protocol"):
+        optimizer = registry.build("meta_optimizer", m.optimizer, where="meta.optimizer")
+        if not optimizer.supports_checkpointing:
+            raise ConfigError(
+                f"meta.activation_checkpointing: meta.optimizer '{m.optimizer.name}' "
+                f"{dict(m.optimizer.params) or ''} uses forward-mode AD, which cannot run through "
+                "recomputed activations; set meta.optimizer.params.hvp=double_backward (or mode=reverse)"
+            )
     if recipe.workflow == "meta_train" and m.pretrained and m.inner_optimizer == "adamw_checkpoint":
         from noisevalue import checkpoint
 

@@ -66,6 +66,10 @@ class Backbone(nn.Module, ABC):
     #: probability with which the trainer replaces a label by the null label ``num_classes``
     #: (classifier-free guidance); 0 means no null label is ever trained
     class_dropout_prob: float = 0.0
+    #: set by rater meta-training (``meta.activation_checkpointing``): recompute each block's
+    #: activations in the backward pass (see :mod:`noisevalue.recompute`); a backbone that
+    #: cannot ignores it
+    gradient_checkpointing: bool = False
 
     @abstractmethod
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -92,6 +96,8 @@ class Rater(nn.Module, ABC):
     #: constructor's ValueError is reported before any training (shape keywords take their
     #: defaults in that trial build).
     cheap_to_build: ClassVar[bool] = False
+    #: as :attr:`Backbone.gradient_checkpointing`
+    gradient_checkpointing: bool = False
 
     @property
     def uses_labels(self) -> bool:
@@ -222,6 +228,8 @@ class BilevelProblem:
     inner_options: dict[str, Any] = field(default_factory=dict)
     inner_state: dict[str, Params] | None = None
     inner_step: int = 0
+    #: the losses recompute activations in backward: gradients must come from torch.autograd
+    checkpointed: bool = False
 
 
 @dataclass
@@ -245,6 +253,13 @@ class MetaOptimizer(ABC):
     """
 
     cheap_to_build: ClassVar[bool] = True
+
+    @property
+    def supports_checkpointing(self) -> bool:
+        """Whether it differentiates by reverse mode only (``torch.autograd``), so that the
+        backbone and rater may recompute activations (``meta.activation_checkpointing``);
+        forward-mode AD and ``torch.func`` transforms cannot run through recomputation."""
+        return False
 
     @abstractmethod
     def meta_gradient(self, problem: BilevelProblem, theta: Params, eta: Params) -> MetaGradient:

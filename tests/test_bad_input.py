@@ -54,6 +54,12 @@ def test_recipe_errors(tiny_overrides, override, expected):
     fails_cleanly(["recipe", "validate", "digits", override], expected)
 
 
+def test_activation_checkpointing_needs_a_reverse_mode_engine(tiny_overrides):
+    for command in (["run", *tiny_overrides, "workflow=protocol"], ["recipe", "validate", "digits"]):
+        fails_cleanly([*command, "meta.activation_checkpointing=true", "meta.optimizer.params.mode=mixed"],
+                      "meta.activation_checkpointing: meta.optimizer 'unrolled' {'mode': 'mixed'} uses forward-mode AD")
+
+
 def test_recipe_validate_accepts_good_recipes():
     result = runner.invoke(app, ["recipe", "validate", "imagenet_cond"])
     assert result.exit_code == 0 and "ok" in result.output

@@ -74,7 +74,7 @@ def test_no_import_cycles():
 
 # The layers, lowest first: a module may import its own layer and those below it only.
 LAYERS = [
-    ("core", {"noisevalue", "noisevalue.errors", "noisevalue.interfaces", "noisevalue.registry",
+    ("core", {"noisevalue", "noisevalue.errors", "noisevalue.interfaces", "noisevalue.registry", "noisevalue.recompute",
               "noisevalue.config", "noisevalue.checkpoint", "noisevalue.diffusion", "noisevalue.distributed",
               "noisevalue.ema", "noisevalue.builtin_recipes"}),
     ("components", {"noisevalue.backbones", "noisevalue.raters", "noisevalue.selectors", "noisevalue.meta",

@@ -503,3 +503,47 @@ def test_implicit_solves_in_float32_for_half_precision_parameters():
     )
     assert out.grad["v"].dtype == half and torch.isfinite(out.grad["v"]).all()
     assert rel(out.grad["v"].double(), exact) < 0.1
+
+
+# -- activation checkpointing ----------------------------------------------------------------
+def checkpointing_setup(diffusion, on: bool):
+    from noisevalue.raters import dual_stream_tiny
+
+    backbone = perturbed_dit()
+    torch.manual_seed(3)
+    rater = dual_stream_tiny(input_size=SIZE, in_channels=C, num_classes=CLASSES, hidden_size=16, depth=2, num_heads=2)
+    backbone.gradient_checkpointing = rater.gradient_checkpointing = on
+    problem, theta, eta = build(diffusion, "adam", s=2, backbone=backbone, rater=rater, lr=1e-3)
+    return problem, theta, eta, backbone
+
+
+@pytest.mark.parametrize("engine", [
+    Unrolled("reverse"), Unrolled("mixed", hvp="double_backward"),
+    Implicit(damping=1.0, hvp="double_backward"), OneStep(hvp="double_backward"),
+], ids=["reverse", "mixed-db", "implicit-db", "one_step-db"])
+def test_checkpointed_meta_gradients_are_exact(diffusion, engine, monkeypatch):
+    import noisevalue.recompute as recompute
+
+    plain = engine.meta_gradient(*checkpointing_setup(diffusion, False)[:3])
+    problem, theta, eta, backbone = checkpointing_setup(diffusion, True)
+    assert problem.checkpointed and engine.supports_checkpointing
+    forwards, block_runs = [], []
+    backbone.register_forward_pre_hook(lambda *_: forwards.append(1))
+    real, blocks = recompute.functional_call, list(backbone.blocks)
+
+    def counting(module, *args, **kwargs):  # every run of a checkpointed block, forward or recomputed
+        block_runs.extend([1] if any(module is b for b in blocks) else [])
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(recompute, "functional_call", counting)
+    recomputed = engine.meta_gradient(problem, theta, eta)
+    assert rel(recomputed.grad, plain.grad) < 1e-10 and recomputed.outer_loss == pytest.approx(plain.outer_loss)
+    assert len(block_runs) > len(forwards) * len(blocks) > 0  # blocks ran again during the backward passes
+
+
+@pytest.mark.parametrize("engine", [Unrolled("mixed"), Implicit(), OneStep()], ids=["mixed", "implicit", "one_step"])
+def test_forward_mode_engines_refuse_checkpointing(diffusion, engine):
+    problem, theta, eta, _ = checkpointing_setup(diffusion, True)
+    assert not engine.supports_checkpointing
+    with pytest.raises(ValueError, match="activation checkpointing needs hvp='double_backward'"):
+        engine.meta_gradient(problem, theta, eta)

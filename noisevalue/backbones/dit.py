@@ -27,6 +27,7 @@ from torch import nn
 
 from noisevalue.errors import ConfigError
 from noisevalue.interfaces import Backbone
+from noisevalue.recompute import checkpointed_call
 
 __all__ = ["DiT", "CONFIGS", "dit_config", "get_2d_sincos_pos_embed"]
 
@@ -282,7 +283,7 @@ class DiT(Backbone):
             c = c + self.y_embedder(y)
         h = self.x_embedder(x) + self.pos_embed
         for block in self.blocks:
-            h = block(h, c)
+            h = checkpointed_call(block, h, c, enabled=self.gradient_checkpointing)
         return self.unpatchify(self.final_layer(h, c))
 
     def forward_with_cfg(

@@ -31,10 +31,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.func import grad_and_value
 
 from noisevalue.interfaces import BilevelProblem, MetaGradient, MetaOptimizer, Params
-from noisevalue.meta.inner import HVP_METHODS, hvp, mixed_products, unroll
+from noisevalue.meta.inner import (
+    HVP_METHODS,
+    check_checkpointed,
+    first_order,
+    hvp,
+    mixed_products,
+    unroll,
+)
 from noisevalue.meta.problem import math_sdpa
 
 __all__ = ["Implicit"]
@@ -76,14 +82,19 @@ class Implicit(MetaOptimizer):
         self.neumann_alpha = neumann_alpha
         self.hessian_batches = hessian_batches
 
+    @property
+    def supports_checkpointing(self) -> bool:
+        return self.hvp == "double_backward"
+
     def meta_gradient(self, problem: BilevelProblem, theta: Params, eta: Params) -> MetaGradient:
         if not problem.inner_batches:
             raise ValueError("Implicit: the problem has no inner batches to define L_in")
+        check_checkpointed(problem, self.hvp, "Implicit")
         with math_sdpa():
             eta = {k: v.detach() for k, v in eta.items()}
             traj = unroll(problem, theta, eta)
             th = traj.theta
-            g_val, val = grad_and_value(problem.outer_loss)(th, problem.val_batch)
+            g_val, val = first_order(problem.outer_loss, problem)(th, problem.val_batch)
             batches = problem.inner_batches
             if self.hessian_batches == "last":
                 batches = batches[-1:]

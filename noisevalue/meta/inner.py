@@ -157,6 +157,33 @@ def initial_state(problem: BilevelProblem, opt: InnerOptimizer, theta: Params) -
     return state
 
 
+def first_order(fn: Callable[..., torch.Tensor], problem: BilevelProblem) -> Callable[..., tuple[Params, torch.Tensor]]:
+    """``torch.func.grad_and_value(fn)`` (in the first argument, a parameter dict), or the
+    same by ``torch.autograd`` when the problem's losses recompute activations
+    (``problem.checkpointed``), which ``torch.func`` cannot run through."""
+    if not problem.checkpointed:
+        return grad_and_value(fn)
+
+    def by_autograd(params: Params, *rest: Any) -> tuple[Params, torch.Tensor]:
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        with torch.enable_grad():
+            value = fn(leaves, *rest)
+            grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+        out = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads, strict=True)}
+        return out, value.detach()
+
+    return by_autograd
+
+
+def check_checkpointed(problem: BilevelProblem, method: str, engine: str) -> None:
+    """Forward-mode products cannot run through recomputed activations."""
+    if problem.checkpointed and method == "jvp":
+        raise ValueError(
+            f"{engine}: activation checkpointing needs hvp='double_backward' (forward-mode AD cannot "
+            "run through recomputed activations)"
+        )
+
+
 @dataclass
 class Trajectory:
     """The inner unroll without any graph. ``thetas[s]``, ``states[s]``, ``grads[s]`` are the
@@ -179,7 +206,7 @@ def unroll(
     eta = {k: v.detach() for k, v in eta.items()}
     traj = Trajectory(theta=theta, state=initial_state(problem, opt, theta))
     for s, batch in enumerate(problem.inner_batches):
-        g, loss = grad_and_value(problem.inner_loss)(traj.theta, eta, batch)
+        g, loss = first_order(problem.inner_loss, problem)(traj.theta, eta, batch)
         traj.losses.append(float(loss))
         if keep:
             traj.thetas.append(traj.theta)

@@ -20,10 +20,9 @@ inner optimizer named by the problem is ignored (always plain SGD, no weight dec
 from __future__ import annotations
 
 import torch
-from torch.func import grad_and_value
 
 from noisevalue.interfaces import BilevelProblem, MetaGradient, MetaOptimizer, Params
-from noisevalue.meta.inner import HVP_METHODS, mixed_products
+from noisevalue.meta.inner import HVP_METHODS, check_checkpointed, first_order, mixed_products
 from noisevalue.meta.problem import math_sdpa
 
 __all__ = ["OneStep"]
@@ -38,18 +37,23 @@ class OneStep(MetaOptimizer):
         self.lookahead = lookahead
         self.hvp = hvp
 
+    @property
+    def supports_checkpointing(self) -> bool:
+        return self.hvp == "double_backward"
+
     def meta_gradient(self, problem: BilevelProblem, theta: Params, eta: Params) -> MetaGradient:
         if not problem.inner_batches:
             raise ValueError("OneStep: the problem has no inner batch")
+        check_checkpointed(problem, self.hvp, "OneStep")
         alpha = problem.inner_lr
         batch = problem.inner_batches[0]
         theta = {k: v.detach() for k, v in theta.items()}
         eta = {k: v.detach() for k, v in eta.items()}
         with math_sdpa():
-            g, inner = grad_and_value(problem.inner_loss)(theta, eta, batch)
+            g, inner = first_order(problem.inner_loss, problem)(theta, eta, batch)
             theta_1 = {k: theta[k] - alpha * g[k] for k in theta}
             at = theta_1 if self.lookahead else theta
-            g_val, val_at = grad_and_value(problem.outer_loss)(at, problem.val_batch)
+            g_val, val_at = first_order(problem.outer_loss, problem)(at, problem.val_batch)
             _, m = mixed_products(problem.inner_loss, theta, eta, batch, g_val, self.hvp)
             if self.lookahead:
                 val_1 = val_at

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from noisevalue.interfaces import BilevelProblem, Params, Rater
+from noisevalue.interfaces import Backbone, BilevelProblem, Params, Rater
 
 __all__ = [
     "GroupedBatch",
@@ -156,7 +156,8 @@ def make_problem(
 
     ``theta`` / ``eta`` dicts need only hold the trainable parameters (see
     :func:`param_dict`); anything missing is taken from the modules. The modules themselves
-    are never modified.
+    are never modified. When either declares ``gradient_checkpointing``, the problem is
+    ``checkpointed`` (its gradients then come from ``torch.autograd``).
     """
 
     def eps_model(theta: Params) -> Callable[..., torch.Tensor]:
@@ -181,4 +182,7 @@ def make_problem(
         inner_options=dict(inner_options or {}),
         inner_state=inner_state,
         inner_step=inner_step,
+        checkpointed=any(
+            isinstance(m, (Backbone, Rater)) and m.gradient_checkpointing for m in (backbone, rater)
+        ),
     )

@@ -21,11 +21,13 @@ Two modes compute the same number (to round-off):
 from __future__ import annotations
 
 import torch
-from torch.func import grad_and_value, vjp
+from torch.func import vjp
 
 from noisevalue.interfaces import BilevelProblem, MetaGradient, MetaOptimizer, Params
 from noisevalue.meta.inner import (
     HVP_METHODS,
+    check_checkpointed,
+    first_order,
     from_problem,
     initial_state,
     mixed_products,
@@ -53,7 +55,13 @@ class Unrolled(MetaOptimizer):
         self.mode = mode
         self.hvp = hvp
 
+    @property
+    def supports_checkpointing(self) -> bool:
+        return self.mode == "reverse" or self.hvp == "double_backward"
+
     def meta_gradient(self, problem: BilevelProblem, theta: Params, eta: Params) -> MetaGradient:
+        if self.mode == "mixed":
+            check_checkpointed(problem, self.hvp, "Unrolled (mixed)")
         with math_sdpa():
             if self.mode == "reverse":
                 return _reverse(problem, theta, eta)
@@ -102,7 +110,7 @@ def _mixed(problem: BilevelProblem, theta: Params, eta: Params, method: str) -> 
     opt = from_problem(problem)
     eta = {k: v.detach() for k, v in eta.items()}
     traj = unroll(problem, theta, eta, keep=True)
-    a_theta, val = grad_and_value(problem.outer_loss)(traj.theta, problem.val_batch)
+    a_theta, val = first_order(problem.outer_loss, problem)(traj.theta, problem.val_batch)
     a_state = {
         name: {k: torch.zeros_like(v) for k, v in part.items()} for name, part in traj.state.items()
     }

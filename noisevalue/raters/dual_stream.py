@@ -39,6 +39,7 @@ from noisevalue.backbones.dit import (
 )
 from noisevalue.errors import ConfigError
 from noisevalue.interfaces import Rater
+from noisevalue.recompute import checkpointed_call
 
 __all__ = [
     "DualStreamRater",
@@ -410,7 +411,7 @@ class DualStreamRater(Rater):
             tokens[IMAGE] = self.image_embedder(x0) + pos + self.image_type_embed
         c = self.condition(t, y, noise.shape[0])
         for block in self.blocks:
-            tokens = block(tokens, c)
+            tokens = checkpointed_call(block, tokens, c, enabled=self.gradient_checkpointing)
         pooled = tokens[NOISE].mean(dim=1)  # image tokens are dropped
         return self.head(self.head_norm(pooled)).squeeze(-1)
 
@@ -430,7 +431,7 @@ class DualStreamRater(Rater):
         }
         c = self.condition(t, y, x0.shape[0])
         for block in self.blocks:
-            tokens = {**tokens, **block(tokens, c, shared_k=k)}
+            tokens = {**tokens, **checkpointed_call(block, tokens, c, enabled=self.gradient_checkpointing, shared_k=k)}
         return self.head(self.head_norm(tokens[NOISE].mean(dim=1))).squeeze(-1)
 
     def _check_input(self, name: str, x: torch.Tensor) -> None:

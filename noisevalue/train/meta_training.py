@@ -140,6 +140,8 @@ class RaterMetaTraining(Trainer):
         self.rater_params = registry.with_shapes("rater", r.rater, "rater", self.latent_shape, self.num_classes)
         torch.manual_seed(r.seed + 1)  # identical rater init on every rank
         self.rater = registry.build("rater", registry.Named(r.rater.name, self.rater_params), where="rater").to(info.device)
+        # recompute block activations in the backward passes (engines check they can)
+        self.backbone.gradient_checkpointing = self.rater.gradient_checkpointing = m.activation_checkpointing
         self.rater_opt = torch.optim.AdamW(
             [p for p in self.rater.parameters() if p.requires_grad],
             lr=m.rater_lr, weight_decay=m.rater_weight_decay,
@@ -222,7 +224,8 @@ class RaterMetaTraining(Trainer):
         4.2) on the probe problem: their cosine and norms."""
         problem = self.probe_problem()
         engine = self.meta_opt.meta_gradient(problem, theta, eta).grad
-        one_step = OneStep().meta_gradient(problem, theta, eta).grad
+        one_step = OneStep(hvp="double_backward" if problem.checkpointed else "jvp").meta_gradient(
+            problem, theta, eta).grad
         cos, n_engine, n_one = cosine(engine, one_step)
         return {"signal/cosine_one_step": cos, "signal/meta_grad_norm": n_engine,
                 "signal/one_step_grad_norm": n_one}
