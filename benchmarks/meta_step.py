@@ -15,7 +15,8 @@ more.
     python benchmarks/meta_step.py --device cuda --model DiT-S/2 --size 32 --batch 8 --k 8 \
         --val-batch 16 --rater dual_stream --s-values 1,5 --checkpointing both
 
-``--checkpointing on`` recomputes the blocks' activations in the backward passes
+``--chunks 1,4`` measures each engine with each chunk count (``meta.chunks``: the batches
+differentiated in that many parts, one at a time). ``--checkpointing on`` recomputes the blocks' activations in the backward passes
 (``meta.activation_checkpointing``), for the engines that differentiate by reverse mode only;
 ``both`` measures each such engine without and with it, side by side.
 """
@@ -125,7 +126,7 @@ def run_one(args: argparse.Namespace) -> dict:
     ]
     vb = args.val_batch or args.batch
     val = PlainBatch(*common(vb), torch.randn(vb, *shape, generator=g).to(device))
-    problem = make_problem(backbone, rater, Diffusion(), inner, val, args.optimizer, 1e-4)
+    problem = make_problem(backbone, rater, Diffusion(), inner, val, args.optimizer, 1e-4, chunks=args.chunk)
     engine = {
         "unrolled-reverse": lambda: Unrolled("reverse"),
         "unrolled-mixed": lambda: Unrolled("mixed"),
@@ -169,7 +170,7 @@ def run_one(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return {
-        "engine": args.engine + ("+ckpt" if args.ckpt else ""),
+        "engine": args.engine + ("+ckpt" if args.ckpt else "") + (f"/{args.chunk}" if args.chunk > 1 else ""),
         "S": args.steps,
         "peak_mib": peak / 2**20,
         "time_s": statistics.median(times),
@@ -198,13 +199,15 @@ def main() -> None:
     ap.add_argument("--rater", default="small", help="'small' (an MLP) or a registered rater, e.g. dual_stream")
     ap.add_argument("--checkpointing", choices=["off", "on", "both"], default="off")
     ap.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)  # one run: on or off
+    ap.add_argument("--chunks", default="1", help="comma-separated chunk counts to measure")
+    ap.add_argument("--chunk", type=int, default=1, help=argparse.SUPPRESS)  # one run's
     args = ap.parse_args()
     if args.engine is not None:
         print(json.dumps(run_one(args)))
         return
     passthrough = []
     for key, value in vars(args).items():
-        if key not in ("engine", "steps", "s_values", "engines", "checkpointing", "ckpt", "val_batch"):
+        if key not in ("engine", "steps", "s_values", "engines", "checkpointing", "ckpt", "val_batch", "chunks", "chunk"):
             passthrough += ["--" + key.replace("_", "-"), str(value)]
     print(
         f"{args.model} {args.channels}x{args.size}x{args.size}, B={args.batch}, K={args.k}, "
@@ -216,15 +219,17 @@ def main() -> None:
     modes = {"off": [0], "on": [1], "both": [0, 1]}[args.checkpointing]
     print(f"{'engine':<23}{'S':>4}{'peak MiB':>11}{'time s':>9}")
     for engine in args.engines.split(","):
-        for s, ckpt in ((int(v), c) for v in args.s_values.split(",") for c in modes):
+        chunk_counts = [int(c) for c in args.chunks.split(",")]
+        for s, ckpt, chunk in ((int(v), c, n) for v in args.s_values.split(",") for c in modes for n in chunk_counts):
             if ckpt and engine not in recompute_ok:
                 continue
-            cmd = [sys.executable, __file__, *passthrough, "--engine", engine, "--steps", str(s), "--ckpt", str(ckpt)]
+            cmd = [sys.executable, __file__, *passthrough, "--engine", engine, "--steps", str(s), "--ckpt", str(ckpt),
+                   "--chunk", str(chunk)]
             # large blocks through mmap, so that freed memory leaves the resident set
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
-                print(f"{engine + ('+ckpt' if ckpt else ''):<23}{s:>4}  failed: {proc.stderr.strip().splitlines()[-1]}")
+                print(f"{engine + ('+ckpt' if ckpt else '') + (f'/{chunk}' if chunk > 1 else ''):<23}{s:>4}  failed: {proc.stderr.strip().splitlines()[-1]}")
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"{r['engine']:<23}{s:>4}{r['peak_mib']:>11.1f}{r['time_s']:>9.3f}", flush=True)

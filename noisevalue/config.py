@@ -124,6 +124,10 @@ class MetaConfig(_Strict):
     # less memory, about one more forward per step; needs an optimizer that differentiates by
     # reverse mode only (unrolled reverse, or hvp: double_backward)
     activation_checkpointing: bool = False
+    # the engines differentiate each inner and validation batch in this many parts, one at a
+    # time: the same meta-gradient with the per-batch activation memory divided about by it
+    # (engines that keep one step's graph at a time: unrolled mixed, implicit, one_step)
+    chunks: int = Field(default=1, ge=1)
     pretrained: str | None = None  # diffusion checkpoint (run or step folder); protocol fills it
     outer_steps: int = Field(default=2000, ge=0)
     inner_steps: int = Field(default=5, ge=1)  # S

@@ -230,6 +230,9 @@ class BilevelProblem:
     inner_step: int = 0
     #: the losses recompute activations in backward: gradients must come from torch.autograd
     checkpointed: bool = False
+    #: engines take gradients and second-order products over this many parts of each batch,
+    #: one at a time (the losses must be means over dim 0 of the batch tensors)
+    chunks: int = 1
 
 
 @dataclass

@@ -547,3 +547,29 @@ def test_forward_mode_engines_refuse_checkpointing(diffusion, engine):
     assert not engine.supports_checkpointing
     with pytest.raises(ValueError, match="activation checkpointing needs hvp='double_backward'"):
         engine.meta_gradient(problem, theta, eta)
+
+
+# -- chunked differentiation -----------------------------------------------------------------
+@pytest.mark.parametrize("engine", [
+    Unrolled("mixed"), Unrolled("mixed", hvp="double_backward"), Implicit(damping=1.0), OneStep(),
+], ids=["mixed", "mixed-db", "implicit", "one_step"])
+def test_chunked_meta_gradients_are_exact(diffusion, engine):
+    import dataclasses
+
+    problem, theta, eta = build(diffusion, "adam", s=2, backbone=perturbed_dit(), lr=1e-3)
+    whole = engine.meta_gradient(problem, theta, eta)
+    for chunks in (2, 3):  # 3 groups: even and uneven parts, down to one group each
+        parts = engine.meta_gradient(dataclasses.replace(problem, chunks=chunks), theta, eta)
+        assert rel(parts.grad, whole.grad) < 1e-10 and rel(parts.theta, whole.theta) < 1e-12
+        assert parts.outer_loss == pytest.approx(whole.outer_loss, rel=1e-12)
+
+
+def test_batch_chunks_cover_the_batch_with_size_weights():
+    from noisevalue.meta.inner import batch_chunks
+
+    inner, _ = batches(0, 1, b=5)
+    parts = batch_chunks(inner[0], 2)
+    assert [w for w, _ in parts] == [0.6, 0.4]
+    assert torch.equal(torch.cat([p.noise for _, p in parts]), inner[0].noise)
+    assert torch.equal(torch.cat([p.y for _, p in parts]), inner[0].y)
+    assert batch_chunks(inner[0], 1) == [(1.0, inner[0])] and len(batch_chunks(inner[0], 9)) == 5

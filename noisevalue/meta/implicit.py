@@ -104,7 +104,7 @@ class Implicit(MetaOptimizer):
                 v = flat.unflatten(x)
                 out = flat.zeros()
                 for batch in batches:
-                    out = out + flat.flatten(hvp(problem.inner_loss, th, eta, batch, v, self.hvp))
+                    out = out + flat.flatten(hvp(problem.inner_loss, th, eta, batch, v, self.hvp, problem.chunks))
                 return out / len(batches) + self.damping * x
 
             b = flat.flatten(g_val)
@@ -114,7 +114,7 @@ class Implicit(MetaOptimizer):
             xs = flat.unflatten(x)
             grad = {k: torch.zeros_like(v) for k, v in eta.items()}
             for batch in batches:
-                _, m = mixed_products(problem.inner_loss, th, eta, batch, xs, self.hvp)
+                _, m = mixed_products(problem.inner_loss, th, eta, batch, xs, self.hvp, problem.chunks)
                 grad = {k: grad[k] - m[k] / len(batches) for k in grad}
         info.update(residual=float(res), iterations=float(iters))
         if traj.losses:

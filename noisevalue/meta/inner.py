@@ -23,6 +23,7 @@ from 1. Either way the starting state is a constant: the meta-gradient is a func
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,12 +158,62 @@ def initial_state(problem: BilevelProblem, opt: InnerOptimizer, theta: Params) -
     return state
 
 
+def batch_chunks(batch: Any, chunks: int) -> list[tuple[float, Any]]:
+    """``(weight, part)`` pairs: ``batch`` (a dataclass of tensors along dim 0) cut into up to
+    ``chunks`` consecutive parts, ``weight`` = part size / batch size. The problem's losses
+    are means over dim 0, so a loss, its gradient and its second-order products are the
+    weighted sums of the parts' ones, and each part's graph is freed before the next."""
+    if chunks <= 1:
+        return [(1.0, batch)]
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    n = next(v.shape[0] for v in fields.values() if torch.is_tensor(v))
+    out = []
+    for idx in torch.arange(n).tensor_split(min(chunks, n)):
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        part = dataclasses.replace(batch, **{k: v[lo:hi] if torch.is_tensor(v) else v for k, v in fields.items()})
+        out.append(((hi - lo) / n, part))
+    return out
+
+
+def _weighted_sum(terms: list[tuple[float, Any]]) -> Any:
+    """Σ w * tree over ``(w, tree)`` pairs; trees are tensors, dicts or tuples of them."""
+    def scale(w: float, tree: Any) -> Any:
+        if isinstance(tree, dict):
+            return {k: scale(w, v) for k, v in tree.items()}
+        if isinstance(tree, tuple):
+            return tuple(scale(w, v) for v in tree)
+        return tree * w
+
+    def add(a: Any, b: Any) -> Any:
+        if isinstance(a, dict):
+            return {k: add(a[k], b[k]) for k in a}
+        if isinstance(a, tuple):
+            return tuple(add(x, y) for x, y in zip(a, b, strict=True))
+        return a + b
+
+    total = None
+    for w, tree in terms:
+        part = tree if len(terms) == 1 else scale(w, tree)
+        total = part if total is None else add(total, part)
+    return total
+
+
 def first_order(fn: Callable[..., torch.Tensor], problem: BilevelProblem) -> Callable[..., tuple[Params, torch.Tensor]]:
-    """``torch.func.grad_and_value(fn)`` (in the first argument, a parameter dict), or the
-    same by ``torch.autograd`` when the problem's losses recompute activations
-    (``problem.checkpointed``), which ``torch.func`` cannot run through."""
-    if not problem.checkpointed:
-        return grad_and_value(fn)
+    """``torch.func.grad_and_value(fn)`` (in the first argument, a parameter dict; the batch
+    is the last argument), or the same by ``torch.autograd`` when the problem's losses
+    recompute activations (``problem.checkpointed``), which ``torch.func`` cannot run
+    through; over ``problem.chunks`` parts of the batch, one at a time."""
+    base = _autograd_first_order(fn) if problem.checkpointed else grad_and_value(fn)
+
+    def chunked(params: Params, *rest: Any) -> tuple[Params, torch.Tensor]:
+        *head, batch = rest
+        return _weighted_sum([(w, base(params, *head, part)) for w, part in batch_chunks(batch, problem.chunks)])
+
+    return chunked
+
+
+def _autograd_first_order(fn: Callable[..., torch.Tensor]) -> Callable[..., tuple[Params, torch.Tensor]]:
+    """``grad_and_value`` by ``torch.autograd`` (runs through recomputed activations)."""
 
     def by_autograd(params: Params, *rest: Any) -> tuple[Params, torch.Tensor]:
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
@@ -227,9 +278,14 @@ def hvp(
     batch: Any,
     v: Params,
     method: str = "jvp",
+    chunks: int = 1,
 ) -> Params:
     """``H_theta theta L_in(theta, eta; batch) v``: forward-over-reverse (``"jvp"``, the jvp
-    of the gradient) or reverse-over-reverse (``"double_backward"``)."""
+    of the gradient) or reverse-over-reverse (``"double_backward"``); over ``chunks`` parts
+    of the batch, one at a time (:func:`batch_chunks`)."""
+    if chunks > 1:
+        return _weighted_sum([(w, hvp(inner_loss, theta, eta, part, v, method))
+                              for w, part in batch_chunks(batch, chunks)])
     if method == "jvp":
         return jvp(lambda th: grad(inner_loss)(th, eta, batch), (theta,), (v,))[1]
     return _double_backward(inner_loss, theta, eta, batch, v, wrt_eta=False)[0]
@@ -242,6 +298,7 @@ def mixed_products(
     batch: Any,
     v: Params,
     method: str = "jvp",
+    chunks: int = 1,
 ) -> tuple[Params, Params]:
     """``(H_theta theta L_in v, (d/d eta grad_theta L_in)^T v)``.
 
@@ -249,7 +306,11 @@ def mixed_products(
     gradient ``(grad_theta, grad_eta)`` (the joint Hessian is symmetric, so the tangent of
     ``grad_eta`` along ``theta`` is the transposed mixed block applied to ``v``).
     ``"double_backward"``: the gradient of ``<grad_theta L_in, v>`` in ``(theta, eta)``.
+    Over ``chunks`` parts of the batch, one at a time (:func:`batch_chunks`).
     """
+    if chunks > 1:
+        return _weighted_sum([(w, mixed_products(inner_loss, theta, eta, part, v, method))
+                              for w, part in batch_chunks(batch, chunks)])
     if method == "jvp":
 
         def joint_grad(th: Params) -> tuple[Params, Params]:

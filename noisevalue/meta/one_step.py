@@ -54,7 +54,7 @@ class OneStep(MetaOptimizer):
             theta_1 = {k: theta[k] - alpha * g[k] for k in theta}
             at = theta_1 if self.lookahead else theta
             g_val, val_at = first_order(problem.outer_loss, problem)(at, problem.val_batch)
-            _, m = mixed_products(problem.inner_loss, theta, eta, batch, g_val, self.hvp)
+            _, m = mixed_products(problem.inner_loss, theta, eta, batch, g_val, self.hvp, problem.chunks)
             if self.lookahead:
                 val_1 = val_at
             else:

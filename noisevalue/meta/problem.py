@@ -151,13 +151,16 @@ def make_problem(
     inner_options: dict[str, Any] | None = None,
     inner_state: dict[str, Params] | None = None,
     inner_step: int = 0,
+    chunks: int = 1,
 ) -> BilevelProblem:
     """The :class:`BilevelProblem` of one outer step, through ``torch.func.functional_call``.
 
     ``theta`` / ``eta`` dicts need only hold the trainable parameters (see
     :func:`param_dict`); anything missing is taken from the modules. The modules themselves
     are never modified. When either declares ``gradient_checkpointing``, the problem is
-    ``checkpointed`` (its gradients then come from ``torch.autograd``).
+    ``checkpointed`` (its gradients then come from ``torch.autograd``). ``chunks``: the
+    engines differentiate each batch in that many parts, one at a time (less memory, the
+    same meta-gradient).
     """
 
     def eps_model(theta: Params) -> Callable[..., torch.Tensor]:
@@ -182,6 +185,7 @@ def make_problem(
         inner_options=dict(inner_options or {}),
         inner_state=inner_state,
         inner_step=inner_step,
+        chunks=chunks,
         checkpointed=any(
             isinstance(m, (Backbone, Rater)) and m.gradient_checkpointing for m in (backbone, rater)
         ),

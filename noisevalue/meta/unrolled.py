@@ -126,7 +126,7 @@ def _mixed(problem: BilevelProblem, theta: Params, eta: Params, method: str) -> 
         a_th, a_state, a_g = back((a_theta, a_state))
         del back, st_s, g_s
         h_theta, h_eta = mixed_products(
-            problem.inner_loss, th_s, eta, problem.inner_batches[s], a_g, method
+            problem.inner_loss, th_s, eta, problem.inner_batches[s], a_g, method, problem.chunks
         )
         a_theta = tree_add(a_th, h_theta)
         g_eta = tree_add(g_eta, h_eta)

@@ -199,7 +199,7 @@ class RaterMetaTraining(Trainer):
         name, lr, options = m.inner_spec()
         return make_problem(
             self.backbone, self.rater, self.diffusion, inner, val, inner_optimizer=name, inner_lr=lr,
-            inner_options=options, inner_state=self.inner_state, inner_step=self.inner_step,
+            inner_options=options, inner_state=self.inner_state, inner_step=self.inner_step, chunks=m.chunks,
         )
 
     def probe_problem(self) -> BilevelProblem:
