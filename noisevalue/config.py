@@ -82,6 +82,8 @@ class TrainConfig(_Strict):
     threads: int | None = Field(default=None, gt=0)  # torch.set_num_threads on CPU
     # how each training sample's noise is chosen among k i.i.d. candidates (k=1: vanilla)
     selector: Component = Field(default_factory=lambda: Component(name="random", params={"k": 1}))
+    # a weight per sample from its timestep's SNR on the epsilon loss (uniform: none)
+    loss_weighting: Component = Field(default_factory=lambda: Component(name="uniform"))
     # start from another run's checkpoint (model, EMA, optimizer, step): a continuation
     init_from: str | None = None
 
@@ -418,6 +420,7 @@ def component_slots(recipe: Recipe) -> list[tuple[str, str, Component]]:
     for i, ev in enumerate(recipe.eval.evaluators):
         slots.append((f"eval.evaluators.{i}", "evaluator", ev))
     slots.append(("train.selector", "selector", recipe.train.selector))
+    slots.append(("train.loss_weighting", "loss_weighting", recipe.train.loss_weighting))
     for i, target in enumerate(recipe.transfer.targets):
         slots.append((f"transfer.targets.{i}", "backbone", target))
     if recipe.rater is not None:
@@ -496,10 +499,10 @@ def trial_build(where: str, kind: str, comp: Component) -> None:
     from torch import nn
 
     from noisevalue import registry
-    from noisevalue.interfaces import MetaOptimizer, NoiseSelector, Rater, rater_need
+    from noisevalue.interfaces import LossWeighting, MetaOptimizer, NoiseSelector, Rater, rater_need
 
     factory = registry.get(kind, comp.name)
-    if not (isinstance(factory, type) and issubclass(factory, (MetaOptimizer, NoiseSelector, Rater))):
+    if not (isinstance(factory, type) and issubclass(factory, (LossWeighting, MetaOptimizer, NoiseSelector, Rater))):
         return  # a plain function factory declares nothing
     if not factory.cheap_to_build:
         return

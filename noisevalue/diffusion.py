@@ -60,6 +60,11 @@ class Diffusion:
         s, n = self._coef(t, x0)
         return s * x0 + n * noise
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """``abar_t / (1 - abar_t)`` per timestep, float64 (``inf`` where ``abar_t = 1``)."""
+        a = self.alphas_cumprod.to(t.device)[t]
+        return a / (1 - a)
+
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randint(0, self.num_timesteps, (n,), generator=generator)
 

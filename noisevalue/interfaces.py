@@ -269,6 +269,21 @@ class MetaOptimizer(ABC):
         ...
 
 
+class LossWeighting(ABC):
+    """A weight per training sample, from the signal-to-noise ratio of its timestep,
+    multiplying its epsilon loss: ``weight(snr)`` takes ``SNR_t = abar_t / (1 - abar_t)``
+    ``[N]`` (float64; 0 at the last timestep of a zero-terminal-SNR schedule) and returns
+    non-negative weights ``[N]``. The held-out loss used as the evaluation metric stays
+    unweighted, so methods are compared on one scale. ``cheap_to_build`` (default True).
+    """
+
+    cheap_to_build: ClassVar[bool] = True
+
+    @abstractmethod
+    def weight(self, snr: torch.Tensor) -> torch.Tensor:
+        ...
+
+
 class Evaluator(ABC):
     """Scores generated images against a reference set.
 

@@ -30,6 +30,7 @@ KINDS: dict[str, str] = {
     "backbone": "noisevalue.backbones",
     "rater": "noisevalue.raters",
     "selector": "noisevalue.selectors",
+    "loss_weighting": "noisevalue.loss_weightings",
     "meta_optimizer": "noisevalue.meta_optimizers",
     "evaluator": "noisevalue.evaluators",
     "dataset": "noisevalue.datasets",

@@ -77,7 +77,7 @@ LAYERS = [
     ("core", {"noisevalue", "noisevalue.errors", "noisevalue.interfaces", "noisevalue.registry", "noisevalue.recompute",
               "noisevalue.config", "noisevalue.checkpoint", "noisevalue.diffusion", "noisevalue.distributed",
               "noisevalue.ema", "noisevalue.builtin_recipes"}),
-    ("components", {"noisevalue.backbones", "noisevalue.raters", "noisevalue.selectors", "noisevalue.meta",
+    ("components", {"noisevalue.backbones", "noisevalue.raters", "noisevalue.selectors", "noisevalue.meta", "noisevalue.weightings",
                     "noisevalue.data", "noisevalue.evaluators"}),
     ("train", {"noisevalue.train"}),
     ("experiments, sampling", {"noisevalue.experiments", "noisevalue.sampling"}),

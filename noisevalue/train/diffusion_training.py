@@ -47,6 +47,7 @@ class DiffusionTraining(Trainer):
         self.set_threads()
         self.evaluators = build_evaluators(r) if info.is_main else []
         self.selector = registry.build("selector", r.train.selector, where="train.selector")
+        self.weighting = registry.build("loss_weighting", r.train.loss_weighting, where="train.loss_weighting")
         self.data, self.encoder = load_train_data(r, self.run_dir, info)
         pixels = self.encoder.pixel_space and hasattr(self.data, "images")
         train_set = _ImagesView(self.data.images) if pixels else None  # type: ignore[attr-defined]
@@ -174,7 +175,8 @@ class DiffusionTraining(Trainer):
                 )
             noise = candidates[torch.arange(len(pick), device=dev), pick]
         with self._autocast():
-            loss = self.diffusion.per_sample_loss(self.model, x0, t, y_in, noise).mean()
+            losses = self.diffusion.per_sample_loss(self.model, x0, t, y_in, noise)
+            loss = (losses * self.weighting.weight(self.diffusion.snr(t)).to(losses.dtype)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if r.train.grad_clip:
