@@ -3,7 +3,9 @@ so ``noisevalue --help`` answers at once."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -117,8 +119,12 @@ def _print_result(run_dir: Path, metrics: dict | None) -> None:
     typer.echo(f"done: {run_dir}  {shown}")
 
 
-def _experiment(command: str, recipe: str | None, overrides: list[str] | None, options: dict, launch: dict) -> None:
-    """Load the recipe, then run an experiment command here or under torch.distributed.run."""
+def _experiment(
+    command: str, recipe: str | None, overrides: list[str] | None, options: dict, launch: dict,
+    check: Callable[[Any], object] | None = None,
+) -> None:
+    """Load the recipe (and ``check`` it), then run an experiment command here or under
+    torch.distributed.run."""
     import json
 
     from omegaconf import OmegaConf
@@ -131,6 +137,8 @@ def _experiment(command: str, recipe: str | None, overrides: list[str] | None, o
     data = load_recipe_dict(source, extra)
     parsed = parse_recipe(data, str(source or "<built-in recipe 'digits'>"))
     check_components(parsed)
+    if check is not None:
+        check(parsed)
     job_dir = Path(parsed.output_dir) / command
     typer.echo(
         f"noisevalue {command}: recipe '{parsed.name}' -> {job_dir}  (model {parsed.model.name}, "
@@ -153,6 +161,31 @@ def _experiment(command: str, recipe: str | None, overrides: list[str] | None, o
     typer.echo(f"{command} done; tables and figures:")
     for path in outputs:
         typer.echo(f"  {path}")
+
+
+@app.command()
+def compare(
+    recipe: str | None = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    methods: list[str] | None = typer.Option(
+        None, "--method", metavar="NAME",
+        help="A method: a label of select.methods, or a registered selector or loss weighting "
+        "(repeatable; default: all of select.methods). Vanilla is always the reference.",
+    ),
+    nproc_per_node: int = NprocOpt,
+    nnodes: str = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    rdzv_endpoint: str | None = RdzvOpt,
+    rdzv_id: str = RdzvIdOpt,
+) -> None:
+    """Training-side methods side by side from one stage-(i) checkpoint: the same budget and
+    paired seeds, one table of differences from vanilla, and each method's wall time."""
+    with user_errors():
+        from noisevalue.experiments.compare import compare_methods
+
+        _experiment("compare", recipe, overrides, {"methods": list(methods or [])},
+                    launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id),
+                    check=lambda parsed: compare_methods(parsed, list(methods or [])))
 
 
 @app.command()

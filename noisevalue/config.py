@@ -428,10 +428,29 @@ def component_slots(recipe: Recipe) -> list[tuple[str, str, Component]]:
         slots.append(("meta.optimizer", "meta_optimizer", recipe.meta.optimizer))
     if recipe.workflow == "protocol":
         for label, comp in recipe.select.methods.items():
-            slots.append((f"select.methods.{label}", "selector", comp))
+            slots.append((f"select.methods.{label}", method_kind(f"select.methods.{label}", comp), comp))
     slots.append(("ablate.selector", "selector", recipe.ablate.selector))
     slots.append(("transfer.selector", "selector", recipe.transfer.selector))
     return slots
+
+
+#: the kinds a training-side method (``select.methods``, ``noisevalue compare --method``) is
+#: looked up in: a continuation changes how noise is chosen, or how the loss is weighted
+METHOD_KINDS = ("selector", "loss_weighting")
+
+
+def method_kind(where: str, comp: Component) -> str:
+    """The registry kind of a training-side method, found by its name in :data:`METHOD_KINDS`."""
+    from noisevalue import registry
+
+    found = [kind for kind in METHOD_KINDS if comp.name in registry.names(kind)]
+    if len(found) == 1:
+        return found[0]
+    key = where if where.startswith("--") else f"{where}.name"
+    if found:
+        raise ConfigError(f"{key}: '{comp.name}' is both a selector and a loss weighting; rename one plugin")
+    known = "; ".join(f"{kind.replace('_', ' ')}s: {', '.join(registry.names(kind))}" for kind in METHOD_KINDS)
+    raise ConfigError(f"{key}: unknown method '{comp.name}' ({known})")
 
 
 def check_has_rater(where: str, comp: Component) -> None:

@@ -23,7 +23,7 @@ def run_workflow(recipe: Recipe, run_dir: str | Path, info: DistInfo, resume: bo
 
 
 def run_experiment(command: str, recipe: Recipe, info: DistInfo, options: dict[str, Any]) -> list[Path]:
-    """Run one experiment command (``ablate``, ``transfer``, ``analyze``); returns the paths
+    """Run one experiment command (``ablate``, ``transfer``, ``compare``, ``analyze``); returns the paths
     of its tables and figures."""
     say = print if info.is_main else (lambda *_: None)
     if command == "ablate":
@@ -34,6 +34,10 @@ def run_experiment(command: str, recipe: Recipe, info: DistInfo, options: dict[s
         from noisevalue.experiments.transfer import run_transfer
 
         return run_transfer(recipe, info, say, **options)
+    if command == "compare":
+        from noisevalue.experiments.compare import run_compare
+
+        return run_compare(recipe, info, say, **options)
     if command == "analyze":
         from noisevalue.experiments.analyze import run_analyze
 

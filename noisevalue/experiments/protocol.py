@@ -48,9 +48,10 @@ def untrained_rater(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained:
     return stages.train_rater(recipe, info, say, pretrained, run_dir, seed=seed, outer_steps=0)
 
 
-def run_protocol(recipe: Recipe, info: DistInfo, say: stages.Say = print) -> dict:
-    root = Path(recipe.output_dir)
-    say = say if info.is_main else (lambda *_: None)
+def continuations(recipe: Recipe, info: DistInfo, say: stages.Say) -> tuple[list[Run], int]:
+    """Stage (i), then per seed the raters the methods need (stage ii) and a continuation
+    per method of ``select.methods`` (stage iii), each in its own folder under
+    ``<output_dir>/select/<label>``. Returns the runs and the step they start from."""
     pretrained = stages.pretrain(recipe, info, say)
     start = start_row(pretrained)
     origin = int(start["step"])
@@ -63,11 +64,23 @@ def run_protocol(recipe: Recipe, info: DistInfo, say: stages.Say = print) -> dic
         if "untrained" in needs:
             raters["untrained"] = untrained_rater(recipe, info, say, pretrained, seed)
         for label, comp in recipe.select.methods.items():
-            run_dir = stages.seeded_dir(root / "select" / label, seed, recipe)
             history = stages.continue_training(
-                recipe, info, say, pretrained, run_dir, stages.with_rater(comp, raters), recipe.select.steps, seed=seed
+                recipe, info, say, pretrained, method_dir(recipe, label, seed), stages.with_rater(comp, raters),
+                recipe.select.steps, seed=seed,
             )
             runs.append(Run(label, seed, origin, start, history))
+    return runs, origin
+
+
+def method_dir(recipe: Recipe, label: str, seed: int) -> Path:
+    """The continuation folder of method ``label`` for ``seed``."""
+    return stages.seeded_dir(Path(recipe.output_dir) / "select" / label, seed, recipe)
+
+
+def run_protocol(recipe: Recipe, info: DistInfo, say: stages.Say = print) -> dict:
+    root = Path(recipe.output_dir)
+    say = say if info.is_main else (lambda *_: None)
+    runs, origin = continuations(recipe, info, say)
     reference = VANILLA if VANILLA in recipe.select.methods else None
     tables = tables_for(f"continuation from step {origin}", runs, reference)
     if info.is_main:

@@ -16,6 +16,7 @@ Shared layout under a recipe's ``output_dir`` (what every command reuses):
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -133,11 +134,21 @@ def run_stage(recipe: Recipe, info: DistInfo, say: Say) -> dict:
     if info.is_main:
         atomic_write_text(run_dir / STAGE_SETTINGS, json.dumps(stage_settings(recipe), indent=1, sort_keys=True))
     barrier(info)
+    start = time.perf_counter()
     metrics = run_trainer(recipe, run_dir, info, resume=resume)
-    if info.is_main:
-        atomic_write_text(marker, json.dumps({"metrics": metrics}, indent=2))
+    if info.is_main:  # the wall time of this (last) run of the stage, a resume's own only
+        atomic_write_text(marker, json.dumps({"metrics": metrics, "wall_s": time.perf_counter() - start}, indent=2))
     barrier(info)
     return metrics
+
+
+def wall_time(run_dir: Path) -> float | None:
+    """Seconds the stage's finishing run took (None: not recorded)."""
+    marker = Path(run_dir) / DONE
+    if not marker.is_file():
+        return None
+    value = json.loads(marker.read_text()).get("wall_s")
+    return None if value is None else float(value)
 
 
 def latent_cache(recipe: Recipe) -> str:
@@ -169,17 +180,23 @@ def train_rater(
 
 def continue_training(
     recipe: Recipe, info: DistInfo, say: Say, init_from: str | Path, run_dir: Path,
-    selector: Component, steps: int, seed: int | None = None,
+    method: Component, steps: int, seed: int | None = None,
 ) -> list[dict]:
-    """Stage (iii): ``steps`` more steps from ``init_from`` with ``selector`` choosing the
-    noise; returns the evaluation rows after the starting step."""
+    """Stage (iii): ``steps`` more steps from ``init_from`` with ``method``: a selector
+    choosing the noise, or a loss weighting (with i.i.d. noise); returns the evaluation
+    rows after the starting step."""
     from noisevalue.checkpoint import read_meta, resolve_checkpoint
+    from noisevalue.config import method_kind
 
     origin = read_meta(resolve_checkpoint(init_from)).step
+    train = replace(recipe.train, steps=origin + steps, init_from=str(init_from))
+    if method_kind("method", method) == "selector":
+        train = replace(train, selector=method)
+    else:
+        train = replace(train, selector=Component(name="random", params={"k": 1}), loss_weighting=method)
     stage = replace(
         stage_recipe(recipe, run_dir, workflow="pretrain", seed=seed),
-        train=replace(recipe.train, steps=origin + steps, init_from=str(init_from), selector=selector),
-        eval=replace(recipe.eval, every=recipe.select.eval_every),
+        train=train, eval=replace(recipe.eval, every=recipe.select.eval_every),
     )
     run_stage(stage, info, say)
     return evaluations(run_dir, after=origin)
@@ -194,14 +211,15 @@ def evaluations(run_dir: Path, after: int = -1) -> list[dict]:
 
 
 # ------------------------------------------------------------------ selectors and raters
-def needed_rater(selector: Component) -> str | None:
-    """``"trained"`` / ``"untrained"`` when the selector declares it needs a rater and its
-    recipe entry names no checkpoint; else None."""
+def needed_rater(method: Component) -> str | None:
+    """``"trained"`` / ``"untrained"`` when the method is a selector that declares it needs
+    a rater and its recipe entry names no checkpoint; else None."""
+    from noisevalue.config import method_kind
     from noisevalue.interfaces import rater_need
 
-    if "checkpoint" in selector.params:
+    if "checkpoint" in method.params or method_kind("method", method) != "selector":
         return None
-    return rater_need(registry.get("selector", selector.name))
+    return rater_need(registry.get("selector", method.name))
 
 
 def with_rater(selector: Component, raters: dict[str, Path]) -> Component:

@@ -1,0 +1,63 @@
+"""noisevalue compare: selectors and loss weightings from one stage-(i) checkpoint."""
+
+import csv
+import json
+
+from typer.testing import CliRunner
+
+from noisevalue.cli import app
+from tests.test_protocol import META
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_compare_runs_selectors_and_loss_weightings_with_paired_seeds(tmp_path, tiny_overrides):
+    args = ["compare", *tiny_overrides, *META, "meta.outer_steps=2", "select.steps=4", "select.eval_every=4",
+            "select.seeds=[0,1]", "--method", "min_snr", "--method", "max_norm", "--method", "rater"]
+    first = invoke(*args)
+    assert first.exit_code == 0, (first.output, first.exception)
+    root = tmp_path / "run"
+    rows = list(csv.DictReader((root / "compare.csv").open()))
+    assert [m for m in dict.fromkeys(r["run"] for r in rows)] == ["vanilla", "min_snr", "max_norm", "rater"]
+    # a loss weighting continues with i.i.d. noise; a selector with the recipe's uniform loss
+    weighted = json.loads((root / "select" / "min_snr-seed1" / "stage.json").read_text())
+    assert weighted["train.loss_weighting.name"] == "min_snr" and weighted["train.selector.params"] == {"k": 1}
+    chosen = json.loads((root / "select" / "max_norm" / "stage.json").read_text())
+    assert chosen["train.selector.name"] == "max_norm" and chosen["train.loss_weighting.name"] == "uniform"
+    # NoiseRater is a method like the others: a stage-(ii) rater per seed, handed to its continuation
+    rater_stage = json.loads((root / "select" / "rater-seed1" / "stage.json").read_text())
+    assert rater_stage["train.selector.params"]["checkpoint"] == str(root / "rater-seed1")
+    md = (root / "compare.md").read_text()
+    assert "Paired difference from 'vanilla'" in md and "| min_snr | 2 |" in md  # paired over both seeds
+    wall = md.split("Wall time of each continuation")[1]
+    for label, kind in (("vanilla", "selector"), ("min_snr", "loss weighting"), ("rater", "selector")):
+        line = next(r for r in wall.splitlines() if r.startswith(f"| {label} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == kind and float(cells[2]) > 0
+    assert "| vanilla | selector |" in wall and "| 1.00 |" in wall
+    # vanilla and min_snr start from the same checkpoint and seeds but end apart
+    def values(run, step):
+        return [r["value"] for r in rows if r["run"] == run and r["metric"] == "heldout_loss"
+                and r["step"] == step and r["seed"] in ("0", "1")]
+
+    assert values("vanilla", "4") == values("min_snr", "4")  # the shared start, per seed
+    assert values("vanilla", "8") != values("min_snr", "8")
+
+    second = invoke(*args)  # everything reused, the same tables
+    assert second.exit_code == 0 and "starting" not in second.output
+    assert (root / "compare.md").read_text() == md
+
+
+def test_an_unknown_method_stops_before_anything_is_written(tmp_path, tiny_overrides):
+    result = invoke("compare", *tiny_overrides, "--method", "min-snr")
+    assert result.exit_code == 2
+    err = result.stderr.strip()
+    assert err.count("\n") == 0 and "--method min-snr: unknown method 'min-snr' (selectors:" in err
+    assert "loss weightings: min_snr, p2, uniform" in err
+    bad = invoke("compare", *tiny_overrides, "--method", "p2", "select.methods.p2={name: p2, params: {gamma: 0}}")
+    assert bad.exit_code == 2 and "gamma must be a finite number > 0, got 0" in bad.stderr
+    assert not (tmp_path / "run").exists()
