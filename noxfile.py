@@ -1,5 +1,7 @@
 """Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``, ``nox -s demo``."""
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -8,8 +10,8 @@ TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    session.install(*TORCH, "-e", ".[test]", "-e", "plugins/noisevalue-example",
-                    "-e", "plugins/noisevalue-example-selection")
+    plugins = [arg for path in sorted(Path("plugins").iterdir()) if path.is_dir() for arg in ("-e", str(path))]
+    session.install(*TORCH, "-e", ".[test]", *plugins)  # every package under plugins/
     session.run("pytest", "-q", *session.posargs)
 
 

@@ -161,9 +161,15 @@ class NoiseSelector(ABC):
       the selector once with its recipe parameters (a selector that needs a rater and has
       no ``checkpoint`` yet gets a stand-in module as ``rater``), so that a constructor's
       ``ValueError`` is reported before any training. Set False if building is costly.
+    * ``pool``: ``"sample"`` (default) when each sample picks among its own k candidates,
+      ``"batch"`` when the returned indices point into all ``N * k`` candidates of the
+      process's batch, flattened sample-major (``candidates.flatten(0, 1)``): a selector may
+      then pair noises to samples across the batch, as a batch assignment does. It is
+      called even with k = 1.
     """
 
     k: int = 1
+    pool: ClassVar[Literal["sample", "batch"]] = "sample"
     needs_rater: ClassVar[Literal["trained", "untrained"] | None] = None
     needs_training_context: ClassVar[bool] = False
     cheap_to_build: ClassVar[bool] = True

@@ -148,3 +148,22 @@ def test_the_example_plugins_readme_commands_validate(readme):
     for words in commands:
         result = CliRunner().invoke(app, ["recipe", "validate", *words[2:]])
         assert result.exit_code == 0, (words, result.output)
+
+
+def test_every_plugin_package_is_installed_so_its_tests_run():
+    """The test command installs every package under plugins/ (a new one needs no edit)."""
+    import re
+    from importlib.metadata import PackageNotFoundError, distribution
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "plugins"
+    names = [re.search(r'^name = "([^"]+)"', (p / "pyproject.toml").read_text(), re.M).group(1)
+             for p in sorted(root.iterdir()) if (p / "pyproject.toml").is_file()]
+    assert "noisevalue-immiscible" in names
+    missing = []
+    for name in names:
+        try:
+            distribution(name)
+        except PackageNotFoundError:
+            missing.append(name)
+    assert missing == []

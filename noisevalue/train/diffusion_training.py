@@ -164,7 +164,7 @@ class DiffusionTraining(Trainer):
         if self.num_classes:
             y_in = torch.where(mine.drop, torch.full_like(y, self.num_classes), y).to(dev)
         candidates = mine.noise.to(dev)
-        if candidates.shape[1] == 1:
+        if candidates.shape[1] == 1 and self.selector.pool == "sample":
             noise = candidates[:, 0]
         else:  # the selector sees the dropped label, as the rater did in meta-training
             if self.context is not None:
@@ -173,7 +173,10 @@ class DiffusionTraining(Trainer):
                 pick = self.selector.select(
                     x0, y_in, t, candidates, generator=seeded_generator(r.seed, step, STREAM_SELECT, info.rank)
                 )
-            noise = candidates[torch.arange(len(pick), device=dev), pick]
+            if self.selector.pool == "batch":  # indices into the whole batch's candidates
+                noise = candidates.flatten(0, 1)[pick]
+            else:
+                noise = candidates[torch.arange(len(pick), device=dev), pick]
         with self._autocast():
             losses = self.diffusion.per_sample_loss(self.model, x0, t, y_in, noise)
             loss = (losses * self.weighting.weight(self.diffusion.snr(t)).to(losses.dtype)).mean()
