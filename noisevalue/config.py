@@ -84,6 +84,8 @@ class TrainConfig(_Strict):
     selector: Component = Field(default_factory=lambda: Component(name="random", params={"k": 1}))
     # a weight per sample from its timestep's SNR on the epsilon loss (uniform: none)
     loss_weighting: Component = Field(default_factory=lambda: Component(name="uniform"))
+    # the distribution of training timesteps (uniform: every t equally often)
+    timestep_sampler: Component = Field(default_factory=lambda: Component(name="uniform"))
     # start from another run's checkpoint (model, EMA, optimizer, step): a continuation
     init_from: str | None = None
 
@@ -421,6 +423,7 @@ def component_slots(recipe: Recipe) -> list[tuple[str, str, Component]]:
         slots.append((f"eval.evaluators.{i}", "evaluator", ev))
     slots.append(("train.selector", "selector", recipe.train.selector))
     slots.append(("train.loss_weighting", "loss_weighting", recipe.train.loss_weighting))
+    slots.append(("train.timestep_sampler", "timestep_sampler", recipe.train.timestep_sampler))
     for i, target in enumerate(recipe.transfer.targets):
         slots.append((f"transfer.targets.{i}", "backbone", target))
     if recipe.rater is not None:
@@ -435,8 +438,9 @@ def component_slots(recipe: Recipe) -> list[tuple[str, str, Component]]:
 
 
 #: the kinds a training-side method (``select.methods``, ``noisevalue compare --method``) is
-#: looked up in: a continuation changes how noise is chosen, or how the loss is weighted
-METHOD_KINDS = ("selector", "loss_weighting")
+#: looked up in: a continuation changes how noise is chosen, how the loss is weighted, or
+#: how timesteps are drawn
+METHOD_KINDS = ("selector", "loss_weighting", "timestep_sampler")
 
 
 def method_kind(where: str, comp: Component) -> str:
@@ -448,7 +452,8 @@ def method_kind(where: str, comp: Component) -> str:
         return found[0]
     key = where if where.startswith("--") else f"{where}.name"
     if found:
-        raise ConfigError(f"{key}: '{comp.name}' is both a selector and a loss weighting; rename one plugin")
+        kinds = " and a ".join(k.replace("_", " ") for k in found)
+        raise ConfigError(f"{key}: '{comp.name}' is both a {kinds}; as a method it is ambiguous")
     known = "; ".join(f"{kind.replace('_', ' ')}s: {', '.join(registry.names(kind))}" for kind in METHOD_KINDS)
     raise ConfigError(f"{key}: unknown method '{comp.name}' ({known})")
 
@@ -518,10 +523,17 @@ def trial_build(where: str, kind: str, comp: Component) -> None:
     from torch import nn
 
     from noisevalue import registry
-    from noisevalue.interfaces import LossWeighting, MetaOptimizer, NoiseSelector, Rater, rater_need
+    from noisevalue.interfaces import (
+        LossWeighting,
+        MetaOptimizer,
+        NoiseSelector,
+        Rater,
+        TimestepSampler,
+        rater_need,
+    )
 
     factory = registry.get(kind, comp.name)
-    if not (isinstance(factory, type) and issubclass(factory, (LossWeighting, MetaOptimizer, NoiseSelector, Rater))):
+    if not (isinstance(factory, type) and issubclass(factory, (LossWeighting, MetaOptimizer, NoiseSelector, Rater, TimestepSampler))):
         return  # a plain function factory declares nothing
     if not factory.cheap_to_build:
         return

@@ -67,6 +67,12 @@ def cleanup(info: DistInfo) -> None:
         torch.distributed.destroy_process_group()
 
 
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
 def all_reduce_mean(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)

@@ -290,6 +290,45 @@ class LossWeighting(ABC):
         ...
 
 
+class TimestepSampler(ABC):
+    """The distribution of training timesteps (``train.timestep_sampler``).
+
+    Each step the trainer draws the global batch's timesteps uniformly as always, then calls
+    ``resample(t, u)`` with ``u`` uniform in ``[0, 1)`` (``[N]`` float64, from the step's own
+    seeded stream): return the timesteps to train on, e.g. by inverse CDF of ``u``. After
+    the step, ``statistics(t, losses)`` may summarise this process's per-sample (unweighted)
+    epsilon losses into a fixed-shape float64 tensor; the trainer sums it over processes and
+    passes it to ``update(stats, step)``, so every process holds the same state. An
+    adaptive sampler keeps that state in ``state_dict`` (tensors, saved with each
+    checkpoint and restored on resume, so a resumed run draws exactly what an
+    uninterrupted one does). ``cheap_to_build`` (default True).
+    """
+
+    cheap_to_build: ClassVar[bool] = True
+
+    def bind(self, alphas_cumprod: torch.Tensor, loss_weight: torch.Tensor) -> None:  # noqa: B027
+        """Called once before training with the schedule's ``abar_t`` and the run's loss
+        weight at each timestep (both float64 ``[T]``)."""
+
+    @abstractmethod
+    def resample(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        ...
+
+    def statistics(self, t: torch.Tensor, losses: torch.Tensor) -> torch.Tensor | None:
+        """None (the default): the sampler does not adapt."""
+        return None
+
+    def update(self, stats: torch.Tensor, step: int) -> None:  # noqa: B027
+        """Take the summed statistics of the step that ends at ``step`` (1-based)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got {sorted(state)}")
+
+
 class Evaluator(ABC):
     """Scores generated images against a reference set.
 

@@ -31,6 +31,7 @@ KINDS: dict[str, str] = {
     "rater": "noisevalue.raters",
     "selector": "noisevalue.selectors",
     "loss_weighting": "noisevalue.loss_weightings",
+    "timestep_sampler": "noisevalue.timestep_samplers",
     "meta_optimizer": "noisevalue.meta_optimizers",
     "evaluator": "noisevalue.evaluators",
     "dataset": "noisevalue.datasets",

@@ -183,17 +183,18 @@ def continue_training(
     method: Component, steps: int, seed: int | None = None,
 ) -> list[dict]:
     """Stage (iii): ``steps`` more steps from ``init_from`` with ``method``: a selector
-    choosing the noise, or a loss weighting (with i.i.d. noise); returns the evaluation
-    rows after the starting step."""
+    choosing the noise, or a loss weighting or timestep sampler (with i.i.d. noise);
+    returns the evaluation rows after the starting step."""
     from noisevalue.checkpoint import read_meta, resolve_checkpoint
     from noisevalue.config import method_kind
 
     origin = read_meta(resolve_checkpoint(init_from)).step
     train = replace(recipe.train, steps=origin + steps, init_from=str(init_from))
-    if method_kind("method", method) == "selector":
+    kind = method_kind("method", method)
+    if kind == "selector":
         train = replace(train, selector=method)
-    else:
-        train = replace(train, selector=Component(name="random", params={"k": 1}), loss_weighting=method)
+    else:  # i.i.d. noise, with the method's loss weighting or timestep distribution
+        train = replace(train, selector=Component(name="random", params={"k": 1}), **{kind: method})
     stage = replace(
         stage_recipe(recipe, run_dir, workflow="pretrain", seed=seed),
         train=train, eval=replace(recipe.eval, every=recipe.select.eval_every),

@@ -137,7 +137,7 @@ class JointAttention(nn.Module):
         so it is computed once per sample; ``noise`` ``[N * k, T, D]`` (k candidates per
         sample, sample-major) attends to its sample's image tokens and to itself. Returns
         the outputs of the ``outputs`` streams."""
-        n, k = image.shape[0], noise.shape[0] // image.shape[0]
+        k = noise.shape[0] // image.shape[0]
         q_i, k_i, v_i = self._qkv(IMAGE, image)
         q_n, k_n, v_n = self._qkv(NOISE, noise)
         keys = torch.cat([k_i.repeat_interleave(k, 0), k_n], dim=2)
@@ -145,7 +145,6 @@ class JointAttention(nn.Module):
         out = {NOISE: self._project(NOISE, F.scaled_dot_product_attention(q_n, keys, values))}
         if IMAGE in self.outputs:
             out[IMAGE] = self._project(IMAGE, F.scaled_dot_product_attention(q_i, k_i, v_i))
-        del n
         return [out[s] for s in self.outputs]
 
 

@@ -30,6 +30,7 @@ STREAM_PROBE = 7  # the fixed meta-signal probe problem
 STREAM_ORACLE = 8  # the oracle selector's validation batches
 STREAM_HELDOUT = 9  # the held-out loss's fixed (t, noise) draws
 STREAM_SELECT = 10  # a stochastic selector's per-step generator
+STREAM_TIMESTEP = 11  # a timestep sampler's per-step uniform draws
 
 
 def seeded_generator(*key: int) -> torch.Generator:

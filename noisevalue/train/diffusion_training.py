@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from noisevalue import checkpoint as ckpt
 from noisevalue import registry
 from noisevalue.diffusion import Diffusion
-from noisevalue.distributed import all_reduce_mean, barrier
+from noisevalue.distributed import all_reduce_mean, all_reduce_sum, barrier
 from noisevalue.ema import EMA, unwrap
 from noisevalue.errors import CheckpointError, ConfigError
 from noisevalue.interfaces import TrainingContext
@@ -28,6 +29,7 @@ from noisevalue.train.batches import (
     STREAM_EVAL,
     STREAM_ORACLE,
     STREAM_SELECT,
+    STREAM_TIMESTEP,
     GlobalOrder,
     draw_step,
     local_batch_size,
@@ -39,6 +41,8 @@ from noisevalue.train.data import load_train_data
 from noisevalue.train.progress import StepProgress
 from noisevalue.train.trainer import Trainer
 
+SAMPLER_GROUP = "timestep_sampler"  # tensor group of an adaptive timestep sampler's state
+
 
 class DiffusionTraining(Trainer):
     # ------------------------------------------------------------------ setup
@@ -48,6 +52,7 @@ class DiffusionTraining(Trainer):
         self.evaluators = build_evaluators(r) if info.is_main else []
         self.selector = registry.build("selector", r.train.selector, where="train.selector")
         self.weighting = registry.build("loss_weighting", r.train.loss_weighting, where="train.loss_weighting")
+        self.timesteps = registry.build("timestep_sampler", r.train.timestep_sampler, where="train.timestep_sampler")
         self.data, self.encoder = load_train_data(r, self.run_dir, info)
         pixels = self.encoder.pixel_space and hasattr(self.data, "images")
         train_set = _ImagesView(self.data.images) if pixels else None  # type: ignore[attr-defined]
@@ -66,6 +71,8 @@ class DiffusionTraining(Trainer):
                 "model.params.class_dropout_prob > 0 or sample.cfg_scale=1"
             )
         self.diffusion = Diffusion.from_config(r.diffusion)
+        all_t = torch.arange(self.diffusion.num_timesteps)
+        self.timesteps.bind(self.diffusion.alphas_cumprod, self.weighting.weight(self.diffusion.snr(all_t)).double())
         self.ema = EMA(model, r.train.ema_decay, warmup=r.train.ema_warmup)
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
@@ -120,7 +127,10 @@ class DiffusionTraining(Trainer):
         return x0.to(dev), y_in, draws.t.to(dev), draws.noise[:, 0].to(dev)
 
     def _restore(self) -> None:
-        self.load(self.checkpoint_to_resume(), with_optimizer=True)
+        path = self.checkpoint_to_resume()
+        self.load(path, with_optimizer=True)
+        if (path / f"{SAMPLER_GROUP}.safetensors").is_file():  # this run's own adaptive state
+            self.timesteps.load_state_dict(ckpt.load_tensors(path, SAMPLER_GROUP))
 
     def load(self, path: Path, with_optimizer: bool) -> None:
         meta = ckpt.read_meta(path)
@@ -155,6 +165,8 @@ class DiffusionTraining(Trainer):
             r.seed, step, r.train.global_batch_size, self.latent_shape,
             self.diffusion.num_timesteps, self.drop_prob, r.data.random_flip, k=self.selector.k,
         )
+        u = torch.rand(len(draws.t), generator=seeded_generator(r.seed, step, STREAM_TIMESTEP), dtype=torch.float64)
+        draws = dataclasses.replace(draws, t=self.timesteps.resample(draws.t, u))
         lo, hi = info.rank * self.local_batch, (info.rank + 1) * self.local_batch
         mine = draws.slice(lo, hi)
         x0, y = self.data.fetch(idx[lo:hi], mine.flip)
@@ -186,6 +198,9 @@ class DiffusionTraining(Trainer):
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.train.grad_clip)
         self.optimizer.step()
         self.ema.update(self.model, step)
+        stats = self.timesteps.statistics(t.cpu(), losses.detach().float().cpu())
+        if stats is not None:  # summed over processes: every rank adapts the same way
+            self.timesteps.update(all_reduce_sum(stats.to(dev), info).cpu(), step + 1)
         return float(all_reduce_mean(loss.detach().clone(), info))
 
     def train(self) -> None:
@@ -225,6 +240,9 @@ class DiffusionTraining(Trainer):
                 "ema": self.ema.state_dict(),
                 "optimizer": opt_tensors,
             }
+            sampler_state = self.timesteps.state_dict()
+            if sampler_state:
+                tensors[SAMPLER_GROUP] = sampler_state
             ckpt.save_checkpoint(
                 self.ckpt_dir, tensors, meta, keep=self.recipe.train.keep_checkpoints,
                 keep_every=self.recipe.train.keep_every,

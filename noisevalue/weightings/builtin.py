@@ -7,13 +7,20 @@ import math
 import torch
 
 from noisevalue.errors import ConfigError
-from noisevalue.interfaces import LossWeighting
+from noisevalue.interfaces import LossWeighting, TimestepSampler
 
 
 def _positive(name: str, key: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"loss weighting '{name}': {key} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+class UniformTimesteps(TimestepSampler):
+    """Timesteps uniform over the schedule: today's draws, unchanged."""
+
+    def resample(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return t
 
 
 class Uniform(LossWeighting):
