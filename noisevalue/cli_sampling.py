@@ -33,6 +33,9 @@ RecipeOpt = typer.Option(
 )
 NumOpt = typer.Option(None, "--num", help="Number of samples (default: the recipe's eval.num_samples).")
 CfgOpt = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale (default: sample.cfg_scale).")
+NagOpt = typer.Option(
+    None, "--nag-scale", help="Noise Awareness Guidance scale (default: sample.nag_scale; a NAG backbone)."
+)
 StepsOpt = typer.Option(None, "--steps", help="DDIM steps (default: sample.num_steps).")
 EtaOpt = typer.Option(None, "--eta", help="DDIM eta; 0 is deterministic (default: sample.eta).")
 SeedOpt = typer.Option(None, "--seed", help="Sampling seed (default: the run's seed).")
@@ -49,6 +52,7 @@ def sample(
     run: str = RunArg,
     num: int | None = NumOpt,
     cfg_scale: float | None = CfgOpt,
+    nag_scale: float | None = NagOpt,
     steps: int | None = StepsOpt,
     eta: float | None = EtaOpt,
     seed: int | None = SeedOpt,
@@ -73,7 +77,7 @@ def sample(
 
         ctx = sp.resolve_run(run, recipe)
         settings = sp.sample_settings(
-            ctx, num=num, cfg_scale=cfg_scale, steps=steps, eta=eta, seed=seed,
+            ctx, num=num, cfg_scale=cfg_scale, nag_scale=nag_scale, steps=steps, eta=eta, seed=seed,
             use_ema=not no_ema, class_label=class_label, batch_size=batch_size, device=device,
         )
         folder = Path(out) if out is not None else sp.default_out_dir(ctx, settings)
@@ -91,7 +95,8 @@ def _draw(sp: Any, ctx: Any, settings: Any, folder: Path, batch_size_given: bool
     typer.echo(
         f"noisevalue sample: {ctx.checkpoint} ({'EMA' if settings.use_ema else 'raw'} weights, "
         f"recipe {ctx.recipe_source}) -> {folder}  ({settings.num} images, {settings.num_steps} DDIM "
-        f"steps, eta {settings.eta:g}, cfg {settings.cfg_scale:g}, seed {settings.seed}, processes {world})"
+        f"steps, eta {settings.eta:g}, cfg {settings.cfg_scale:g}"
+        f"{f', nag {settings.nag_scale:g}' if settings.nag_scale else ''}, seed {settings.seed}, processes {world})"
     )
     if npz.is_file():
         typer.echo(f"complete already, reused: {npz}")

@@ -270,6 +270,9 @@ class SampleConfig(_Strict):
     num_steps: int = Field(default=50, gt=0)
     eta: float = Field(default=0.0, ge=0)
     cfg_scale: float = Field(default=1.0, ge=0)
+    # Noise Awareness Guidance: w * (eps(x, t) - eps(x, null_t)); needs a backbone trained
+    # with time_dropout_prob > 0 (e.g. the NAG-DiT backbones of noisevalue-nag)
+    nag_scale: float = Field(default=0.0, ge=0)
     per_class: int = Field(default=8, gt=0)  # grid columns per class
     use_ema: bool = True
     batch_size: int = Field(default=256, gt=0)
@@ -437,6 +440,25 @@ def component_slots(recipe: Recipe) -> list[tuple[str, str, Component]]:
     return slots
 
 
+def check_nag(recipe: Recipe) -> None:
+    """``sample.nag_scale`` > 0 needs a backbone that learns a null time."""
+    import inspect
+
+    from noisevalue import registry
+
+    if recipe.sample.nag_scale == 0:
+        return
+    factory = registry.get("backbone", recipe.model.name)
+    param = inspect.signature(factory).parameters.get("time_dropout_prob")
+    value = recipe.model.params.get("time_dropout_prob", None if param is None else param.default)
+    if not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(
+            f"sample.nag_scale: Noise Awareness Guidance ({recipe.sample.nag_scale:g}) needs a backbone trained "
+            f"with time_dropout_prob > 0, and '{recipe.model.name}' has none; use a NAG backbone "
+            "(noisevalue-nag: NAG-DiT-S/2, ...) or sample.nag_scale=0"
+        )
+
+
 #: the kinds a training-side method (``select.methods``, ``noisevalue compare --method``) is
 #: looked up in: a continuation changes how noise is chosen, how the loss is weighted, or
 #: how timesteps are drawn
@@ -499,6 +521,7 @@ def check_components(recipe: Recipe) -> None:
     check_has_rater("train.selector", recipe.train.selector)
     check_takes_trained_rater("ablate.selector", recipe.ablate.selector)
     check_takes_trained_rater("transfer.selector", recipe.transfer.selector)
+    check_nag(recipe)
     m = recipe.meta
     if m.activation_checkpointing and recipe.workflow in ("meta_train", "protocol"):
         optimizer = registry.build("meta_optimizer", m.optimizer, where="meta.optimizer")

@@ -75,10 +75,13 @@ class Diffusion:
         t: torch.Tensor,
         y: torch.Tensor | None,
         noise: torch.Tensor,
+        t_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """||eps - eps_theta(x_t, t, y)||^2 averaged over C, H, W: one value per sample."""
+        """||eps - eps_theta(x_t, t, y)||^2 averaged over C, H, W: one value per sample.
+        ``t_cond``: the timesteps the model is told (default ``t``; ``NULL_TIMESTEP`` where
+        the time condition is dropped), while ``x_t`` is noised at ``t``."""
         x_t = self.q_sample(x0, t, noise)
-        pred = model(x_t, t, y)[:, : x0.shape[1]]
+        pred = model(x_t, t if t_cond is None else t_cond, y)[:, : x0.shape[1]]
         err = noise - pred
         err = err.to(torch.promote_types(err.dtype, torch.float32))  # half -> fp32, fp64 stays
         return err.pow(2).flatten(1).mean(dim=1)
@@ -95,10 +98,14 @@ def drop_labels(
 
 
 def guided_eps(
-    model: nn.Module, num_classes: int, y: torch.Tensor | None, cfg_scale: float, precision: str = "fp32"
+    model: nn.Module, num_classes: int, y: torch.Tensor | None, cfg_scale: float, precision: str = "fp32",
+    nag_scale: float = 0.0,
 ) -> EpsFn:
     """eps(x, t) with classifier-free guidance on all epsilon channels. ``precision="bf16"``
-    runs the model under bf16 autocast; the guidance and the sampler stay in float32."""
+    runs the model under bf16 autocast; the guidance and the sampler stay in float32.
+    ``nag_scale`` w > 0 adds Noise Awareness Guidance, ``w * (eps(x, t) - eps(x, null_t))``
+    with the same labels (a model trained with ``time_dropout_prob > 0``); w = 0 is the
+    plain (CFG-guided) prediction, computed exactly as without it."""
 
     def forward(*args: torch.Tensor | None) -> torch.Tensor:
         if precision != "bf16":
@@ -107,7 +114,7 @@ def guided_eps(
         with torch.autocast(device, dtype=torch.bfloat16):
             return model(*args).float()
 
-    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def cfg_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
         if y is None or num_classes == 0 or cfg_scale == 1.0:
             return forward(x, t, y)[:, :c]
@@ -116,7 +123,18 @@ def guided_eps(
         cond, uncond = out.chunk(2)
         return uncond + cfg_scale * (cond - uncond)
 
-    return eps
+    if nag_scale == 0:
+        return cfg_eps
+
+    def nag_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        from noisevalue.interfaces import NULL_TIMESTEP
+
+        c = x.shape[1]
+        cond = forward(x, t, y)[:, :c]
+        no_time = forward(x, torch.full_like(t, NULL_TIMESTEP), y)[:, :c]
+        return cfg_eps(x, t) + nag_scale * (cond - no_time)
+
+    return nag_eps
 
 
 @torch.no_grad()

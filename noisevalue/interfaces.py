@@ -40,6 +40,10 @@ __all__ = [
 ]
 
 
+#: the timestep value that stands for "no time condition" (see ``Backbone.time_dropout_prob``)
+NULL_TIMESTEP = -1
+
+
 class Backbone(nn.Module, ABC):
     """A noise-prediction network ``eps_theta(x_t, t, y)``.
 
@@ -66,6 +70,10 @@ class Backbone(nn.Module, ABC):
     #: probability with which the trainer replaces a label by the null label ``num_classes``
     #: (classifier-free guidance); 0 means no null label is ever trained
     class_dropout_prob: float = 0.0
+    #: probability with which the trainer replaces the timestep *condition* (not the noise
+    #: level) by :data:`NULL_TIMESTEP`; a backbone that sets it > 0 maps that value to a
+    #: learned null-time embedding (Noise Awareness Guidance); 0: never
+    time_dropout_prob: float = 0.0
     #: set by rater meta-training (``meta.activation_checkpointing``): recompute each block's
     #: activations in the backward pass (see :mod:`noisevalue.recompute`); a backbone that
     #: cannot ignores it

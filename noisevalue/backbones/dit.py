@@ -269,11 +269,15 @@ class DiT(Backbone):
         x = x.permute(0, 5, 1, 3, 2, 4)  # n, c, h, p, w, q
         return x.reshape(x.shape[0], c, h * p, w * p)
 
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep's conditioning vector ``[N, D]`` (a subclass may add a null time)."""
+        return self.t_embedder(t)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """``x`` ``[N, C, H, W]``, ``t`` ``[N]``, ``y`` ``[N]`` labels in ``[0, num_classes]``
         (``num_classes`` is the null label). An unconditional model ignores ``y``."""
         self._check_input(x)
-        c = self.t_embedder(t)
+        c = self.embed_time(t)
         if self.y_embedder is not None:
             if y is None:
                 raise ValueError(

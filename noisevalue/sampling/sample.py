@@ -194,6 +194,7 @@ class SampleSettings:
     device: str = "auto"
     threads: int | None = None
     precision: str = "fp32"  # bf16: the model under bf16 autocast (runs on CUDA with train.precision bf16)
+    nag_scale: float = 0.0  # Noise Awareness Guidance (0: none)
 
     def tag(self) -> str:
         """A short folder name for these settings."""
@@ -201,6 +202,8 @@ class SampleSettings:
             ckpt.step_dir_name(self.step), f"n{self.num}", f"ddim{self.num_steps}",
             f"cfg{self.cfg_scale:g}", f"eta{self.eta:g}", f"seed{self.seed}",
         ]
+        if self.nag_scale:
+            parts.append(f"nag{self.nag_scale:g}")
         if not self.use_ema:
             parts.append("noema")
         if self.class_label is not None:
@@ -235,6 +238,7 @@ def sample_settings(
     run: RunContext,
     num: int | None = None,
     cfg_scale: float | None = None,
+    nag_scale: float | None = None,
     steps: int | None = None,
     eta: float | None = None,
     seed: int | None = None,
@@ -265,6 +269,7 @@ def sample_settings(
         device=device or r.train.device,
         threads=r.train.threads,
         precision=r.train.precision if uses_cuda(device or r.train.device) else "fp32",
+        nag_scale=r.sample.nag_scale if nag_scale is None else float(nag_scale),
         weights_fingerprint=_fingerprint(run.checkpoint / f"{'ema' if use_ema else 'model'}.safetensors"),
     )
     if settings.num < 1:
@@ -277,6 +282,8 @@ def sample_settings(
         raise ConfigError(f"--eta: expected a value >= 0, got {settings.eta:g}")
     if settings.cfg_scale < 0:
         raise ConfigError(f"--cfg-scale: expected a value >= 0, got {settings.cfg_scale:g}")
+    if settings.nag_scale < 0:
+        raise ConfigError(f"--nag-scale: expected a value >= 0, got {settings.nag_scale:g}")
     if settings.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: expected auto, cpu or cuda, got {settings.device!r}")
     if settings.num_classes == 0 and settings.cfg_scale != 1.0:
@@ -380,6 +387,11 @@ class Sampler:
                 f"--cfg-scale {settings.cfg_scale:g}: guidance needs a model trained with label "
                 "dropout (class_dropout_prob > 0); use --cfg-scale 1"
             )
+        if settings.nag_scale and float(model.time_dropout_prob) <= 0:
+            raise ConfigError(
+                f"--nag-scale {settings.nag_scale:g}: Noise Awareness Guidance needs a model trained with a "
+                "null time (time_dropout_prob > 0, e.g. a NAG-DiT backbone); use --nag-scale 0"
+            )
         self.diffusion = Diffusion.from_config(DiffusionConfig(**settings.diffusion))
         self.encoder = registry.build("encoder", Component(**settings.encoder), where="data.encoder")
         self.encoder.to(device)
@@ -396,7 +408,7 @@ class Sampler:
         noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(self.device)
         labels = s.labels(start, stop)
         y = labels.to(self.device) if labels is not None else None
-        eps = guided_eps(self.model, s.num_classes, y, s.cfg_scale, s.precision)
+        eps = guided_eps(self.model, s.num_classes, y, s.cfg_scale, s.precision, s.nag_scale)
         # a list of generators: diffusers draws each image's DDIM noise from its own one
         z = ddim_sample(eps, self.diffusion, noise, num_steps=s.num_steps, eta=s.eta, generator=gens)  # type: ignore[arg-type]
         unit = image_to_unit(self.encoder.decode(z))

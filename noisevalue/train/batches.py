@@ -31,6 +31,7 @@ STREAM_ORACLE = 8  # the oracle selector's validation batches
 STREAM_HELDOUT = 9  # the held-out loss's fixed (t, noise) draws
 STREAM_SELECT = 10  # a stochastic selector's per-step generator
 STREAM_TIMESTEP = 11  # a timestep sampler's per-step uniform draws
+STREAM_TIME_DROP = 12  # which samples' time condition is dropped (Noise Awareness Guidance)
 
 
 def seeded_generator(*key: int) -> torch.Generator:

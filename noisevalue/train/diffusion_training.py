@@ -23,12 +23,13 @@ from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import all_reduce_mean, all_reduce_sum, barrier
 from noisevalue.ema import EMA, unwrap
 from noisevalue.errors import CheckpointError, ConfigError
-from noisevalue.interfaces import TrainingContext
+from noisevalue.interfaces import NULL_TIMESTEP, TrainingContext
 from noisevalue.train import evaluate as ev
 from noisevalue.train.batches import (
     STREAM_EVAL,
     STREAM_ORACLE,
     STREAM_SELECT,
+    STREAM_TIME_DROP,
     STREAM_TIMESTEP,
     GlobalOrder,
     draw_step,
@@ -70,6 +71,7 @@ class DiffusionTraining(Trainer):
                 f"sample.cfg_scale: guidance ({r.sample.cfg_scale}) needs a null label; set "
                 "model.params.class_dropout_prob > 0 or sample.cfg_scale=1"
             )
+        self.time_drop = float(model.time_dropout_prob)
         self.diffusion = Diffusion.from_config(r.diffusion)
         all_t = torch.arange(self.diffusion.num_timesteps)
         self.timesteps.bind(self.diffusion.alphas_cumprod, self.weighting.weight(self.diffusion.snr(all_t)).double())
@@ -189,8 +191,13 @@ class DiffusionTraining(Trainer):
                 noise = candidates.flatten(0, 1)[pick]
             else:
                 noise = candidates[torch.arange(len(pick), device=dev), pick]
+        t_cond = None
+        if self.time_drop > 0:  # the time condition dropped to the null time (seeded, own stream)
+            g = seeded_generator(r.seed, step, STREAM_TIME_DROP)
+            dropped = (torch.rand(r.train.global_batch_size, generator=g) < self.time_drop)[lo:hi].to(dev)
+            t_cond = torch.where(dropped, torch.full_like(t, NULL_TIMESTEP), t)
         with self._autocast():
-            losses = self.diffusion.per_sample_loss(self.model, x0, t, y_in, noise)
+            losses = self.diffusion.per_sample_loss(self.model, x0, t, y_in, noise, t_cond)
             loss = (losses * self.weighting.weight(self.diffusion.snr(t)).to(losses.dtype)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

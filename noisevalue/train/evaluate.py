@@ -46,7 +46,8 @@ def generate(
     for start in range(0, n, bs):
         x_T = noise[start : start + bs].to(device)
         y = labels[start : start + bs].to(device) if labels is not None else None
-        eps = guided_eps(model, num_classes, y, recipe.sample.cfg_scale, recipe.train.precision)
+        eps = guided_eps(model, num_classes, y, recipe.sample.cfg_scale, recipe.train.precision,
+                         recipe.sample.nag_scale)
         z = ddim_sample(
             eps, diffusion, x_T, num_steps=recipe.sample.num_steps, eta=recipe.sample.eta, generator=g
         )
