@@ -70,8 +70,8 @@ def test_the_training_mask_is_seeded_and_only_the_condition_is_dropped(tiny_over
     for run in ("a", "b"):
         trainer = DiffusionTraining(recipe, tmp_path / run, init("cpu"))
         trainer.setup()
-        calls = []
-        trainer.model.register_forward_pre_hook(lambda _m, args: calls.append(args[1].clone()))
+        calls: list[torch.Tensor] = []
+        trainer.model.register_forward_pre_hook(lambda _m, args, calls=calls: calls.append(args[1].clone()))
         trainer.train_step(3)
         seen.append(calls[0])
         trainer.cleanup()
