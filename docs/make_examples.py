@@ -21,7 +21,11 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 FIGURES = DOCS / "figures"
 RUN = Path("runs/digits")
-COMMANDS = ("protocol", "powered", "signal", "ablate", "ablate-seeds", "transfer", "analyze", "sample", "eval")
+COMMANDS = ("protocol", "powered", "signal", "ablate", "ablate-seeds", "transfer", "analyze", "sample", "eval",
+            "compare")
+# the methods of `compare` (the neighbour plugins must be installed: pip install ./plugins/*)
+COMPARE_METHODS = ("rater", "max_norm", "min_norm", "min_snr", "p2", "immiscible", "immiscible_knn", "infonoise")
+COMPARE_SEEDS = "select.seeds=[0,1]"
 POWERED_SEEDS = list(range(20))
 # the inner optimizers compared by `signal`, each with its learning rate on digits
 INNER_OPTIMIZERS = (("sgd", "0.01"), ("adamw_checkpoint", "0.001"), ("adamw_fresh", "0.001"))
@@ -208,6 +212,19 @@ def eval_() -> None:
 """)
 
 
+def compare() -> None:
+    before = reused("pretrain", "rater", "rater-seed1")
+    args = [f"output_dir={RUN}", COMPARE_SEEDS, *(a for m in COMPARE_METHODS for a in ("--method", m))]
+    _, t = noisevalue("compare", *args)
+    paste("compare.md", "compare", f"""
+`noisevalue compare '{COMPARE_SEEDS}' {' '.join(f'--method {m}' for m in COMPARE_METHODS)}`
+({minutes(t)} on 2 CPU cores, {before}):
+
+{(RUN / "compare.md").read_text()}
+{figure(RUN / "compare.png", "compare.png")}
+""")
+
+
 def main(argv: list[str]) -> None:
     chosen = argv or list(COMMANDS)
     unknown = [c for c in chosen if c not in COMMANDS]
@@ -216,7 +233,7 @@ def main(argv: list[str]) -> None:
     for name in chosen:
         {"protocol": protocol, "powered": powered, "signal": signal, "ablate": ablate,
          "ablate-seeds": ablate_seeds, "transfer": transfer, "analyze": analyze, "sample": sample,
-         "eval": eval_}[name]()
+         "eval": eval_, "compare": compare}[name]()
 
 
 if __name__ == "__main__":

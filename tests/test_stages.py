@@ -93,3 +93,15 @@ def test_stage_recipes_are_typed_copies_equal_to_a_reparse(tmp_path):
     assert stages.stage_settings(reparsed) == stages.stage_settings(stage_)
     with pytest.raises(TypeError, match="TrainConfig has no field 'stpes'"):
         stages.replace(recipe.train, stpes=9)
+
+
+def test_a_setting_added_later_at_its_default_keeps_old_stages_reusable(tmp_path):
+    first = stage(tmp_path)
+    (tmp_path / "pretrain").mkdir()
+    old = stages.stage_settings(first)
+    for key in ("sample.nag_scale", "train.timestep_sampler.name", "train.timestep_sampler.params"):
+        old.pop(key)  # as written before these settings existed
+    (tmp_path / "pretrain" / stages.STAGE_SETTINGS).write_text(json.dumps(old))
+    stages.check_stage_settings(stage(tmp_path))
+    with pytest.raises(ConfigError, match=r"ran with sample\.nag_scale=None, the recipe now says 0\.5"):
+        stages.check_stage_settings(stage(tmp_path, "sample.nag_scale=0.5"))

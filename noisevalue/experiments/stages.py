@@ -79,6 +79,21 @@ def stage_settings(recipe: Recipe) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in _IGNORED}
 
 
+def _default_settings(recipe: Recipe) -> dict[str, Any]:
+    """The flattened defaults of the recipe's sections that can be built without values."""
+    flat: dict[str, Any] = {}
+    for section in _RELEVANT.get(recipe.workflow, ()):
+        model = getattr(recipe, section)
+        if not isinstance(model, BaseModel):
+            continue
+        try:
+            default = type(model)()
+        except ValueError:  # a section with required fields (data, model) has no default
+            continue
+        _flatten(default.model_dump(mode="json"), section, flat)
+    return flat
+
+
 def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
     if isinstance(node, dict) and node and not prefix.endswith(".params"):
         for k, v in node.items():
@@ -94,7 +109,10 @@ def check_stage_settings(recipe: Recipe) -> None:
         return
     old = json.loads(path.read_text())
     new = stage_settings(recipe)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    defaults = _default_settings(recipe)
+    # a setting added to noisevalue after the stage ran is absent from its file: at its
+    # default it changes nothing, so older stages stay reusable
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, defaults.get(k)) != new.get(k))
     if changed:
         k = changed[0]
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
