@@ -541,7 +541,8 @@ def check_components(recipe: Recipe) -> None:
 def trial_build(where: str, kind: str, comp: Component) -> None:
     """Build a component that declares ``cheap_to_build`` once with its recipe parameters,
     so a constructor's ValueError/TypeError is one line naming ``where`` before any
-    training. A selector that needs a rater and has no checkpoint yet (the protocol fills
+    training. Backbones and raters are built on the meta device (no weights allocated; shape
+    keywords take their defaults). A selector that needs a rater and has no checkpoint yet (the protocol fills
     it) gets a stand-in module; one with a checkpoint is left for the run to load."""
     from torch import nn
 
@@ -556,6 +557,19 @@ def trial_build(where: str, kind: str, comp: Component) -> None:
     )
 
     factory = registry.get(kind, comp.name)
+    if kind in ("backbone", "rater"):  # networks: built on the meta device, so no memory is used
+        import torch
+
+        from noisevalue.errors import UserError
+
+        try:
+            with torch.device("meta"):
+                registry.build(kind, comp, where=where)
+        except UserError:
+            raise
+        except Exception:  # noqa: BLE001 - one that cannot be built on the meta device is checked by the run
+            pass
+        return
     if not (isinstance(factory, type) and issubclass(factory, (LossWeighting, MetaOptimizer, NoiseSelector, Rater, TimestepSampler))):
         return  # a plain function factory declares nothing
     if not factory.cheap_to_build:

@@ -131,3 +131,10 @@ def test_inception_weights_unavailable(tmp_path, tiny_overrides):
     )
     assert "weights_path" in err
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before training
+
+
+def test_network_values_are_checked_on_the_meta_device(tiny_overrides, tmp_path):
+    for command in (["recipe", "validate", "digits"], ["run", *tiny_overrides]):
+        fails_cleanly([*command, "model.params.class_dropout_prob=1.5"], "class_dropout_prob must be in [0, 1), got 1.5")
+        fails_cleanly([*command, "rater.params.mlp_ratio=0", "workflow=protocol"], "mlp_ratio must be > 0, got 0")
+    assert not (tmp_path / "run").exists()
