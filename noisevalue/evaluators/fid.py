@@ -35,9 +35,10 @@ may differ in size). Unlike the Fréchet distance it is unbiased in the number o
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,7 @@ class FIDEvaluator(Evaluator):
         if self.features == "inception":
             options.update(feature=2048, normalize=False)  # we quantise to uint8 ourselves
             self._weights_path = _inception_weights(weights_path)
-            options["feature_extractor_weights_path"] = self._weights_path
+            state = _tensors_only(self._weights_path)  # never unpickles objects from the user's file
             if "antialias" in inspect.signature(FrechetInceptionDistance.__init__).parameters:
                 options["antialias"] = antialias
             elif antialias:
@@ -204,7 +205,11 @@ class FIDEvaluator(Evaluator):
                 raise ConfigError("a custom feature_extractor must expose num_features (int)")
             options.update(feature=feature_extractor, normalize=True)  # float images pass through
         try:
-            self.metric = FrechetInceptionDistance(**options)
+            if self.features == "inception":
+                with _as_plain_file(state) as clean:  # torch-fidelity loads a path: give it our own copy
+                    self.metric = FrechetInceptionDistance(**options, feature_extractor_weights_path=clean)
+            else:
+                self.metric = FrechetInceptionDistance(**options)
         except Exception as exc:  # no torch-fidelity, or an unreadable/mismatching weights file
             if self.features != "inception":
                 raise
@@ -388,6 +393,41 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     within_r = (total(real, real) - diagonal(real)) / (m * (m - 1))
     within_f = (total(fake, fake) - diagonal(fake)) / (n * (n - 1))
     return float(within_r + within_f - 2 * total(real, fake) / (m * n))
+
+
+def _tensors_only(path: str) -> dict[str, torch.Tensor]:
+    """The weights file's state dict, read with ``weights_only=True``: a file that would
+    unpickle anything but tensors and plain containers is refused, so no code in it runs."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsUnavailableError(
+            f"FID Inception weights file '{path}' is not a plain tensor file, refused ({reason[:160]}); "
+            + _HOW_TO_GET_WEIGHTS
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsUnavailableError(f"FID Inception weights file '{path}' holds no state dict of tensors; "
+                                      + _HOW_TO_GET_WEIGHTS)
+    return state
+
+
+@contextlib.contextmanager
+def _as_plain_file(state: dict[str, torch.Tensor]) -> Iterator[str]:
+    """``state`` saved by us into a private temporary file (tensors only), for libraries that
+    take a path and load it with full unpickling; removed afterwards."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="noisevalue-weights-")
+    try:
+        path = os.path.join(folder, "inception.pth")
+        torch.save(state, path)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _inception_weights(weights_path: str | os.PathLike | None) -> str:
