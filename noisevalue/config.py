@@ -71,6 +71,10 @@ class TrainConfig(_Strict):
     ema_decay: float = Field(default=0.9999, ge=0, lt=1)
     ema_warmup: bool = False  # decay min(ema_decay, (1+n)/(10+n)) at update n; DiT uses none
     grad_clip: float | None = Field(default=None, gt=0)
+    # a non-finite loss or gradient: stop (naming the last good checkpoint), or skip the
+    # step (no update, no EMA) at most max_skips times, then stop
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_skips: int = Field(default=10, ge=0)
     log_every: int = Field(default=50, gt=0)
     ckpt_every: int = Field(default=1000, gt=0)
     keep_checkpoints: int = Field(default=2, ge=1)

@@ -380,6 +380,10 @@ class Sampler:
             hint = "; pass --no-ema to use the raw weights" if settings.use_ema else ""
             raise CheckpointError(f"checkpoint '{path}': {name}.safetensors is missing{hint}")
         model = checkpoint_backbone(path, ckpt.Identity(**settings.backbone), name, "model", f"{path} ({name})")
+        bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise CheckpointError(f"checkpoint '{path}': {name}.safetensors holds non-finite values ('{bad}'); "
+                                  "the run diverged: sample an earlier checkpoint")
         self.model = model.to(device).eval()
         dropout = float(model.class_dropout_prob)
         if settings.num_classes and settings.cfg_scale != 1.0 and dropout <= 0:

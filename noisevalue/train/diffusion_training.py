@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from noisevalue import registry
 from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import all_reduce_mean, all_reduce_sum, barrier
 from noisevalue.ema import EMA, unwrap
-from noisevalue.errors import CheckpointError, ConfigError
+from noisevalue.errors import CheckpointError, ConfigError, UserError
 from noisevalue.interfaces import NULL_TIMESTEP, TrainingContext
 from noisevalue.train import evaluate as ev
 from noisevalue.train.batches import (
@@ -103,6 +104,7 @@ class DiffusionTraining(Trainer):
             self.load(ckpt.resolve_checkpoint(r.train.init_from), with_optimizer=True)
         # evaluations are counted from where this run started (a continuation's origin)
         self.origin = ckpt.read_meta(ckpt.resolve_checkpoint(r.train.init_from)).step if r.train.init_from else 0
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -201,6 +203,12 @@ class DiffusionTraining(Trainer):
             loss = (losses * self.weighting.weight(self.diffusion.snr(t)).to(losses.dtype)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()) and torch.isfinite(norm)) else 1.0], device=dev)
+        if float(all_reduce_sum(bad, info)) > 0:  # on any rank: every rank skips or stops alike
+            self._nonfinite(step)
+            return math.nan
         if r.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.train.grad_clip)
         self.optimizer.step()
@@ -210,6 +218,25 @@ class DiffusionTraining(Trainer):
             self.timesteps.update(all_reduce_sum(stats.to(dev), info).cpu(), step + 1)
         return float(all_reduce_mean(loss.detach().clone(), info))
 
+    def _nonfinite(self, step: int) -> None:
+        """A non-finite loss or gradient at ``step``: no update happened; skip it (within
+        ``train.max_skips``) or stop with the last good weights saved and named."""
+        self.optimizer.zero_grad(set_to_none=True)
+        r = self.recipe
+        if r.train.nonfinite == "skip" and self.skipped < r.train.max_skips:
+            self.skipped += 1
+            return
+        latest = ckpt.latest_checkpoint(self.ckpt_dir)
+        if latest is None or ckpt.read_meta(latest).step != step:
+            self.save_checkpoint()  # the weights before this step: finite, the last good ones
+        last = ckpt.latest_checkpoint(self.ckpt_dir)
+        skipped = f" after skipping {self.skipped} step(s)" if self.skipped else ""
+        raise UserError(
+            f"training diverged: non-finite loss or gradient at step {step + 1}{skipped}; stopped. The last good "
+            f"weights (after step {step}) are in '{last}'. Lower train.lr, set train.grad_clip, or use "
+            "train.nonfinite=skip"
+        )
+
     def train(self) -> None:
         r = self.recipe
         total = r.train.steps
@@ -218,16 +245,19 @@ class DiffusionTraining(Trainer):
             while self.step < total:
                 loss = self.train_step(self.step)
                 self.step += 1
-                window_loss += loss
-                window_steps += 1
+                if not math.isnan(loss):  # a skipped step (train.nonfinite=skip) is not averaged
+                    window_loss += loss
+                    window_steps += 1
                 bar.advance(loss=loss)
                 if self.step % r.train.log_every == 0 or self.step == total:
                     elapsed = time.perf_counter() - window_start
                     ips = window_steps * r.train.global_batch_size / max(elapsed, 1e-9)
-                    self.log_scalars(
-                        {"train/loss": window_loss / window_steps, "train/lr": r.train.lr,
-                         "train/images_per_sec": ips},
-                    )
+                    scalars = {"train/lr": r.train.lr, "train/images_per_sec": ips}
+                    if window_steps:
+                        scalars = {"train/loss": window_loss / window_steps, **scalars}
+                    if self.skipped:
+                        scalars["train/skipped_steps"] = float(self.skipped)
+                    self.log_scalars(scalars)
                     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
                 if self.step % r.train.ckpt_every == 0 or self.step == total:
                     self.save_checkpoint()
