@@ -180,8 +180,31 @@ def save_checkpoint(
         for old_dir in list_checkpoints(root)[:-keep]:
             if keep_every and checkpoint_step(old_dir) % keep_every == 0:
                 continue
-            shutil.rmtree(old_dir, ignore_errors=True)
+            retire(old_dir)
     return final
+
+
+def retire(path: Path) -> None:
+    """Remove a checkpoint folder atomically: renamed to a hidden name first (so no listing
+    can see it half-deleted), then deleted."""
+    hidden = path.with_name(f".{path.name}.retired")
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def remove_leftovers(root: str | Path) -> list[Path]:
+    """Delete what a killed writer left under ``root``: temporary files and folders
+    (``.*.tmp``, ``.*.old``) and half-retired checkpoints (``.*.retired``). Returns them."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(".") and p.name.endswith((".tmp", ".old", ".retired"))]
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

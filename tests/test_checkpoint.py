@@ -128,3 +128,26 @@ def test_meta_json_is_typed_and_round_trips(tmp_path):
     (path / "meta.json").write_text(json.dumps({"step": 5, "latent_shape": "wide"}))
     with pytest.raises(CheckpointError, match=r"meta.json 'latent_shape': Input should be a valid tuple"):
         ckpt.read_meta(path)
+
+
+def test_pruning_retires_whole_folders_and_leftovers_are_removed(tmp_path, monkeypatch):
+    m = small_model()
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, {"model": m.state_dict()}, ckpt.CheckpointMeta(step=step), keep=2)
+    seen = []
+    real = ckpt.shutil.rmtree
+
+    def watching(path, **kw):  # what a listing sees while a pruned folder is being deleted
+        seen.append([p.name for p in ckpt.list_checkpoints(tmp_path)])
+        real(path, **kw)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", watching)
+    ckpt.save_checkpoint(tmp_path, {"model": m.state_dict()}, ckpt.CheckpointMeta(step=3), keep=2)
+    assert seen and seen[-1] == ["step_0000002", "step_0000003"]  # never the half-deleted step 1
+    monkeypatch.undo()
+    (tmp_path / ".step_0000009.abc.tmp").mkdir()
+    (tmp_path / ".latest.xyz.tmp").write_text("step_0000009\n")
+    (tmp_path / ".step_0000001.retired").mkdir()
+    removed = ckpt.remove_leftovers(tmp_path)
+    assert sorted(p.name for p in removed) == [".latest.xyz.tmp", ".step_0000001.retired", ".step_0000009.abc.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000002", "step_0000003"]

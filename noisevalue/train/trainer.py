@@ -51,6 +51,8 @@ class Trainer:
 
     def run(self) -> dict[str, float]:
         """setup, train, evaluate; cleanup always. Returns the final metrics."""
+        if self.info.is_main:  # what a killed run left half-written
+            ckpt.remove_leftovers(self.ckpt_dir)
         try:
             self.setup()
             self.train()
