@@ -50,6 +50,10 @@ def run(
     recipe: str | None = RecipeArg,
     overrides: list[str] | None = OverridesArg,
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
+    allow_changes: list[str] | None = typer.Option(
+        None, "--allow-changes", metavar="KEY",
+        help="With --resume: accept this result-relevant change against the run's saved recipe (repeatable).",
+    ),
     nproc_per_node: int = NprocOpt,
     nnodes: str = NnodesOpt,
     node_rank: int = NodeRankOpt,
@@ -78,6 +82,8 @@ def run(
             pass  # each stage is skipped when done and resumed when interrupted
         elif resume and existing is None:
             raise CheckpointError(f"--resume: no checkpoint in '{run_dir / 'checkpoints'}'")
+        if resume and existing is not None and parsed.workflow != "protocol":
+            _check_resume(parsed, run_dir, set(allow_changes or []))
         if not resume and existing is not None:
             raise UserError(
                 f"output_dir '{run_dir}' already holds checkpoints (latest {existing.name}); "
@@ -108,6 +114,26 @@ def run(
         if code:
             raise typer.Exit(code)
         _print_result(run_dir, None)
+
+
+def _check_resume(parsed: Any, run_dir: Path, allowed: set[str]) -> None:
+    """``--resume`` continues the same run: a result-relevant setting that differs from the
+    run's saved recipe stops it, unless named by ``--allow-changes``."""
+    from noisevalue.config import RESOLVED_RECIPE, load_recipe
+    from noisevalue.errors import ConfigError
+    from noisevalue.experiments.stages import changed_settings
+
+    saved = run_dir / RESOLVED_RECIPE
+    if not saved.is_file():
+        return
+    changed = [c for c in changed_settings(load_recipe(saved), parsed) if c[0] not in allowed]
+    if changed:
+        key, old, new = changed[0]
+        more = f" (and {len(changed) - 1} more: {', '.join(c[0] for c in changed[1:4])})" if len(changed) > 1 else ""
+        raise ConfigError(
+            f"--resume: {key} was {old!r} when this run started, the recipe now says {new!r}{more}; "
+            f"pass --allow-changes {key} to continue with it, or set output_dir=... for a new run"
+        )
 
 
 def _print_result(run_dir: Path, metrics: dict | None) -> None:

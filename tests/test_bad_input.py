@@ -138,3 +138,17 @@ def test_network_values_are_checked_on_the_meta_device(tiny_overrides, tmp_path)
         fails_cleanly([*command, "model.params.class_dropout_prob=1.5"], "class_dropout_prob must be in [0, 1), got 1.5")
         fails_cleanly([*command, "rater.params.mlp_ratio=0", "workflow=protocol"], "mlp_ratio must be > 0, got 0")
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_a_changed_recipe_unless_allowed(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["run", *tiny_overrides, "train.steps=2"]).exit_code == 0
+    before = digest(run)
+    err = fails_cleanly(["run", *tiny_overrides, "train.steps=4", "train.lr=0.5", "seed=3", "--resume"],
+                        "--resume: seed was 0 when this run started, the recipe now says 3 (and 2 more: train.lr, train.steps)")
+    assert "--allow-changes seed" in err and digest(run) == before
+    # speed and logging settings are free; named keys are accepted on purpose
+    ok = runner.invoke(app, ["run", *tiny_overrides, "train.steps=4", "train.log_every=2", "train.threads=2",
+                             "--resume", "--allow-changes", "train.steps"])
+    assert ok.exit_code == 0, ok.output
+    assert (run / "checkpoints" / "step_0000004").is_dir()

@@ -102,6 +102,12 @@ def _flatten(node: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = node
 
 
+def changed_settings(old: Recipe, new: Recipe) -> list[tuple[str, Any, Any]]:
+    """The result-relevant settings that differ between two recipes: ``(key, old, new)``."""
+    a, b = stage_settings(old), stage_settings(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
 def check_stage_settings(recipe: Recipe) -> None:
     """Refuse to reuse a stage folder that ran with different settings."""
     path = Path(recipe.output_dir) / STAGE_SETTINGS
