@@ -116,6 +116,14 @@ def run(
         _print_result(run_dir, None)
 
 
+#: settings a resumed run may change freely: the budget and the checkpoint and evaluation
+#: cadence do not change the steps already taken (resume stays exact, tested)
+RESUME_FREE = {
+    "train.steps", "meta.outer_steps", "train.ckpt_every", "meta.ckpt_every", "train.keep_checkpoints",
+    "train.keep_every", "eval.every",
+}
+
+
 def _check_resume(parsed: Any, run_dir: Path, allowed: set[str]) -> None:
     """``--resume`` continues the same run: a result-relevant setting that differs from the
     run's saved recipe stops it, unless named by ``--allow-changes``."""
@@ -126,7 +134,7 @@ def _check_resume(parsed: Any, run_dir: Path, allowed: set[str]) -> None:
     saved = run_dir / RESOLVED_RECIPE
     if not saved.is_file():
         return
-    changed = [c for c in changed_settings(load_recipe(saved), parsed) if c[0] not in allowed]
+    changed = [c for c in changed_settings(load_recipe(saved), parsed) if c[0] not in allowed | RESUME_FREE]
     if changed:
         key, old, new = changed[0]
         more = f" (and {len(changed) - 1} more: {', '.join(c[0] for c in changed[1:4])})" if len(changed) > 1 else ""
