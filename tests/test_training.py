@@ -156,3 +156,30 @@ def test_evaluation_suite_prepares_once_and_reuses_baselines():
     assert first["gap"] - second["gap"] == pytest.approx(0.25)
     # the shuffled-pixel baseline keeps the pixel values: the same mean as the real images
     assert first["baseline_shuffled_pixels/gap"] == pytest.approx(first["baseline_train_images/gap"], abs=1e-6)
+
+
+def test_an_evaluation_lost_to_a_kill_is_redone_on_resume(tmp_path, tiny_overrides):
+    """A kill after the checkpoint of step 2 was published but before its evaluation: the
+    resumed run evaluates step 2 first, so metrics.json and the grids equal the
+    uninterrupted run's."""
+    import json
+    import shutil
+
+    base = [o for o in tiny_overrides if not o.startswith("output_dir")] + ["eval.every=2", "train.ckpt_every=2"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert cli("run", *base, f"output_dir={full}").exit_code == 0
+    shutil.copytree(full, killed)
+    # the state the kill leaves: the step-2 checkpoint is the newest, its evaluation is missing
+    shutil.rmtree(killed / "checkpoints" / "step_0000004")
+    (killed / "checkpoints" / "latest").write_text("step_0000002\n")
+    metrics = json.loads((killed / "metrics.json").read_text())
+    metrics["history"] = [h for h in metrics["history"] if h["step"] < 2]
+    (killed / "metrics.json").write_text(json.dumps(metrics))
+    for grid in (killed / "samples").glob("step_000000[24].png"):
+        grid.unlink()
+    resumed = cli("run", *base, f"output_dir={killed}", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((killed / "metrics.json").read_text()) == json.loads((full / "metrics.json").read_text())
+    for step in (2, 4):
+        name = f"step_{step:07d}.png"
+        assert (killed / "samples" / name).read_bytes() == (full / "samples" / name).read_bytes()

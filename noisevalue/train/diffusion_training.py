@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -237,8 +238,22 @@ class DiffusionTraining(Trainer):
             "train.nonfinite=skip"
         )
 
+    def _evaluation_lost(self) -> bool:
+        """A resumed run whose checkpoint step was due an evaluation that never reached
+        ``metrics.json`` (killed between publishing the checkpoint and evaluating)."""
+        r, step = self.recipe, self.step
+        if not (r.eval.every and step > self.origin and (step - self.origin) % r.eval.every == 0):
+            return False
+        if step >= r.train.steps:  # the final evaluation runs after the loop anyway
+            return False
+        path = self.run_dir / "metrics.json"
+        done = json.loads(path.read_text()).get("history", []) if path.is_file() else []
+        return not any(row.get("step") == step for row in done)
+
     def train(self) -> None:
         r = self.recipe
+        if self.resume and self._evaluation_lost():
+            self.evaluate()  # the same EMA weights and seeds: the evaluation the kill lost, exactly
         total = r.train.steps
         window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
         with StepProgress("train", total, self.step, enabled=self.info.is_main, print_every=r.train.log_every * 4) as bar:
