@@ -305,7 +305,7 @@ class TimestepSampler(ABC):
     ``resample(t, u)`` with ``u`` uniform in ``[0, 1)`` (``[N]`` float64, from the step's own
     seeded stream): return the timesteps to train on, e.g. by inverse CDF of ``u``. After
     the step, ``statistics(t, losses)`` may summarise this process's per-sample (unweighted)
-    epsilon losses into a fixed-shape float64 tensor; the trainer sums it over processes and
+    epsilon losses (on the training device) into a fixed-shape float64 tensor; the trainer sums it over processes and
     passes it to ``update(stats, step)``, so every process holds the same state. An
     adaptive sampler keeps that state in ``state_dict`` (tensors, saved with each
     checkpoint and restored on resume, so a resumed run draws exactly what an

@@ -204,17 +204,18 @@ class DiffusionTraining(Trainer):
             loss = (losses * self.weighting.weight(self.diffusion.snr(t)).to(losses.dtype)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
+        if r.train.grad_clip:  # its norm, taken once: clipping a non-finite step is harmless, it is discarded
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.train.grad_clip)
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
         bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()) and torch.isfinite(norm)) else 1.0], device=dev)
         if float(all_reduce_sum(bad, info)) > 0:  # on any rank: every rank skips or stops alike
             self._nonfinite(step)
             return math.nan
-        if r.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.train.grad_clip)
         self.optimizer.step()
         self.ema.update(self.model, step)
-        stats = self.timesteps.statistics(t.cpu(), losses.detach().float().cpu())
+        stats = self.timesteps.statistics(t, losses.detach())  # None (no transfer) unless it adapts
         if stats is not None:  # summed over processes: every rank adapts the same way
             self.timesteps.update(all_reduce_sum(stats.to(dev), info).cpu(), step + 1)
         return float(all_reduce_mean(loss.detach().clone(), info))

@@ -95,8 +95,9 @@ class InfoNoise(TimestepSampler):
 
     # ------------------------------------------------------------------ adapting
     def statistics(self, t: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        b = self.bin_of_t[t.long()]
-        sums = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, b, losses.double())
+        b = self.bin_of_t[t.long().cpu()]
+        losses = losses.double().cpu()
+        sums = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, b, losses)
         counts = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, b, torch.ones_like(losses, dtype=torch.float64))
         return torch.cat([sums, counts])
 
