@@ -13,6 +13,7 @@ from noisevalue.cli_options import (
     NnodesOpt,
     NodeRankOpt,
     NprocOpt,
+    OneLineErrors,
     RdzvIdOpt,
     RdzvOpt,
     launch_settings,
@@ -22,6 +23,7 @@ from noisevalue.cli_options import (
 )
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="noisevalue: training-time noise valuation for diffusion models.",
     no_args_is_help=True,
     add_completion=False,
@@ -89,10 +91,13 @@ def run(
                 f"output_dir '{run_dir}' already holds checkpoints (latest {existing.name}); "
                 "pass --resume to continue it, or set output_dir=... for a new run"
             )
+        launch = launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id)
         from omegaconf import OmegaConf
 
+        from noisevalue.train.preflight import check_run
+
+        check_run(parsed, run_dir, resume=resume, processes=world_size(launch), per_node=nproc_per_node)
         ckpt.atomic_write_text(run_dir / RESOLVED_RECIPE, OmegaConf.to_yaml(OmegaConf.create(data)))
-        launch = launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id)
         typer.echo(
             f"noisevalue run: recipe '{parsed.name}' -> {run_dir}  "
             f"(workflow {parsed.workflow}, model {parsed.model.name}, {parsed.train.steps} steps, "
@@ -173,6 +178,11 @@ def _experiment(
     check_components(parsed)
     if check is not None:
         check(parsed)
+    from noisevalue.train.preflight import check_run
+
+    # the experiment trains stage (i) and raters as the protocol does, into output_dir
+    check_run(parsed.model_copy(update={"workflow": "protocol"}), parsed.output_dir,
+              processes=world_size(launch), per_node=launch["nproc_per_node"])
     job_dir = Path(parsed.output_dir) / command
     typer.echo(
         f"noisevalue {command}: recipe '{parsed.name}' -> {job_dir}  (model {parsed.model.name}, "
@@ -275,7 +285,23 @@ def transfer(
     checkpoint whose training loss matches the rater's source (appendix B.4)."""
     with user_errors():
         _experiment("transfer", recipe, overrides, {"rater": rater, "targets": list(to) if to else None},
-                    launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id))
+                    launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id),
+                    check=lambda _: _check_transfer_options(rater, list(to or [])))
+
+
+def _check_transfer_options(rater: str | None, targets: list[str]) -> None:
+    from noisevalue import registry
+    from noisevalue.errors import UserError
+
+    for name in targets:
+        try:
+            registry.get("backbone", name)
+        except UserError as exc:
+            raise type(exc)(f"--to: {exc}") from None
+    if rater is not None:
+        from noisevalue.raters import load_rater
+
+        load_rater(rater)
 
 
 @app.command()
@@ -304,10 +330,20 @@ def analyze(
     checkpoint; score-norm Spearman correlation and score std by stage and timestep.
     With --signal: whether the rater's scores rank candidates like the meta-objective."""
     with user_errors():
+        def check(_: Any) -> None:
+            from noisevalue.errors import ConfigError
+            from noisevalue.train.preflight import check_diffusion_checkpoint
+
+            for path in checkpoints or []:
+                check_diffusion_checkpoint(path, f"--checkpoint {path}")
+            for step in steps or []:
+                if step < 0:
+                    raise ConfigError(f"--step {step}: expected a stage-(i) step >= 0")
+
         _experiment("analyze", recipe, overrides,
                     {"checkpoints": list(checkpoints) if checkpoints else None, "steps": list(steps) if steps else None,
                      "signal": signal},
-                    launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id))
+                    launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id), check=check)
 
 
 @recipe_app.command("validate")

@@ -89,6 +89,7 @@ def _draw(sp: Any, ctx: Any, settings: Any, folder: Path, batch_size_given: bool
     """Sample into ``folder`` here or under torch.distributed.run; print where the files are."""
     from noisevalue import distributed
 
+    sp.check_sampling(settings, folder, launch["nproc_per_node"])
     settings = sp.prepare_out_dir(folder, settings, batch_size_given)
     npz, grid = folder / sp.SAMPLES_FILE, folder / sp.GRID_FILE
     world = world_size(launch)
@@ -171,6 +172,9 @@ def evaluate(
             )
         elif path.is_file():
             npz = path
+            from noisevalue.train.preflight import check_output
+
+            check_output(npz.parent, f"'{npz}': its folder (eval.json goes there)")
             if evaluator_name or given or metric or weights is not None or antialias is not None:
                 chosen = scoring.build_evaluator(evaluator_name, given, metric, weights, antialias)
             if reference is None:

@@ -367,6 +367,8 @@ def _apply_overrides(cfg: Any, overrides: list[str]) -> Any:
                 raise ConfigError(f"override '{item}': '{key}' is not in the recipe")
             del node[leaf]
         elif "=" in item:
+            if not item.partition("=")[0].strip():
+                raise ConfigError(f"override '{item}': the key before '=' is empty; expected key=value")
             sets.append(item)
         else:
             raise ConfigError(f"override '{item}': expected key=value or ~key")

@@ -10,7 +10,6 @@ the global one, so a second node uses its own GPUs 0..N-1.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,16 +103,53 @@ def launcher_args(
     return args + ["-m", module, *worker_args]
 
 
+#: set by :func:`launch` for its workers: the folder where a worker leaves its one-line error
+ERRORS_ENV = "NOISEVALUE_ERRORS_DIR"
+
+
+def report_error(message: str, exit_code: int) -> bool:
+    """In a worker started by :func:`launch`: leave this rank's one-line error for the
+    launcher to print once. False outside such a worker (print it yourself)."""
+    folder = os.environ.get(ERRORS_ENV)
+    if not folder or not os.path.isdir(folder):
+        return False
+    rank = int(os.environ.get("RANK", "0"))
+    with open(os.path.join(folder, f"rank{rank:05d}.txt"), "w") as fh:
+        fh.write(f"{exit_code}\n{message}")
+    return True
+
+
 def launch(args: list[str]) -> int:
-    """Run ``torch.distributed.run`` in-process with ``args``; returns an exit code."""
+    """Run ``torch.distributed.run`` in-process with ``args``; returns 0. When workers stop
+    on a user error, raises :class:`~noisevalue.errors.WorkerError` with the lowest rank's
+    one line (once, however many ranks hit it); other failures keep the workers' tracebacks
+    and raise one with their exit codes."""
+    import shutil
+    import tempfile
+
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from noisevalue.errors import WorkerError
+
     parsed: Any = get_args_parser().parse_args(args)
+    folder = tempfile.mkdtemp(prefix="noisevalue-errors-")
+    previous = os.environ.get(ERRORS_ENV)
+    os.environ[ERRORS_ENV] = folder
     try:
         run(parsed)
-    except ChildFailedError as exc:  # the workers printed their own one-line errors
-        codes = {failure.exitcode for failure in exc.failures.values()}
-        print(f"noisevalue: distributed run failed (worker exit codes {sorted(codes)})", file=sys.stderr)
-        return 2 if 2 in codes else 1
+    except ChildFailedError as exc:
+        reports = sorted(os.listdir(folder))
+        if reports:
+            with open(os.path.join(folder, reports[0])) as fh:
+                code, _, message = fh.read().partition("\n")
+            raise WorkerError(message, int(code)) from None
+        codes = sorted({failure.exitcode for failure in exc.failures.values()})
+        raise WorkerError(f"distributed run failed: worker exit codes {codes} (tracebacks above)", 1) from None
+    finally:
+        if previous is None:
+            os.environ.pop(ERRORS_ENV, None)
+        else:
+            os.environ[ERRORS_ENV] = previous
+        shutil.rmtree(folder, ignore_errors=True)
     return 0

@@ -30,3 +30,12 @@ class CheckpointError(UserError):
 
 class WeightsUnavailableError(UserError):
     """Pretrained weights (VAE, Inception) are not available offline."""
+
+
+class WorkerError(UserError):
+    """A process of a distributed run stopped on a user error: its one line, passed up to
+    the command that started the run, with the worker's exit code."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

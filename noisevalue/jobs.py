@@ -90,7 +90,8 @@ def run_rank(prepare: Callable[[], tuple[str, Work]]) -> int:
         info = distributed.init(device)
         work(info)
     except UserError as exc:
-        print(f"noisevalue: error: {exc}", file=sys.stderr)
+        if not distributed.report_error(str(exc), exc.exit_code):  # the launcher prints it once
+            print(f"noisevalue: error: {exc}", file=sys.stderr)
         return exc.exit_code
     finally:
         if info is not None:

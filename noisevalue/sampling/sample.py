@@ -371,31 +371,9 @@ class Sampler:
 
     def __init__(self, settings: SampleSettings, device: torch.device) -> None:
         from noisevalue.diffusion import Diffusion
-        from noisevalue.train.build import checkpoint_backbone
 
         self.settings, self.device = settings, device
-        path = Path(settings.checkpoint)
-        name = "ema" if settings.use_ema else "model"
-        if not (path / f"{name}.safetensors").is_file():
-            hint = "; pass --no-ema to use the raw weights" if settings.use_ema else ""
-            raise CheckpointError(f"checkpoint '{path}': {name}.safetensors is missing{hint}")
-        model = checkpoint_backbone(path, ckpt.Identity(**settings.backbone), name, "model", f"{path} ({name})")
-        bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-        if bad is not None:
-            raise CheckpointError(f"checkpoint '{path}': {name}.safetensors holds non-finite values ('{bad}'); "
-                                  "the run diverged: sample an earlier checkpoint")
-        self.model = model.to(device).eval()
-        dropout = float(model.class_dropout_prob)
-        if settings.num_classes and settings.cfg_scale != 1.0 and dropout <= 0:
-            raise ConfigError(
-                f"--cfg-scale {settings.cfg_scale:g}: guidance needs a model trained with label "
-                "dropout (class_dropout_prob > 0); use --cfg-scale 1"
-            )
-        if settings.nag_scale and float(model.time_dropout_prob) <= 0:
-            raise ConfigError(
-                f"--nag-scale {settings.nag_scale:g}: Noise Awareness Guidance needs a model trained with a "
-                "null time (time_dropout_prob > 0, e.g. a NAG-DiT backbone); use --nag-scale 0"
-            )
+        self.model = load_model(settings).to(device).eval()
         self.diffusion = Diffusion.from_config(DiffusionConfig(**settings.diffusion))
         self.encoder = registry.build("encoder", Component(**settings.encoder), where="data.encoder")
         self.encoder.to(device)
@@ -417,6 +395,47 @@ class Sampler:
         z = ddim_sample(eps, self.diffusion, noise, num_steps=s.num_steps, eta=s.eta, generator=gens)  # type: ignore[arg-type]
         unit = image_to_unit(self.encoder.decode(z))
         return to_uint8_nhwc(unit)
+
+
+def load_model(settings: SampleSettings) -> Any:
+    """The checkpoint's backbone with the chosen weights (EMA or raw), refused when they are
+    missing or non-finite, or when the guidance settings need what the model was not
+    trained with."""
+    from noisevalue.train.build import checkpoint_backbone
+
+    path = Path(settings.checkpoint)
+    name = "ema" if settings.use_ema else "model"
+    if not (path / f"{name}.safetensors").is_file():
+        hint = "; pass --no-ema to use the raw weights" if settings.use_ema else ""
+        raise CheckpointError(f"checkpoint '{path}': {name}.safetensors is missing{hint}")
+    model = checkpoint_backbone(path, ckpt.Identity(**settings.backbone), name, "model", f"{path} ({name})")
+    bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"checkpoint '{path}': {name}.safetensors holds non-finite values ('{bad}'); "
+                              "the run diverged: sample an earlier checkpoint")
+    dropout = float(model.class_dropout_prob)
+    if settings.num_classes and settings.cfg_scale != 1.0 and dropout <= 0:
+        raise ConfigError(
+            f"--cfg-scale {settings.cfg_scale:g}: guidance needs a model trained with label "
+            "dropout (class_dropout_prob > 0); use --cfg-scale 1"
+        )
+    if settings.nag_scale and float(model.time_dropout_prob) <= 0:
+        raise ConfigError(
+            f"--nag-scale {settings.nag_scale:g}: Noise Awareness Guidance needs a model trained with a "
+            "null time (time_dropout_prob > 0, e.g. a NAG-DiT backbone); use --nag-scale 0"
+        )
+    return model
+
+
+def check_sampling(settings: SampleSettings, out: Path, per_node: int = 1) -> None:
+    """What sampling into ``out`` needs, checked before ``out`` is created: a writable
+    folder, the device, whole and finite weights that suit the settings, and the decoder."""
+    from noisevalue.train.preflight import check_device, check_output
+
+    check_output(out, "--out")
+    check_device(settings.device, per_node, "--device")
+    load_model(settings)
+    registry.build("encoder", Component(**settings.encoder), where="data.encoder")
 
 
 def to_uint8_nhwc(unit: torch.Tensor) -> np.ndarray:

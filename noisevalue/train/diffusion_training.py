@@ -24,7 +24,7 @@ from noisevalue import registry
 from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import all_reduce_mean, all_reduce_sum, barrier
 from noisevalue.ema import EMA, unwrap
-from noisevalue.errors import CheckpointError, ConfigError, UserError
+from noisevalue.errors import CheckpointError, UserError
 from noisevalue.interfaces import NULL_TIMESTEP, TrainingContext
 from noisevalue.train import evaluate as ev
 from noisevalue.train.batches import (
@@ -41,6 +41,7 @@ from noisevalue.train.batches import (
 )
 from noisevalue.train.build import backbone_params, build_backbone, build_evaluators
 from noisevalue.train.data import load_train_data
+from noisevalue.train.preflight import check_guidance, require_backbone
 from noisevalue.train.progress import StepProgress
 from noisevalue.train.trainer import Trainer
 
@@ -68,11 +69,7 @@ class DiffusionTraining(Trainer):
         torch.manual_seed(r.seed)  # identical initial weights on every rank
         model = build_backbone(r, self.model_params).to(info.device)
         self.drop_prob = float(model.class_dropout_prob) if self.num_classes else 0.0
-        if self.num_classes and self.drop_prob == 0 and r.sample.cfg_scale != 1.0:
-            raise ConfigError(
-                f"sample.cfg_scale: guidance ({r.sample.cfg_scale}) needs a null label; set "
-                "model.params.class_dropout_prob > 0 or sample.cfg_scale=1"
-            )
+        check_guidance(r, model, self.num_classes)
         self.time_drop = float(model.time_dropout_prob)
         self.diffusion = Diffusion.from_config(r.diffusion)
         all_t = torch.arange(self.diffusion.num_timesteps)
@@ -139,11 +136,7 @@ class DiffusionTraining(Trainer):
 
     def load(self, path: Path, with_optimizer: bool) -> None:
         meta = ckpt.read_meta(path)
-        if meta.backbone != self._identity():
-            raise CheckpointError(
-                f"checkpoint '{path}' was written for backbone {meta.backbone}, "
-                f"but the recipe builds {self._identity()}"
-            )
+        require_backbone(path, self._identity())
         model = unwrap(self.model)
         ckpt.load_state_into(model, ckpt.load_tensors(path, "model", self.info.device), str(path))
         ema_state = ckpt.load_tensors(path, "ema", self.info.device)

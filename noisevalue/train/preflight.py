@@ -1,0 +1,242 @@
+"""Everything a run needs, checked before anything is created.
+
+A command calls :func:`check_run` after the recipe parsed and before it writes its first
+file, so that a mistake found at minute zero costs nothing on disk: the output folder can be
+written, the device exists, the batch divides over the processes, the data opens (a bounded
+sample of its items is read), weights files load, the networks build with the data's shapes,
+and every checkpoint the recipe names exists, is of the right kind and is not truncated.
+Each problem is one :class:`~noisevalue.errors.UserError` line naming the recipe key, file
+or option.
+
+What the run itself would find later (an unreadable image outside the sample) still stops it
+with one line; this is a net for the common mistakes, cheap next to the run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noisevalue import checkpoint as ckpt
+from noisevalue import registry
+from noisevalue.config import Recipe, uses_cuda
+from noisevalue.errors import CheckpointError, ConfigError, DataError, UserError
+from noisevalue.train.batches import local_batch_size, validation_split
+from noisevalue.train.build import backbone_params, build_backbone, build_evaluators
+
+#: items of each dataset opened before a run (the first, the last and a seeded sample)
+SAMPLED_ITEMS = 16
+
+META_WORKFLOWS = ("meta_train", "protocol")  # workflows that meta-train a rater
+
+
+def check_run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, processes: int = 1,
+              per_node: int = 1) -> None:
+    """Check that ``recipe`` can run into ``run_dir`` on ``processes`` processes
+    (``per_node`` of them on this machine), continuing its newest checkpoint when ``resume``.
+    Raises the first problem found; creates nothing."""
+    check_output(run_dir, "output_dir", resume=resume)
+    check_device(recipe.train.device, per_node, "train.device")
+    check_batches(recipe, processes)
+    shape, num_classes, num_items = check_data(recipe)
+    model = check_backbone(recipe, shape, num_classes)
+    check_guidance(recipe, model, num_classes)
+    if recipe.workflow in META_WORKFLOWS or _needs_validation(recipe):
+        validation_split(num_items, recipe.meta.val_fraction, recipe.seed)
+    if recipe.workflow in META_WORKFLOWS and recipe.rater is not None:
+        params = registry.with_shapes("rater", recipe.rater, "rater", shape, num_classes)
+        _build_on_meta("rater", registry.Named(recipe.rater.name, params), "rater")
+    build_evaluators(recipe)  # weights files load now, not after training
+    check_named_checkpoints(recipe, shape, num_classes)
+    if resume and recipe.workflow != "protocol":
+        latest = check_resumable(Path(run_dir) / "checkpoints")
+        if recipe.workflow == "pretrain":
+            require_backbone(latest, _identity(recipe, shape, num_classes))
+
+
+def check_output(folder: str | Path, what: str, resume: bool = False) -> None:
+    """``folder`` is a folder, or can be made one, and can be written (``what`` names it)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what}: '{folder}' is a file, not a folder")
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"{what}: '{folder}' cannot be created: '{existing}' is a file")
+    targets = [existing] + ([folder / "checkpoints"] if resume and (folder / "checkpoints").is_dir() else [])
+    for target in targets:
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise ConfigError(f"{what}: '{target}' is not writable")
+
+
+def check_device(preference: str, per_node: int, what: str) -> None:
+    """The device a run asks for exists, with a GPU for each process on this machine."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what}: 'cuda' requested but CUDA is not available on this machine (use auto or cpu)")
+    if uses_cuda(preference) and per_node > torch.cuda.device_count():
+        raise ConfigError(
+            f"--nproc-per-node {per_node}: this machine has {torch.cuda.device_count()} GPU(s); "
+            "start at most one process per GPU"
+        )
+
+
+def check_batches(recipe: Recipe, processes: int) -> None:
+    """Every global batch of the workflow divides over ``processes``."""
+    local_batch_size(recipe.train.global_batch_size, processes)
+    if recipe.workflow in META_WORKFLOWS:
+        from noisevalue.train.meta_training import local_subproblems, per_subproblem
+
+        m = recipe.meta
+        local_subproblems(m.subproblems, processes)
+        per_subproblem(m.groups, m.subproblems, "meta.groups")
+        per_subproblem(m.val_batch_size, m.subproblems, "meta.val_batch_size")
+
+
+def check_data(recipe: Recipe) -> tuple[tuple[int, int, int], int, int]:
+    """Build the datasets and the encoder, read a sample of items; returns (the diffusion
+    model's input shape, classes, training items)."""
+    dataset = registry.build("dataset", recipe.data.dataset, where="data.dataset")
+    if len(dataset) == 0:
+        raise DataError("data.dataset: the dataset is empty")
+    read_sample(dataset, "data.dataset", recipe.seed)
+    if recipe.data.eval_dataset is not None:
+        reference = registry.build("dataset", recipe.data.eval_dataset, where="data.eval_dataset")
+        if len(reference) == 0:
+            raise DataError("data.eval_dataset: the dataset is empty")
+        read_sample(reference, "data.eval_dataset", recipe.seed)
+    encoder = registry.build("encoder", recipe.data.encoder, where="data.encoder")
+    shape = tuple(encoder.latent_shape(dataset.channels, dataset.image_size))
+    return shape, int(dataset.num_classes), len(dataset)  # type: ignore[return-value]
+
+
+def read_sample(dataset: Any, where: str, seed: int) -> None:
+    """Open up to :data:`SAMPLED_ITEMS` items of an on-disk dataset: the first, the last and a
+    seeded random choice (in-memory datasets are whole already)."""
+    if hasattr(dataset, "images"):
+        return
+    n = len(dataset)
+    g = torch.Generator().manual_seed(seed)
+    chosen = {0, n - 1, *torch.randperm(n, generator=g)[: SAMPLED_ITEMS - 2].tolist()}
+    for i in sorted(chosen):
+        try:
+            image, _ = dataset[i]
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a reader's own error, reported as the data's
+            raise DataError(f"{where}: item {i} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        if not torch.isfinite(image).all():
+            raise DataError(f"{where}: item {i} holds non-finite values")
+
+
+def check_backbone(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -> Any:
+    """The backbone with the data's shapes, built on the meta device (no memory used)."""
+    params = backbone_params(recipe, shape, num_classes)
+    return _build_on_meta("backbone", registry.Named(recipe.model.name, params), "model",
+                          build=lambda: build_backbone(recipe, params))
+
+
+def check_guidance(recipe: Recipe, model: Any, num_classes: int) -> None:
+    """Classifier-free guidance needs a model trained with a null label."""
+    drop = float(getattr(model, "class_dropout_prob", 0.0) or 0.0) if model is not None else None
+    if num_classes and drop == 0 and recipe.sample.cfg_scale != 1.0:
+        raise ConfigError(
+            f"sample.cfg_scale: guidance ({recipe.sample.cfg_scale}) needs a null label; set "
+            "model.params.class_dropout_prob > 0 or sample.cfg_scale=1"
+        )
+
+
+def check_named_checkpoints(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -> None:
+    """Checkpoints the recipe names (not those its own stages will write) exist, are of the
+    right kind and match the data."""
+    if recipe.train.init_from and recipe.workflow != "meta_train":
+        found = check_diffusion_checkpoint(recipe.train.init_from, "train.init_from", shape, num_classes)
+        if recipe.workflow == "pretrain":
+            require_backbone(found, _identity(recipe, shape, num_classes))
+    if recipe.workflow == "meta_train":
+        if not recipe.meta.pretrained:
+            raise ConfigError("meta.pretrained: a diffusion checkpoint (run or step folder) is required")
+        check_diffusion_checkpoint(recipe.meta.pretrained, "meta.pretrained", shape, num_classes)
+    if recipe.train.selector.params.get("checkpoint"):
+        registry.build("selector", recipe.train.selector, where="train.selector")  # loads the rater
+
+
+def check_diffusion_checkpoint(path: str | Path, where: str, shape: tuple[int, int, int] | None = None,
+                               num_classes: int | None = None) -> Path:
+    """A diffusion checkpoint named by ``where``: found, of that kind, matching the data's
+    shapes when given, and with whole weight files. Returns its folder."""
+    try:
+        found = ckpt.resolve_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    meta = ckpt.require_diffusion(found, where)
+    if shape is not None and (meta.latent_shape != tuple(shape) or meta.num_classes != num_classes):
+        raise CheckpointError(
+            f"{where}: '{found}' was trained on latents {meta.latent_shape} with {meta.num_classes} classes, "
+            f"but the data gives {tuple(shape)} with {num_classes}"
+        )
+    check_files(found)
+    return found
+
+
+def check_resumable(checkpoints: Path) -> Path:
+    """The checkpoint ``--resume`` continues from is whole; returns it."""
+    latest = ckpt.latest_checkpoint(checkpoints)
+    if latest is None:
+        raise CheckpointError(f"--resume: no checkpoint in '{checkpoints}'")
+    ckpt.read_meta(latest)
+    check_files(latest)
+    return latest
+
+
+def require_backbone(path: Path, identity: ckpt.Identity) -> None:
+    """A diffusion checkpoint that a run loads into its own backbone was written for it."""
+    meta = ckpt.read_meta(path)
+    if meta.backbone != identity:
+        raise CheckpointError(
+            f"checkpoint '{path}' was written for backbone {meta.backbone}, but the recipe builds {identity}"
+        )
+
+
+def _identity(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -> ckpt.Identity:
+    return ckpt.Identity(name=recipe.model.name, params=backbone_params(recipe, shape, num_classes))
+
+
+def check_files(folder: Path) -> None:
+    """Every tensor file of a checkpoint has a whole header and covers its data (read
+    without loading the tensors)."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"checkpoint file '{path}' is corrupt or truncated ({reason})") from None
+
+
+def _needs_validation(recipe: Recipe) -> bool:
+    """A training selector that draws held-out batches (the oracle) needs a validation split."""
+    try:
+        factory = registry.get("selector", recipe.train.selector.name)
+    except UserError:
+        return False
+    return bool(getattr(factory, "needs_training_context", False))
+
+
+def _build_on_meta(kind: str, spec: registry.Named, where: str, build: Any = None) -> Any:
+    """Build a network on the meta device; a bad value is one line, while a network that
+    cannot be built there at all is left for the run to build."""
+    try:
+        with torch.device("meta"):
+            return build() if build is not None else registry.build(kind, spec, where=where)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - not meta-device friendly: the run builds it for real
+        return None
