@@ -9,6 +9,7 @@ the global one, so a second node uses its own GPUs 0..N-1.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,12 @@ def launch(args: list[str]) -> int:
     folder = tempfile.mkdtemp(prefix="noisevalue-errors-")
     previous = os.environ.get(ERRORS_ENV)
     os.environ[ERRORS_ENV] = folder
+    # the launcher's own log lines (a failed worker's exit code, thread settings) would
+    # bury the one line that says what went wrong; workers keep their own stderr
+    quiet = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.distributed.run")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.CRITICAL)
     try:
         run(parsed)
     except ChildFailedError as exc:
@@ -147,6 +154,8 @@ def launch(args: list[str]) -> int:
         codes = sorted({failure.exitcode for failure in exc.failures.values()})
         raise WorkerError(f"distributed run failed: worker exit codes {codes} (tracebacks above)", 1) from None
     finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
         if previous is None:
             os.environ.pop(ERRORS_ENV, None)
         else:

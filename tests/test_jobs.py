@@ -1,5 +1,8 @@
 """The one torchrun entry point (``noisevalue.jobs``) and the trainers' shared base."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from noisevalue import jobs
@@ -59,3 +62,28 @@ def test_the_trainer_base_always_cleans_up(tmp_path):
     assert not (tmp_path / "checkpoints" / ".latest.abc.tmp").exists()
     assert calls == ["setup", "train", "cleanup"]
     assert Trainer(None, tmp_path, None).ckpt_dir == tmp_path / "checkpoints"  # type: ignore[arg-type]
+
+
+def test_a_workers_error_reaches_the_user_once(tmp_path, capfd):
+    """Under torch.distributed.run the workers' one line comes back from the launcher once,
+    with its exit code, instead of each rank's copy and a list of exit codes."""
+    from omegaconf import OmegaConf
+
+    from noisevalue import distributed
+    from noisevalue.config import load_recipe_dict
+    from noisevalue.errors import WorkerError
+    from tests.conftest import TINY
+
+    folder = tmp_path / "run"
+    folder.mkdir()  # written as the CLI would, minus its own check of the batch
+    data = load_recipe_dict(None, [*TINY, "train.global_batch_size=3", f"output_dir={folder}"])
+    (folder / RESOLVED_RECIPE).write_text(OmegaConf.to_yaml(OmegaConf.create(data)))
+    temp = Path(tempfile.gettempdir())
+    reports = sorted(temp.glob("noisevalue-errors-*"))
+    with pytest.raises(WorkerError) as err:
+        distributed.launch(jobs.launcher_args("run", folder, nproc_per_node=2))
+    assert err.value.exit_code == 2
+    assert str(err.value) == "train.global_batch_size: 3 is not divisible by the 2 processes"
+    captured = capfd.readouterr()
+    assert "noisevalue: error" not in captured.err and "exitcode" not in captured.err, captured.err
+    assert sorted(temp.glob("noisevalue-errors-*")) == reports  # the reports folder is gone
