@@ -221,6 +221,7 @@ def compare() -> None:
 ({minutes(t)} on 2 CPU cores, {before}):
 
 {(RUN / "compare.md").read_text()}
+{(RUN / "compare_timings.md").read_text()}
 {figure(RUN / "compare.png", "compare.png")}
 """)
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from noisevalue import faults
 from noisevalue.errors import CheckpointError
 
 META = "meta.json"
@@ -61,6 +62,7 @@ class CheckpointMeta(BaseModel):
     pretrained: str | None = None
     meta: dict[str, Any] | None = None  # the meta-training settings
     inner_step: int | None = None  # steps taken by a carried inner optimizer
+    log_window: dict[str, float] | None = None  # the training-loss window open at this step
 
     @property
     def is_diffusion(self) -> bool:
@@ -164,6 +166,7 @@ def save_checkpoint(
             flat = {k: v.detach().cpu().contiguous() for k, v in group.items()}
             save_file(flat, str(tmp / f"{name}.safetensors"))
         (tmp / META).write_text(meta.to_json())
+        faults.point("checkpoint.written")
         if final.exists():  # re-saving the same step (e.g. after resume): swap atomically
             old = root / f".{final.name}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -176,12 +179,21 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic_write_text(root / LATEST, final.name + "\n")
-    if keep is not None:
-        for old_dir in list_checkpoints(root)[:-keep]:
-            if keep_every and checkpoint_step(old_dir) % keep_every == 0:
-                continue
-            retire(old_dir)
+    faults.point("checkpoint.published")
+    prune(root, keep, keep_every)
     return final
+
+
+def prune(root: str | Path, keep: int | None, keep_every: int | None = None) -> None:
+    """Retire all but the newest ``keep`` checkpoints under ``root`` (None: keep all),
+    except those at multiples of ``keep_every``. Run after each save and when a trainer
+    starts, so a kill between publishing and pruning leaves nothing extra behind."""
+    if keep is None:
+        return
+    for old_dir in list_checkpoints(root)[:-keep]:
+        if keep_every and checkpoint_step(old_dir) % keep_every == 0:
+            continue
+        retire(old_dir)
 
 
 def retire(path: Path) -> None:
@@ -189,6 +201,7 @@ def retire(path: Path) -> None:
     can see it half-deleted), then deleted."""
     hidden = path.with_name(f".{path.name}.retired")
     os.replace(path, hidden)
+    faults.point("checkpoint.retiring")
     shutil.rmtree(hidden, ignore_errors=True)
 
 

@@ -49,16 +49,17 @@ def test_the_trainer_base_always_cleans_up(tmp_path):
         def evaluate(self):
             return {"loss": 1.0}
 
+    from noisevalue.config import load_recipe
     from noisevalue.distributed import init
 
     info = init("cpu")
     with pytest.raises(RuntimeError, match="diverged"):
-        Failing(None, tmp_path, info).run()  # type: ignore[arg-type]
+        Failing(load_recipe(), tmp_path, info).run()
     assert calls == ["setup", "train", "cleanup"]
     calls.clear()
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / ".latest.abc.tmp").write_text("x")  # left by a killed run
-    assert Done(None, tmp_path, info).run() == {"loss": 1.0}  # type: ignore[arg-type]
+    assert Done(load_recipe(), tmp_path, info).run() == {"loss": 1.0}  # type: ignore[arg-type]
     assert not (tmp_path / "checkpoints" / ".latest.abc.tmp").exists()
     assert calls == ["setup", "train", "cleanup"]
     assert Trainer(None, tmp_path, None).ckpt_dir == tmp_path / "checkpoints"  # type: ignore[arg-type]

@@ -76,7 +76,7 @@ def test_no_import_cycles():
 LAYERS = [
     ("core", {"noisevalue", "noisevalue.errors", "noisevalue.interfaces", "noisevalue.registry", "noisevalue.recompute",
               "noisevalue.config", "noisevalue.checkpoint", "noisevalue.diffusion", "noisevalue.distributed",
-              "noisevalue.ema", "noisevalue.builtin_recipes"}),
+              "noisevalue.ema", "noisevalue.faults", "noisevalue.builtin_recipes"}),
     ("components", {"noisevalue.backbones", "noisevalue.raters", "noisevalue.selectors", "noisevalue.meta", "noisevalue.weightings",
                     "noisevalue.data", "noisevalue.evaluators"}),
     ("train", {"noisevalue.train"}),

@@ -30,6 +30,7 @@ from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
 
 DONE = "DONE"
+TIMINGS = "timings.json"  # the stage's wall time: apart, so that every other file a rerun writes is identical
 
 # the sections that decide a stage's result, per workflow
 _RELEVANT = {
@@ -161,17 +162,18 @@ def run_stage(recipe: Recipe, info: DistInfo, say: Say) -> dict:
     start = time.perf_counter()
     metrics = run_trainer(recipe, run_dir, info, resume=resume)
     if info.is_main:  # the wall time of this (last) run of the stage, a resume's own only
-        atomic_write_text(marker, json.dumps({"metrics": metrics, "wall_s": time.perf_counter() - start}, indent=2))
+        atomic_write_text(run_dir / TIMINGS, json.dumps({"wall_s": time.perf_counter() - start}, indent=2))
+        atomic_write_text(marker, json.dumps({"metrics": metrics}, indent=2))
     barrier(info)
     return metrics
 
 
 def wall_time(run_dir: Path) -> float | None:
     """Seconds the stage's finishing run took (None: not recorded)."""
-    marker = Path(run_dir) / DONE
-    if not marker.is_file():
+    path = Path(run_dir) / TIMINGS
+    if not (Path(run_dir) / DONE).is_file() or not path.is_file():
         return None
-    value = json.loads(marker.read_text()).get("wall_s")
+    value = json.loads(path.read_text()).get("wall_s")
     return None if value is None else float(value)
 
 

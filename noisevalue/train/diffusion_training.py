@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from noisevalue import checkpoint as ckpt
-from noisevalue import registry
+from noisevalue import faults, registry
 from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import all_reduce_mean, all_reduce_sum, barrier
 from noisevalue.ema import EMA, unwrap
@@ -96,6 +96,7 @@ class DiffusionTraining(Trainer):
             ev.HeldoutLoss(r, self.encoder, self.num_classes, info.device)
             if info.is_main and r.eval.loss_draws else None
         )
+        self.window_loss, self.window_steps = 0.0, 0  # the training-loss log window
         if self.resume:
             self._restore()
         elif r.train.init_from:
@@ -149,6 +150,9 @@ class DiffusionTraining(Trainer):
             except (KeyError, ValueError) as exc:
                 raise CheckpointError(f"checkpoint '{path}': optimizer state does not fit ({exc})") from None
         self.step = meta.step
+        if with_optimizer and meta.log_window and self.resume:  # the window open at the kill, continued
+            self.window_loss = float(meta.log_window["loss_sum"])
+            self.window_steps = int(meta.log_window["steps"])
 
     # ------------------------------------------------------------------ training
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -249,25 +253,29 @@ class DiffusionTraining(Trainer):
         if self.resume and self._evaluation_lost():
             self.evaluate()  # the same EMA weights and seeds: the evaluation the kill lost, exactly
         total = r.train.steps
-        window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        window_start, timed_steps = time.perf_counter(), 0
         with StepProgress("train", total, self.step, enabled=self.info.is_main, print_every=r.train.log_every * 4) as bar:
             while self.step < total:
                 loss = self.train_step(self.step)
                 self.step += 1
+                faults.point("train.step")
+                timed_steps += 1
                 if not math.isnan(loss):  # a skipped step (train.nonfinite=skip) is not averaged
-                    window_loss += loss
-                    window_steps += 1
+                    self.window_loss += loss
+                    self.window_steps += 1
                 bar.advance(loss=loss)
                 if self.step % r.train.log_every == 0 or self.step == total:
-                    elapsed = time.perf_counter() - window_start
-                    ips = window_steps * r.train.global_batch_size / max(elapsed, 1e-9)
-                    scalars = {"train/lr": r.train.lr, "train/images_per_sec": ips}
-                    if window_steps:
-                        scalars = {"train/loss": window_loss / window_steps, **scalars}
+                    scalars = {"train/lr": r.train.lr}
+                    if self.window_steps:
+                        scalars = {"train/loss": self.window_loss / self.window_steps, **scalars}
                     if self.skipped:
                         scalars["train/skipped_steps"] = float(self.skipped)
                     self.log_scalars(scalars)
-                    window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+                    elapsed = time.perf_counter() - window_start
+                    self.log.timings({"train/images_per_sec": timed_steps * r.train.global_batch_size / max(elapsed, 1e-9)},
+                                     self.step)
+                    self.window_loss, self.window_steps = 0.0, 0
+                    window_start, timed_steps = time.perf_counter(), 0
                 if self.step % r.train.ckpt_every == 0 or self.step == total:
                     self.save_checkpoint()
                 if r.eval.every and (self.step - self.origin) % r.eval.every == 0 and self.step != total:
@@ -280,6 +288,7 @@ class DiffusionTraining(Trainer):
                 step=self.step, backbone=self._identity(), optimizer=opt_meta, recipe=self.recipe.name,
                 seed=self.recipe.seed, latent_shape=self.latent_shape, num_classes=self.num_classes,
                 diffusion=self.recipe.diffusion.model_dump(),
+                log_window={"loss_sum": self.window_loss, "steps": self.window_steps},
             )
             tensors = {
                 "model": unwrap(self.model).state_dict(),
@@ -289,10 +298,7 @@ class DiffusionTraining(Trainer):
             sampler_state = self.timesteps.state_dict()
             if sampler_state:
                 tensors[SAMPLER_GROUP] = sampler_state
-            ckpt.save_checkpoint(
-                self.ckpt_dir, tensors, meta, keep=self.recipe.train.keep_checkpoints,
-                keep_every=self.recipe.train.keep_every,
-            )
+            ckpt.save_checkpoint(self.ckpt_dir, tensors, meta, *self.retention())
         barrier(self.info)
 
     # ------------------------------------------------------------------ evaluation
@@ -312,6 +318,7 @@ class DiffusionTraining(Trainer):
                 model, self.diffusion, self.encoder, self.latent_shape, self.num_classes, r, dev, self.step
             )
             ev.save_png_atomic(images, self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow)
+            faults.point("evaluate.grid")
             labels = ev.class_labels(r.eval.num_samples, self.num_classes)
             if self.heldout is not None:
                 metrics[ev.HELDOUT_LOSS] = self.heldout(model, self.diffusion)

@@ -334,8 +334,11 @@ class RaterMetaTraining(Trainer):
                 num_classes=self.num_classes, pretrained=str(self.pretrained),
                 meta=self.recipe.meta.model_dump(mode="json"), inner_step=self.inner_step,
             )
-            ckpt.save_checkpoint(self.ckpt_dir, tensors, meta, keep=self.recipe.train.keep_checkpoints)
+            ckpt.save_checkpoint(self.ckpt_dir, tensors, meta, *self.retention())
         barrier(self.info)
+
+    def retention(self) -> tuple[int | None, int | None]:
+        return self.recipe.train.keep_checkpoints, None  # keep_every marks the diffusion trajectory only
 
     def _restore(self) -> None:
         path = self.checkpoint_to_resume()

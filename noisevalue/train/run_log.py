@@ -9,27 +9,41 @@ from pathlib import Path
 from typing import Any
 
 SCALARS = "scalars.jsonl"
+#: speeds and durations: they differ between two runs of the same recipe, so they are kept
+#: apart from everything else a run writes, which is reproducible byte for byte
+TIMINGS = "timings.jsonl"
 
 
 class RunLog:
     def __init__(self, run_dir: Path | None = None, enabled: bool = False, start_step: int = 0) -> None:
         self.writer: Any = None
         self.jsonl: Path | None = None
+        self.timings_jsonl: Path | None = None
         if enabled and run_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             # a resumed run drops events past its checkpoint, so curves have no doubled steps
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
             self.jsonl = run_dir / SCALARS
+            self.timings_jsonl = run_dir / TIMINGS
             _truncate(self.jsonl, start_step)
+            _truncate(run_dir / TIMINGS, start_step)
 
     def scalars(self, scalars: dict[str, float], step: int) -> None:
+        """Values that a rerun reproduces exactly (losses, metrics, settings)."""
+        self._write(self.jsonl, scalars, step)
+
+    def timings(self, scalars: dict[str, float], step: int) -> None:
+        """Speeds and durations (``timings.jsonl`` beside ``scalars.jsonl``; both in TensorBoard)."""
+        self._write(self.timings_jsonl, scalars, step)
+
+    def _write(self, path: Path | None, scalars: dict[str, float], step: int) -> None:
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
             self.writer.flush()
-        if self.jsonl is not None:
-            with self.jsonl.open("a") as f:
+        if path is not None:
+            with path.open("a") as f:
                 f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
 
     def image(self, tag: str, image: Any, step: int) -> None:

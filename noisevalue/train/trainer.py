@@ -51,14 +51,19 @@ class Trainer:
 
     def run(self) -> dict[str, float]:
         """setup, train, evaluate; cleanup always. Returns the final metrics."""
-        if self.info.is_main:  # what a killed run left half-written
+        if self.info.is_main:  # what a killed run left half-written or unpruned
             ckpt.remove_leftovers(self.ckpt_dir)
+            ckpt.prune(self.ckpt_dir, *self.retention())
         try:
             self.setup()
             self.train()
             return self.evaluate()
         finally:
             self.cleanup()
+
+    def retention(self) -> tuple[int | None, int | None]:
+        """(checkpoints kept, multiples never pruned): ``train.keep_checkpoints`` and ``train.keep_every``."""
+        return self.recipe.train.keep_checkpoints, self.recipe.train.keep_every
 
     # ------------------------------------------------------------------ shared plumbing
     def set_threads(self) -> None:

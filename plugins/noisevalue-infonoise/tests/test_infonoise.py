@@ -121,5 +121,5 @@ def test_infonoise_is_a_method_for_compare(tmp_path):
     assert result.exit_code == 0, (result.output, result.exception)
     stage = json.loads((tmp_path / "select" / "infonoise" / "stage.json").read_text())
     assert stage["train.timestep_sampler.name"] == "infonoise" and stage["train.selector.params"] == {"k": 1}
-    wall = (tmp_path / "compare.md").read_text().split("Wall time")[1]
+    wall = (tmp_path / "compare_timings.md").read_text().split("Wall time")[1]
     assert "| infonoise | timestep sampler |" in wall
