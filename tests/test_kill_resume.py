@@ -1,7 +1,7 @@
 """Fault injection: a real ``noisevalue run`` process is killed (SIGKILL, as ``kill -9`` or
 a preemption) at named points, then resumed; every file it leaves must equal the
-uninterrupted run's byte for byte. Only TensorBoard's event files and ``timings.jsonl``,
-which hold wall-clock times, are left out of the comparison."""
+uninterrupted run's byte for byte. Only the files that hold wall-clock times (TensorBoard's
+event files, ``timings.jsonl``, ``timings.json``) are left out of the comparison."""
 
 import hashlib
 import os
@@ -20,7 +20,7 @@ from tests.conftest import TINY
 # cut, an evaluation (held-out loss and a sample grid) every 4
 SETTINGS = [*TINY, "train.steps=8", "train.ckpt_every=2", "train.keep_checkpoints=2", "train.log_every=3",
             "eval.every=4"]
-IGNORED = ("tb", "timings.jsonl")
+IGNORED = {"tb", "timings.jsonl", "timings.json", "compare_timings.md"}  # wall-clock times
 
 TRIALS = [
     ("train.step", 3),  # mid log window, a step past the checkpoint
@@ -36,7 +36,7 @@ def files(run: Path) -> dict:
     return {
         str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(run.rglob("*"))
-        if p.is_file() and p.relative_to(run).parts[0] not in IGNORED
+        if p.is_file() and not IGNORED & set(p.relative_to(run).parts)
     }
 
 
@@ -102,4 +102,34 @@ def test_a_killed_meta_training_resumes_to_the_same_files(uninterrupted, point, 
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
     assert noisevalue_run(out, *settings, "--resume").returncode == 0
     assert files(out) == files(reference)
+    shutil.rmtree(out)
+
+
+PROTOCOL_TRIALS = [("checkpoint.published", 6), ("evaluate.grid", 3)]
+
+
+@pytest.mark.parametrize("point, count", PROTOCOL_TRIALS, ids=[f"{p}:{c}" for p, c in PROTOCOL_TRIALS])
+def test_a_killed_protocol_reruns_to_the_same_files(tmp_path_factory, point, count):
+    """The whole protocol (stage i, the raters, the continuations, the tables), killed in a
+    later stage and run again: every file equals the uninterrupted run's."""
+    from tests.test_protocol import META
+
+    root = tmp_path_factory.getbasetemp() / "protocol"
+    settings = [*META, "workflow=protocol", "meta.outer_steps=2", "select.steps=4", "select.eval_every=2",
+                "eval.num_samples=20", "eval.baselines=false", "train.steps=4"]
+    reference = root / "reference"
+    if not reference.is_dir():
+        out = root / "run"
+        result = noisevalue_run(out, *settings)
+        assert result.returncode == 0, result.stderr
+        shutil.move(out, reference)
+    out = root / "run"
+    shutil.rmtree(out, ignore_errors=True)
+    killed = noisevalue_run(out, *settings, kill_at=f"{point}:{count}")
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
+    rerun = noisevalue_run(out, *settings)  # the protocol reuses finished stages and resumes the others
+    assert rerun.returncode == 0, rerun.stderr
+    got, want = files(out), files(reference)
+    assert sorted(got) == sorted(want), f"files differ: {sorted(set(got) ^ set(want))}"
+    assert [k for k in want if got[k] != want[k]] == []
     shutil.rmtree(out)
