@@ -350,14 +350,26 @@ def analyze(
 def recipe_validate(
     recipe: str = typer.Argument(..., help="Recipe file or built-in name."),
     overrides: list[str] | None = OverridesArg,
+    files: bool = typer.Option(
+        True, "--files/--no-files",
+        help="Also open what the recipe names on this machine (data, weights files, checkpoints, device), "
+        "as a run does before it starts. --no-files: the recipe alone (keys, types, ranges, components).",
+    ),
 ) -> None:
-    """Check a recipe (keys, types, ranges, component names and parameters) without running it."""
+    """Check a recipe without running it: keys, types, ranges, component names and parameters,
+    and (unless --no-files) the data, weights files, checkpoints and device it names."""
     with user_errors():
         from noisevalue.config import check_components, load_recipe
 
         parsed = load_recipe(recipe, overrides or [])
         check_components(parsed)
-        typer.echo(f"{recipe}: ok (recipe '{parsed.name}', workflow {parsed.workflow}, model {parsed.model.name})")
+        if files:
+            from noisevalue.train.preflight import check_recipe
+
+            check_recipe(parsed)
+        checked = "recipe and files" if files else "recipe only"
+        typer.echo(f"{recipe}: ok ({checked}; recipe '{parsed.name}', workflow {parsed.workflow}, "
+                   f"model {parsed.model.name})")
 
 
 @recipe_app.command("show")

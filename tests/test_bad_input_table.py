@@ -119,6 +119,9 @@ CASES = [
     ("invalid YAML", ["run", "{root}/bad.yaml", "output_dir={root}/out"], "bad.yaml"),
     ("recipe that is a list", ["run", "{root}/list.yaml", "output_dir={root}/out"], "list.yaml"),
     ("validate a bad value", ["recipe", "validate", "digits", "train.steps=-3"], "train.steps"),
+    ("validate crafted weights", ["recipe", "validate", "digits", "eval.evaluators=[{name: fid, params: "
+                                  "{features: inception, weights_path: '{evil}'}}]"], "refused"),
+    ("validate a missing data folder", ["recipe", "validate", "digits", *FOLDER("{root}/nowhere")], "does not exist"),
     ("show a bad key", ["recipe", "show", "digits", "train.stepz=3"], "train.stepz: unknown key"),
     # ---- data and weights
     ("missing data folder", RUN(*FOLDER("{root}/nowhere")), "data.dataset (image_folder)"),

@@ -39,6 +39,17 @@ def check_run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, proc
     (``per_node`` of them on this machine), continuing its newest checkpoint when ``resume``.
     Raises the first problem found; creates nothing."""
     check_output(run_dir, "output_dir", resume=resume)
+    shape, num_classes = check_recipe(recipe, processes=processes, per_node=per_node)
+    if resume and recipe.workflow != "protocol":
+        latest = check_resumable(Path(run_dir) / "checkpoints")
+        if recipe.workflow == "pretrain":
+            require_backbone(latest, _identity(recipe, shape, num_classes))
+
+
+def check_recipe(recipe: Recipe, *, processes: int = 1, per_node: int = 1) -> tuple[tuple[int, int, int], int]:
+    """Everything of :func:`check_run` that does not depend on the output folder: device,
+    batches, data, weights files, networks and the checkpoints the recipe names. Returns
+    (the diffusion model's input shape, classes)."""
     check_device(recipe.train.device, per_node, "train.device")
     check_batches(recipe, processes)
     shape, num_classes, num_items = check_data(recipe)
@@ -51,10 +62,7 @@ def check_run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, proc
         _build_on_meta("rater", registry.Named(recipe.rater.name, params), "rater")
     build_evaluators(recipe)  # weights files load now, not after training
     check_named_checkpoints(recipe, shape, num_classes)
-    if resume and recipe.workflow != "protocol":
-        latest = check_resumable(Path(run_dir) / "checkpoints")
-        if recipe.workflow == "pretrain":
-            require_backbone(latest, _identity(recipe, shape, num_classes))
+    return shape, num_classes
 
 
 def check_output(folder: str | Path, what: str, resume: bool = False) -> None:
