@@ -348,7 +348,7 @@ def analyze(
 
 @recipe_app.command("validate")
 def recipe_validate(
-    recipe: str = typer.Argument(..., help="Recipe file or built-in name."),
+    recipe: str | None = RecipeArg,
     overrides: list[str] | None = OverridesArg,
     files: bool = typer.Option(
         True, "--files/--no-files",
@@ -361,14 +361,15 @@ def recipe_validate(
     with user_errors():
         from noisevalue.config import check_components, load_recipe
 
-        parsed = load_recipe(recipe, overrides or [])
+        source, extra = _split_recipe_arg(recipe, overrides)
+        parsed = load_recipe(source, extra)
         check_components(parsed)
         if files:
             from noisevalue.train.preflight import check_recipe
 
             check_recipe(parsed)
         checked = "recipe and files" if files else "recipe only"
-        typer.echo(f"{recipe}: ok ({checked}; recipe '{parsed.name}', workflow {parsed.workflow}, "
+        typer.echo(f"{source or parsed.name}: ok ({checked}; recipe '{parsed.name}', workflow {parsed.workflow}, "
                    f"model {parsed.model.name})")
 
 

@@ -143,8 +143,9 @@ class MetaConfig(_Strict):
     groups: int = Field(default=32, gt=0)  # B groups per inner batch (global)
     # The global batch is split into this many independent inner loops (data-parallel
     # meta-learning); their meta-gradients are averaged. Each process runs
-    # subproblems / nproc of them, so results do not depend on the number of processes.
-    subproblems: int = Field(default=1, gt=0)
+    # subproblems / nproc of them, so a set value gives the same rater on any number of
+    # processes. Unset (null): one per process.
+    subproblems: int | None = Field(default=None, gt=0)
     val_batch_size: int = Field(default=64, gt=0)
     val_fraction: float = Field(default=0.1, gt=0, lt=1)  # held out of the training set
     # Algorithm 1's "optimizer D", unrolled S steps from theta: see INNER_OPTIMIZERS
@@ -372,11 +373,13 @@ def _apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             sets.append(item)
         else:
             raise ConfigError(f"override '{item}': expected key=value or ~key")
-    if sets:
+    for item in sets:  # in order; a list item by its index: eval.evaluators.0.params.x=1
+        key, _, text = item.partition("=")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(sets))
+            parsed: Any = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]), resolve=False)
+            OmegaConf.update(cfg, key.strip(), parsed["value"], merge=True)
         except Exception as exc:
-            raise ConfigError(f"overrides {sets}: {str(exc).splitlines()[0]}") from exc
+            raise ConfigError(f"override '{item}': {str(exc).splitlines()[0]}") from exc
     return cfg
 
 

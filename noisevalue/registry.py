@@ -275,6 +275,8 @@ def build(kind: str, spec: Spec, *, where: str, **context: Any) -> Any:
     except UserError as exc:
         if not where or str(exc).startswith(where):
             raise
+        if str(exc).startswith("params.") and not where.startswith("-"):  # a parameter: its full recipe key
+            raise type(exc)(f"{where}.{exc} ({spec.name})") from None
         raise type(exc)(f"{where} ({spec.name}): {exc}") from None
     except (ValueError, TypeError) as exc:
         if not where:  # built in code: the caller's exception, unchanged

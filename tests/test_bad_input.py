@@ -72,7 +72,7 @@ def image_folder(root):
 
 def test_missing_and_empty_data_folder(tmp_path, tiny_overrides):
     missing = tmp_path / "nowhere"
-    fails_cleanly(["run", *tiny_overrides, *image_folder(missing)], "data.dataset (image_folder): data.params.root: folder")
+    fails_cleanly(["run", *tiny_overrides, *image_folder(missing)], "data.dataset.params.root: folder")
     empty = tmp_path / "empty"
     empty.mkdir()
     fails_cleanly(["run", *tiny_overrides, *image_folder(empty)], "no images")
@@ -124,16 +124,16 @@ def test_resume_without_checkpoint(tiny_overrides):
 
 
 def test_vae_weights_unavailable_offline(tiny_overrides):
-    err = fails_cleanly(["run", *tiny_overrides, "data.encoder.name=sd_vae"], "data.encoder (sd_vae)")
-    assert "local_path" in err
+    err = fails_cleanly(["run", *tiny_overrides, "data.encoder.name=sd_vae"], "data.encoder.params.local_path: not set")
+    assert "(sd_vae)" in err
 
 
 def test_inception_weights_unavailable(tmp_path, tiny_overrides):
     err = fails_cleanly(
         ["run", *tiny_overrides, "eval.evaluators=[{name: fid, params: {features: inception}}]"],
-        "eval.evaluators.0 (fid)",
+        "eval.evaluators.0.params.weights_path: not set",
     )
-    assert "weights_path" in err
+    assert "weights-inception-2015-12-05-6726825d.pth" in err
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before training
 
 

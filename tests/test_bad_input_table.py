@@ -121,16 +121,19 @@ CASES = [
     ("validate a bad value", ["recipe", "validate", "digits", "train.steps=-3"], "train.steps"),
     ("validate crafted weights", ["recipe", "validate", "digits", "eval.evaluators=[{name: fid, params: "
                                   "{features: inception, weights_path: '{evil}'}}]"], "refused"),
+    ("every missing file at once", RUN(*FOLDER("{root}/nowhere"), "data.encoder.name=sd_vae",
+                                       "eval.evaluators=[{name: fid, params: {features: inception}}]"),
+     "3 problems: data.dataset.params.root: folder"),
     ("validate a missing data folder", ["recipe", "validate", "digits", *FOLDER("{root}/nowhere")], "does not exist"),
     ("show a bad key", ["recipe", "show", "digits", "train.stepz=3"], "train.stepz: unknown key"),
     # ---- data and weights
-    ("missing data folder", RUN(*FOLDER("{root}/nowhere")), "data.dataset (image_folder)"),
+    ("missing data folder", RUN(*FOLDER("{root}/nowhere")), "data.dataset.params.root: folder '{root}/nowhere'"),
     ("empty data folder", RUN(*FOLDER("{root}/empty")), "no images"),
     ("corrupt image", RUN(*FOLDER("{root}/images")), "cannot read image"),
-    ("data folder is a file", RUN(*FOLDER("{root}/afile")), "data.dataset (image_folder)"),
-    ("VAE weights unavailable", RUN("data.encoder.name=sd_vae"), "data.encoder (sd_vae)"),
+    ("data folder is a file", RUN(*FOLDER("{root}/afile")), "data.dataset.params.root"),
+    ("VAE weights unavailable", RUN("data.encoder.name=sd_vae"), "data.encoder.params.local_path: not set"),
     ("Inception weights unavailable", RUN("eval.evaluators=[{name: fid, params: {features: inception}}]"),
-     "eval.evaluators.0 (fid)"),
+     "eval.evaluators.0.params.weights_path: not set"),
     ("crafted Inception weights", RUN("eval.evaluators=[{name: fid, params: {features: inception, "
                                       "weights_path: '{evil}'}}]"), "refused"),
     ("no validation data left", RUN("workflow=protocol", "meta.val_fraction=0.0001"), "meta.val_fraction"),

@@ -24,7 +24,7 @@ class _Payload:
 
 def crafted(tmp_path):
     marker = tmp_path / "CODE_RAN"
-    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     torch.save({"fc.weight": torch.zeros(2), "trap": _Payload(str(marker))}, path)
     return path, marker
 

@@ -49,15 +49,15 @@ class DigitsDataset(ImageDataset):
     ) -> None:
         if split not in SPLITS:
             raise ConfigError(
-                f"data.params.split: expected one of {', '.join(SPLITS)}; got {split!r}"
+                f"params.split: expected one of {', '.join(SPLITS)}; got {split!r}"
             )
         if not isinstance(holdout_fraction, (int, float)) or not 0.0 < holdout_fraction < 1.0:
             raise ConfigError(
-                f"data.params.holdout_fraction: expected a number in (0, 1); got {holdout_fraction!r}"
+                f"params.holdout_fraction: expected a number in (0, 1); got {holdout_fraction!r}"
             )
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ConfigError(
-                f"data.params.image_size: expected a positive integer; got {image_size!r}"
+                f"params.image_size: expected a positive integer; got {image_size!r}"
             )
         from sklearn.datasets import load_digits
 

@@ -214,7 +214,7 @@ def _load_vae_inner(pretrained: str, local_path: str | None) -> AutoencoderKL:
     )
     if local_path is not None and not os.path.isdir(local_path):
         raise WeightsUnavailableError(
-            f"encoder.params.local_path: folder '{local_path}' does not exist; it must hold "
+            f"params.local_path: folder '{local_path}' does not exist; it must hold "
             f"{WEIGHT_FILES}, e.g. as written by `hf download {DEFAULT_VAE} --local-dir DIR`"
         )
     if folder is not None:
@@ -222,9 +222,9 @@ def _load_vae_inner(pretrained: str, local_path: str | None) -> AutoencoderKL:
             return AutoencoderKL.from_pretrained(folder, local_files_only=True)
         except Exception as exc:
             field = (
-                "encoder.params.local_path"
+                "params.local_path"
                 if local_path is not None
-                else "encoder.params.pretrained"
+                else "params.pretrained"
             )
             raise WeightsUnavailableError(
                 f"{field}: could not load VAE weights from '{folder}' ({_first_line(exc)}); "
@@ -241,9 +241,8 @@ def _load_vae_inner(pretrained: str, local_path: str | None) -> AutoencoderKL:
         except Exception as exc:
             cache_error = exc
     raise WeightsUnavailableError(
-        f"VAE weights '{pretrained}' could not be loaded (offline?): {_first_line(cache_error)}. "
-        f"On a machine with internet download the folder ({WEIGHT_FILES}), e.g. "
-        f"`hf download {pretrained} --local-dir DIR` (older huggingface_hub: "
-        f"`huggingface-cli download {pretrained} --local-dir DIR`), copy it here and set "
-        "encoder.params.local_path=DIR"
+        f"params.local_path: not set, and the VAE weights '{pretrained}' could not be loaded (offline?): "
+        f"{_first_line(cache_error)}. On a machine with internet download the folder ({WEIGHT_FILES}) with "
+        f"`hf download {pretrained} --local-dir DIR` (older huggingface_hub: `huggingface-cli download`), "
+        "copy it here and set this key to DIR"
     ) from cache_error

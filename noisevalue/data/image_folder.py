@@ -58,10 +58,10 @@ def _normalise_extensions(extensions: Sequence[str] | str) -> tuple[str, ...]:
     out = []
     for ext in extensions:
         if not isinstance(ext, str) or not ext.strip("."):
-            raise ConfigError(f"data.params.extensions: expected file suffixes; got {ext!r}")
+            raise ConfigError(f"params.extensions: expected file suffixes; got {ext!r}")
         out.append("." + ext.lower().lstrip("."))
     if not out:
-        raise ConfigError("data.params.extensions: expected at least one file suffix")
+        raise ConfigError("params.extensions: expected at least one file suffix")
     return tuple(out)
 
 
@@ -104,7 +104,7 @@ class ImageFolderDataset(ImageDataset):
     ) -> None:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ConfigError(
-                f"data.params.image_size: expected a positive integer; got {image_size!r}"
+                f"params.image_size: expected a positive integer; got {image_size!r}"
             )
         self.root = Path(os.path.expanduser(str(root)))
         self.image_size = int(image_size)
@@ -112,7 +112,7 @@ class ImageFolderDataset(ImageDataset):
         self.random_flip = bool(random_flip)
         self.extensions = _normalise_extensions(extensions)
         if not self.root.is_dir():
-            raise DataError(f"data.params.root: folder '{self.root}' does not exist")
+            raise DataError(f"params.root: folder '{self.root}' does not exist")
 
         if self.class_conditional:
             self.classes, self.samples = self._scan_classes()
@@ -124,7 +124,7 @@ class ImageFolderDataset(ImageDataset):
         self.num_classes = len(self.classes)
 
     def _no_images(self, folder: Path) -> str:
-        return f"data.params.root: no images ({', '.join(self.extensions)}) found in '{folder}'"
+        return f"params.root: no images ({', '.join(self.extensions)}) found in '{folder}'"
 
     def _scan_classes(self) -> tuple[list[str], list[tuple[Path, int]]]:
         classes = sorted(
@@ -136,10 +136,10 @@ class ImageFolderDataset(ImageDataset):
             if not _find_images(self.root, self.extensions):
                 raise DataError(self._no_images(self.root))
             raise DataError(
-                f"data.params.root: expected one subfolder per class in '{self.root}' "
+                f"params.root: expected one subfolder per class in '{self.root}' "
                 "but found images directly in it; "
                 "arrange the images as root/<class>/<image> or set "
-                "data.params.class_conditional=false for unconditional data"
+                "params.class_conditional=false for unconditional data"
             )
         samples: list[tuple[Path, int]] = []
         empty = []
@@ -153,7 +153,7 @@ class ImageFolderDataset(ImageDataset):
         if empty:
             shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
             raise DataError(
-                f"data.params.root: {len(empty)} class folder(s) in '{self.root}' hold no "
+                f"params.root: {len(empty)} class folder(s) in '{self.root}' hold no "
                 f"images ({', '.join(self.extensions)}): {shown}"
             )
         return classes, samples
@@ -173,7 +173,7 @@ class ImageFolderDataset(ImageDataset):
             with Image.open(path) as img:
                 image = img.convert("RGB")
         except OSError as exc:
-            raise DataError(f"data.params.root: cannot read image '{path}': {exc}") from exc
+            raise DataError(f"params.root: cannot read image '{path}': {exc}") from exc
         arr = np.asarray(adm_center_crop(image, self.image_size), dtype=np.uint8)
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
         return x / 127.5 - 1.0

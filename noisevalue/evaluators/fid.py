@@ -67,8 +67,7 @@ INCEPTION_WEIGHTS_URL = (
 )
 _HOW_TO_GET_WEIGHTS = (
     f"download {INCEPTION_WEIGHTS_FILE} (the pt_inception-2015-12-05 FID weights) from "
-    f"{INCEPTION_WEIGHTS_URL} and set evaluator.params.weights_path=FILE "
-    "(or use evaluator.params.features=digits for 8x8 digits)"
+    f"{INCEPTION_WEIGHTS_URL} and set this key to the file (or features: digits for 8x8 digits)"
 )
 FEATURE_SPACES = ("inception", "digits")
 
@@ -215,7 +214,7 @@ class FIDEvaluator(Evaluator):
                 raise
             detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             raise WeightsUnavailableError(
-                f"could not build the FID InceptionV3 from '{weights_path}' ({detail}; it needs "
+                f"params.weights_path: could not build the FID InceptionV3 from '{weights_path}' ({detail}; it needs "
                 "torch-fidelity installed); " + _HOW_TO_GET_WEIGHTS
             ) from exc
         self.metric.to(self.device)
@@ -405,11 +404,11 @@ def _tensors_only(path: str) -> dict[str, torch.Tensor]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsUnavailableError(
-            f"FID Inception weights file '{path}' is not a plain tensor file, refused ({reason[:160]}); "
+            f"params.weights_path: file '{path}' is not a plain tensor file, refused ({reason[:160]}); "
             + _HOW_TO_GET_WEIGHTS
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsUnavailableError(f"FID Inception weights file '{path}' holds no state dict of tensors; "
+        raise WeightsUnavailableError(f"params.weights_path: file '{path}' holds no state dict of tensors; "
                                       + _HOW_TO_GET_WEIGHTS)
     return state
 
@@ -434,11 +433,11 @@ def _inception_weights(weights_path: str | os.PathLike | None) -> str:
     """The checked local weights path; never lets torchmetrics reach for the network."""
     if weights_path is None or str(weights_path).strip() == "":
         raise WeightsUnavailableError(
-            "the FID Inception weights are not available offline: " + _HOW_TO_GET_WEIGHTS
+            "params.weights_path: not set, and the FID Inception weights are not downloaded: " + _HOW_TO_GET_WEIGHTS
         )
     path = Path(weights_path).expanduser()
     if not path.is_file():
         raise WeightsUnavailableError(
-            f"FID Inception weights file '{path}' not found: " + _HOW_TO_GET_WEIGHTS
+            f"params.weights_path: file '{path}' not found: " + _HOW_TO_GET_WEIGHTS
         )
     return str(path)

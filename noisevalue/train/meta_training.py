@@ -49,6 +49,11 @@ from noisevalue.train.progress import StepProgress
 from noisevalue.train.trainer import Trainer
 
 
+def subproblems(recipe: Recipe, world_size: int) -> int:
+    """``meta.subproblems``, or one inner loop per process when unset."""
+    return recipe.meta.subproblems or world_size
+
+
 def local_subproblems(total: int, world_size: int) -> int:
     if total % world_size:
         raise ConfigError(f"meta.subproblems: {total} is not divisible by the {world_size} processes")
@@ -118,9 +123,10 @@ class RaterMetaTraining(Trainer):
             raise ConfigError("meta.pretrained: a diffusion checkpoint (run or step folder) is required")
         self.data, _ = load_train_data(r, self.run_dir, info)
         self.latent_shape, self.num_classes = self.data.latent_shape, self.data.num_classes
-        self.local_subproblems = local_subproblems(m.subproblems, info.world_size)
-        self.groups = per_subproblem(m.groups, m.subproblems, "meta.groups")
-        self.val_batch = per_subproblem(m.val_batch_size, m.subproblems, "meta.val_batch_size")
+        self.subproblems = subproblems(r, info.world_size)
+        self.local_subproblems = local_subproblems(self.subproblems, info.world_size)
+        self.groups = per_subproblem(m.groups, self.subproblems, "meta.groups")
+        self.val_batch = per_subproblem(m.val_batch_size, self.subproblems, "meta.val_batch_size")
         self.train_idx, self.val_idx = validation_split(self.data.num_items, m.val_fraction, r.seed)
 
         path = ckpt.resolve_checkpoint(m.pretrained)
@@ -164,7 +170,7 @@ class RaterMetaTraining(Trainer):
         """Sub-problem ``part``'s slice (``size`` items) of the global batch ``key`` (of
         ``parts`` slices, default ``meta.subproblems``)."""
         r, info = self.recipe, self.info
-        global_size = size * (r.meta.subproblems if parts is None else parts)
+        global_size = size * (self.subproblems if parts is None else parts)
         if (stream, key) not in self._draws:  # drawn once, sliced by each local sub-problem
             self._draws[stream, key] = (
                 pool[order.batch(key, global_size)],
@@ -332,7 +338,8 @@ class RaterMetaTraining(Trainer):
             meta = ckpt.CheckpointMeta(
                 step=self.step, rater=self._identity(), optimizer=opt_meta, latent_shape=self.latent_shape,
                 num_classes=self.num_classes, pretrained=str(self.pretrained),
-                meta=self.recipe.meta.model_dump(mode="json"), inner_step=self.inner_step,
+                meta={**self.recipe.meta.model_dump(mode="json"), "subproblems": self.subproblems},
+                inner_step=self.inner_step,
             )
             ckpt.save_checkpoint(self.ckpt_dir, tensors, meta, *self.retention())
         barrier(self.info)
@@ -346,6 +353,12 @@ class RaterMetaTraining(Trainer):
         if meta.rater != self._identity():
             raise CheckpointError(
                 f"checkpoint '{path}' holds rater {meta.rater}, but the recipe builds {self._identity()}"
+            )
+        saved = (meta.meta or {}).get("subproblems")
+        if saved is not None and saved != self.subproblems:
+            raise ConfigError(
+                f"meta.subproblems: this run used {saved} inner loops and would now use {self.subproblems} "
+                f"(one per process when unset); resume with the same process count or set meta.subproblems={saved}"
             )
         ckpt.load_state_into(self.rater, ckpt.load_tensors(path, RATER_GROUP, self.info.device), str(path))
         flat = ckpt.load_tensors(path, "rater_optimizer", self.info.device)

@@ -48,11 +48,42 @@ def check_run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, proc
 
 def check_recipe(recipe: Recipe, *, processes: int = 1, per_node: int = 1) -> tuple[tuple[int, int, int], int]:
     """Everything of :func:`check_run` that does not depend on the output folder: device,
-    batches, data, weights files, networks and the checkpoints the recipe names. Returns
+    batches, data, weights files, networks and the checkpoints the recipe names. Every
+    problem found is reported at once, in one line (``N problems: A; B; C``), so that a
+    new machine's missing data, VAE and Inception weights are supplied in one go. Returns
     (the diffusion model's input shape, classes)."""
-    check_device(recipe.train.device, per_node, "train.device")
-    check_batches(recipe, processes)
-    shape, num_classes, num_items = check_data(recipe)
+    problems: list[UserError] = []
+
+    def attempt(check: Any, *args: Any) -> Any:
+        try:
+            return check(*args)
+        except UserError as exc:
+            problems.append(exc)
+            return None
+
+    attempt(check_device, recipe.train.device, per_node, "train.device")
+    attempt(check_batches, recipe, processes)
+    dataset = attempt(check_dataset, recipe.data.dataset, "data.dataset", recipe.seed)
+    if recipe.data.eval_dataset is not None:
+        attempt(check_dataset, recipe.data.eval_dataset, "data.eval_dataset", recipe.seed)
+    encoder = attempt(lambda: registry.build("encoder", recipe.data.encoder, where="data.encoder"))
+    attempt(build_evaluators, recipe)  # weights files load now, not after training
+    shape: tuple[int, int, int] | None = None
+    num_classes = 0
+    if dataset is not None and encoder is not None:
+        shape = tuple(encoder.latent_shape(dataset.channels, dataset.image_size))  # type: ignore[assignment]
+        num_classes = int(dataset.num_classes)
+        attempt(_check_networks, recipe, shape, num_classes, len(dataset))
+    attempt(check_named_checkpoints, recipe, shape, num_classes)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ConfigError(f"{len(problems)} problems: " + "; ".join(str(p) for p in problems))
+    assert shape is not None
+    return shape, num_classes
+
+
+def _check_networks(recipe: Recipe, shape: tuple[int, int, int], num_classes: int, num_items: int) -> None:
     model = check_backbone(recipe, shape, num_classes)
     check_guidance(recipe, model, num_classes)
     if recipe.workflow in META_WORKFLOWS or _needs_validation(recipe):
@@ -60,9 +91,6 @@ def check_recipe(recipe: Recipe, *, processes: int = 1, per_node: int = 1) -> tu
     if recipe.workflow in META_WORKFLOWS and recipe.rater is not None:
         params = registry.with_shapes("rater", recipe.rater, "rater", shape, num_classes)
         _build_on_meta("rater", registry.Named(recipe.rater.name, params), "rater")
-    build_evaluators(recipe)  # weights files load now, not after training
-    check_named_checkpoints(recipe, shape, num_classes)
-    return shape, num_classes
 
 
 def check_output(folder: str | Path, what: str, resume: bool = False) -> None:
@@ -98,29 +126,21 @@ def check_batches(recipe: Recipe, processes: int) -> None:
     """Every global batch of the workflow divides over ``processes``."""
     local_batch_size(recipe.train.global_batch_size, processes)
     if recipe.workflow in META_WORKFLOWS:
-        from noisevalue.train.meta_training import local_subproblems, per_subproblem
+        from noisevalue.train.meta_training import local_subproblems, per_subproblem, subproblems
 
-        m = recipe.meta
-        local_subproblems(m.subproblems, processes)
-        per_subproblem(m.groups, m.subproblems, "meta.groups")
-        per_subproblem(m.val_batch_size, m.subproblems, "meta.val_batch_size")
+        m, n = recipe.meta, subproblems(recipe, processes)
+        local_subproblems(n, processes)
+        per_subproblem(m.groups, n, "meta.groups")
+        per_subproblem(m.val_batch_size, n, "meta.val_batch_size")
 
 
-def check_data(recipe: Recipe) -> tuple[tuple[int, int, int], int, int]:
-    """Build the datasets and the encoder, read a sample of items; returns (the diffusion
-    model's input shape, classes, training items)."""
-    dataset = registry.build("dataset", recipe.data.dataset, where="data.dataset")
+def check_dataset(component: Any, where: str, seed: int) -> Any:
+    """Build a dataset and read a sample of its items; returns it."""
+    dataset = registry.build("dataset", component, where=where)
     if len(dataset) == 0:
-        raise DataError("data.dataset: the dataset is empty")
-    read_sample(dataset, "data.dataset", recipe.seed)
-    if recipe.data.eval_dataset is not None:
-        reference = registry.build("dataset", recipe.data.eval_dataset, where="data.eval_dataset")
-        if len(reference) == 0:
-            raise DataError("data.eval_dataset: the dataset is empty")
-        read_sample(reference, "data.eval_dataset", recipe.seed)
-    encoder = registry.build("encoder", recipe.data.encoder, where="data.encoder")
-    shape = tuple(encoder.latent_shape(dataset.channels, dataset.image_size))
-    return shape, int(dataset.num_classes), len(dataset)  # type: ignore[return-value]
+        raise DataError(f"{where}: the dataset is empty")
+    read_sample(dataset, where, seed)
+    return dataset
 
 
 def read_sample(dataset: Any, where: str, seed: int) -> None:
@@ -159,12 +179,12 @@ def check_guidance(recipe: Recipe, model: Any, num_classes: int) -> None:
         )
 
 
-def check_named_checkpoints(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -> None:
+def check_named_checkpoints(recipe: Recipe, shape: tuple[int, int, int] | None, num_classes: int) -> None:
     """Checkpoints the recipe names (not those its own stages will write) exist, are of the
-    right kind and match the data."""
+    right kind and match the data (when its ``shape`` is known)."""
     if recipe.train.init_from and recipe.workflow != "meta_train":
         found = check_diffusion_checkpoint(recipe.train.init_from, "train.init_from", shape, num_classes)
-        if recipe.workflow == "pretrain":
+        if recipe.workflow == "pretrain" and shape is not None:
             require_backbone(found, _identity(recipe, shape, num_classes))
     if recipe.workflow == "meta_train":
         if not recipe.meta.pretrained:
