@@ -82,6 +82,9 @@ def publish(tmp: str | Path, path: str | Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(tmp, (0o777 if Path(tmp).is_dir() else 0o666) & ~mask)
+    if Path(tmp).is_dir():  # and the files in it (safetensors writes them private)
+        for inner in Path(tmp).rglob("*"):
+            os.chmod(inner, (0o777 if inner.is_dir() else 0o666) & ~mask)
     os.replace(tmp, path)
 
 

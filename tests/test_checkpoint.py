@@ -109,6 +109,7 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
         os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # mkstemp alone gives 0o600
     assert step.stat().st_mode & 0o777 == 0o755
+    assert {f.name: f.stat().st_mode & 0o777 for f in step.iterdir()} == {"m.safetensors": 0o644, "meta.json": 0o644}
 
 
 def test_meta_json_is_typed_and_round_trips(tmp_path):

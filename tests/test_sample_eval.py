@@ -337,3 +337,21 @@ def test_eval_uses_a_plugin_evaluator_from_the_registry(run, cache, tmp_path, me
     stats = tmp_path / "stats.npz"
     np.savez(stats, mu=np.zeros(2), sigma=np.eye(2))
     fails_cleanly(["eval", npz, "--reference", stats, "--evaluator", "mean-gap"], "keeps none; give reference images")
+
+
+def test_the_sample_grid_has_one_row_per_class_as_in_training(tmp_path, monkeypatch):
+    import numpy as np
+
+    from noisevalue.sampling import sample as sp
+    from noisevalue.train import evaluate as ev
+
+    k, num = 10, 45  # sample i has class i % k: 4 full columns of each class
+    shard = tmp_path / "shard.npy"
+    np.save(shard, np.stack([np.full((8, 8, 1), i % k, dtype=np.uint8) for i in range(num)]))
+    seen = {}
+    monkeypatch.setattr(ev, "save_png_atomic", lambda images, path, nrow: seen.update(images=images, nrow=nrow))
+    settings = type("S", (), {"num_classes": k, "class_label": None, "num": num})()
+    sp._write_grid(tmp_path / "grid.png", [shard], settings)
+    assert seen["nrow"] == 4  # columns per row
+    classes = (seen["images"][:, 0, 0, 0] * 255).round().long().view(k, 4)
+    assert torch.equal(classes, torch.arange(k).view(k, 1).expand(k, 4))  # row c: class c only

@@ -155,17 +155,30 @@ def run_stage(recipe: Recipe, info: DistInfo, say: Say) -> dict:
         say(f"stage {run_dir}: done already, reused")
         return json.loads(marker.read_text()).get("metrics", {})
     resume = latest_checkpoint(run_dir / "checkpoints") is not None
-    say(f"stage {run_dir}: {'resuming' if resume else 'starting'} ({recipe.workflow})")
+    say(f"stage {run_dir}: {'resuming' if resume else 'starting'} ({stage_kind(recipe)})")
     if info.is_main:
         atomic_write_text(run_dir / STAGE_SETTINGS, json.dumps(stage_settings(recipe), indent=1, sort_keys=True))
     barrier(info)
     start = time.perf_counter()
     metrics = run_trainer(recipe, run_dir, info, resume=resume)
     if info.is_main:  # the wall time of this (last) run of the stage, a resume's own only
-        atomic_write_text(run_dir / TIMINGS, json.dumps({"wall_s": time.perf_counter() - start}, indent=2))
+        wall = time.perf_counter() - start
+        atomic_write_text(run_dir / TIMINGS, json.dumps({"wall_s": wall}, indent=2))
         atomic_write_text(marker, json.dumps({"metrics": metrics}, indent=2))
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "baseline" not in k)
+        took = f"{wall:.0f} s" if wall < 120 else f"{wall / 60:.1f} min"
+        say(f"stage {run_dir}: done in {took}{'; ' + shown if shown else ''}")
     barrier(info)
     return metrics
+
+
+def stage_kind(recipe: Recipe) -> str:
+    """What a stage does, in words: pretraining (i), meta-training (ii) or a continuation (iii)."""
+    if recipe.workflow == "meta_train":
+        return "stage (ii): meta-training the rater" if recipe.meta.outer_steps else "stage (ii): the untrained rater"
+    if recipe.train.init_from:  # named by its folder: the method's label (and seed)
+        return f"stage (iii): continuation '{Path(recipe.output_dir).name}'"
+    return "stage (i): pretraining"
 
 
 def wall_time(run_dir: Path) -> float | None:

@@ -505,12 +505,14 @@ def _assemble(out: Path, settings: SampleSettings) -> None:
 
 
 def _write_grid(path: Path, shard_paths: list[Path], settings: SampleSettings) -> None:
-    """The first images: one column per class (up to 16 classes) or 8 columns, 8 rows."""
+    """The first images, as training draws its grids: one row per class (up to 16 classes;
+    sample i has class i % classes), or 8 rows of 8."""
     from noisevalue.train.evaluate import save_png_atomic
 
     k = settings.num_classes
-    nrow = k if 2 <= k <= 16 and settings.class_label is None else 8
-    count = min(settings.num, nrow * 8)
+    by_class = 2 <= k <= 16 and settings.class_label is None and settings.num >= k
+    per = min(8, settings.num // k) if by_class else 8
+    count = k * per if by_class else min(settings.num, 64)
     parts, have = [], 0
     for p in shard_paths:
         if have >= count:
@@ -519,7 +521,9 @@ def _write_grid(path: Path, shard_paths: list[Path], settings: SampleSettings) -
         parts.append(chunk)
         have += len(chunk)
     images = torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).float() / 255
-    save_png_atomic(images, path, nrow)
+    if by_class:  # class-major: row c holds samples c, c + k, c + 2k, ...
+        images = images[torch.tensor([j * k + c for c in range(k) for j in range(per)])]
+    save_png_atomic(images, path, per)
 
 
 def write_images_npz(
