@@ -63,6 +63,7 @@ class CheckpointMeta(BaseModel):
     meta: dict[str, Any] | None = None  # the meta-training settings
     inner_step: int | None = None  # steps taken by a carried inner optimizer
     log_window: dict[str, float] | None = None  # the training-loss window open at this step
+    skipped: int | None = None  # steps skipped so far for a non-finite loss (train.nonfinite=skip)
 
     @property
     def is_diffusion(self) -> bool:

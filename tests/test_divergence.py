@@ -42,6 +42,8 @@ def test_skip_steps_over_a_bounded_number_then_stops(tiny_overrides, tmp_path):
     assert all_finite(run) is None
     logged = [json.loads(line) for line in (run / "scalars.jsonl").read_text().splitlines()]
     assert any(row.get("train/skipped_steps") == 2.0 for row in logged)
+    last = sorted(run.glob("checkpoints/step_*"))[-1]  # a resume continues the count
+    assert json.loads((last / "meta.json").read_text())["skipped"] == 2
 
 
 def test_sampling_refuses_nonfinite_weights(tiny_overrides, tmp_path):

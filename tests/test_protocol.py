@@ -248,3 +248,25 @@ def test_protocol_end_to_end_with_skip_on_rerun(tmp_path, tiny_overrides):
     again = invoke(*args)
     assert again.exit_code == 0
     assert again.output.count("reused") == 9  # pretrain, two raters, six continuations
+
+
+def test_nan_meta_gradient_skipped_within_the_budget(tmp_path, pretrained):
+    """train.nonfinite=skip: the bad outer step leaves the rater as it was, up to
+    train.max_skips times, then the run stops naming the last good rater."""
+    registry.register("meta_optimizer", "nan_after_two")(NaNAfter)
+    try:
+        runs = {}
+        for name, extra in (("stop", []), ("skip", ["train.nonfinite=skip", "train.max_skips=1"])):
+            NaNAfter.calls = 0
+            runs[name] = tmp_path / name
+            result = invoke(*meta_args(pretrained, runs[name], "meta.outer_steps=6", "meta.ckpt_every=10",
+                                       "meta.optimizer.name=nan_after_two", "~meta.optimizer.params",
+                                       "meta.probe_groups=0", *extra))
+            assert result.exit_code == 2
+    finally:
+        registry.reset()
+    assert "at outer step 4 after skipping 1 step(s)" in result.stderr
+    skipped, before = rater_tensors(runs["skip"], 3), rater_tensors(runs["stop"], 2)  # no update at step 3
+    assert all(torch.equal(skipped[k], before[k]) for k in before)
+    logged = [json.loads(line) for line in (runs["skip"] / "scalars.jsonl").read_text().splitlines()]
+    assert any(row.get("meta/skipped_steps") == 1.0 for row in logged)

@@ -97,13 +97,13 @@ class DiffusionTraining(Trainer):
             if info.is_main and r.eval.loss_draws else None
         )
         self.window_loss, self.window_steps = 0.0, 0  # the training-loss log window
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
         if self.resume:
             self._restore()
         elif r.train.init_from:
             self.load(ckpt.resolve_checkpoint(r.train.init_from), with_optimizer=True)
         # evaluations are counted from where this run started (a continuation's origin)
         self.origin = ckpt.read_meta(ckpt.resolve_checkpoint(r.train.init_from)).step if r.train.init_from else 0
-        self.skipped = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -153,6 +153,7 @@ class DiffusionTraining(Trainer):
         if with_optimizer and meta.log_window and self.resume:  # the window open at the kill, continued
             self.window_loss = float(meta.log_window["loss_sum"])
             self.window_steps = int(meta.log_window["steps"])
+            self.skipped = meta.skipped or 0
 
     # ------------------------------------------------------------------ training
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -288,7 +289,7 @@ class DiffusionTraining(Trainer):
                 step=self.step, backbone=self._identity(), optimizer=opt_meta, recipe=self.recipe.name,
                 seed=self.recipe.seed, latent_shape=self.latent_shape, num_classes=self.num_classes,
                 diffusion=self.recipe.diffusion.model_dump(),
-                log_window={"loss_sum": self.window_loss, "steps": self.window_steps},
+                log_window={"loss_sum": self.window_loss, "steps": self.window_steps}, skipped=self.skipped,
             )
             tensors = {
                 "model": unwrap(self.model).state_dict(),

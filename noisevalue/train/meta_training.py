@@ -112,6 +112,7 @@ class RaterMetaTraining(Trainer):
         self.theta: dict[str, torch.Tensor] | None = None  # carried theta (reset_theta false)
         self.inner_state: dict[str, Params] | None = None  # the inner optimizer's starting state
         self.inner_step = 0  # and its step count
+        self.skipped = 0  # outer steps skipped for a non-finite meta-gradient (train.nonfinite=skip)
         self._draws: dict[tuple[int, int], tuple[torch.Tensor, StepDraws]] = {}  # this outer step's
         self._probe_batches: tuple[list[GroupedBatch], PlainBatch] | None = None
 
@@ -249,7 +250,7 @@ class RaterMetaTraining(Trainer):
                     probe = self.signal(self.current_theta(), param_dict(self.rater))
                 stats = self.outer_step(self.step)
                 self.step += 1
-                bar.advance(val_loss=stats["meta/val_loss"])
+                bar.advance(val_loss=stats.get("meta/val_loss", math.nan))
                 if log:
                     self.log_scalars({**stats, **(probe or {})})
                 if self.step % m.ckpt_every == 0 or self.step == m.outer_steps:
@@ -288,7 +289,11 @@ class RaterMetaTraining(Trainer):
             outer_loss += result.outer_loss / n
             infos = result.info
         flag = torch.tensor([0.0 if finite else 1.0], device=info.device)
-        if float(all_reduce_mean(flag, info)) > 0:
+        if float(all_reduce_mean(flag, info)) > 0:  # on any process: every process skips or stops alike
+            r = self.recipe
+            if r.train.nonfinite == "skip" and self.skipped < r.train.max_skips:
+                self.skipped += 1  # no rater update, theta and the inner state not carried
+                return {"meta/skipped_steps": float(self.skipped)}
             self._stop_on_nan(outer)
         for name, p in self.rater.named_parameters():
             if p.requires_grad:
@@ -317,10 +322,11 @@ class RaterMetaTraining(Trainer):
         if latest is None or ckpt.read_meta(latest).step != outer:
             self.save_checkpoint()
         last = ckpt.latest_checkpoint(self.ckpt_dir)
+        skipped = f" after skipping {self.skipped} step(s)" if self.skipped else ""
         raise UserError(
-            f"meta-gradient became NaN/inf at outer step {outer + 1}; stopped. The last good rater "
-            f"(after step {outer}) is in '{last}'. Lower meta.rater_lr or meta.inner_lr, or set "
-            "meta.rater_grad_clip"
+            f"meta-gradient became NaN/inf at outer step {outer + 1}{skipped}; stopped. The last good rater "
+            f"(after step {outer}) is in '{last}'. Lower meta.rater_lr or meta.inner_lr, set "
+            "meta.rater_grad_clip, or use train.nonfinite=skip"
         )
 
     def _identity(self) -> ckpt.Identity:
@@ -339,7 +345,7 @@ class RaterMetaTraining(Trainer):
                 step=self.step, rater=self._identity(), optimizer=opt_meta, latent_shape=self.latent_shape,
                 num_classes=self.num_classes, pretrained=str(self.pretrained),
                 meta={**self.recipe.meta.model_dump(mode="json"), "subproblems": self.subproblems},
-                inner_step=self.inner_step,
+                inner_step=self.inner_step, skipped=self.skipped,
             )
             ckpt.save_checkpoint(self.ckpt_dir, tensors, meta, *self.retention())
         barrier(self.info)
@@ -361,6 +367,7 @@ class RaterMetaTraining(Trainer):
                 f"(one per process when unset); resume with the same process count or set meta.subproblems={saved}"
             )
         ckpt.load_state_into(self.rater, ckpt.load_tensors(path, RATER_GROUP, self.info.device), str(path))
+        self.skipped = meta.skipped or 0
         flat = ckpt.load_tensors(path, "rater_optimizer", self.info.device)
         self.rater_opt.load_state_dict(ckpt.optimizer_from_flat(flat, meta.optimizer or {}))
         if (path / "theta.safetensors").is_file():
