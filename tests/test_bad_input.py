@@ -155,4 +155,7 @@ def test_resume_refuses_a_changed_recipe_unless_allowed(tiny_overrides, tmp_path
     ok = runner.invoke(app, ["run", *tiny_overrides, "train.steps=4", "train.log_every=2", "train.threads=2",
                              "train.lr=0.002", "--resume", "--allow-changes", "train.lr"])
     assert ok.exit_code == 0, ok.output
-    assert (run / "checkpoints" / "step_0000004").is_dir()
+    import json
+
+    meta = json.loads((run / "checkpoints" / "step_0000004" / "meta.json").read_text())
+    assert meta["optimizer"]["param_groups"][0]["lr"] == 0.002  # the accepted learning rate, not the saved one

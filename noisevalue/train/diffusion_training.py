@@ -149,6 +149,9 @@ class DiffusionTraining(Trainer):
                 self.optimizer.load_state_dict(ckpt.optimizer_from_flat(flat, meta.optimizer or {}))
             except (KeyError, ValueError) as exc:
                 raise CheckpointError(f"checkpoint '{path}': optimizer state does not fit ({exc})") from None
+            t = self.recipe.train  # the recipe's settings, not the saved ones (a change accepted on resume)
+            for group in self.optimizer.param_groups:
+                group.update(lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
         self.step = meta.step
         if with_optimizer and meta.log_window and self.resume:  # the window open at the kill, continued
             self.window_loss = float(meta.log_window["loss_sum"])

@@ -370,6 +370,9 @@ class RaterMetaTraining(Trainer):
         self.skipped = meta.skipped or 0
         flat = ckpt.load_tensors(path, "rater_optimizer", self.info.device)
         self.rater_opt.load_state_dict(ckpt.optimizer_from_flat(flat, meta.optimizer or {}))
+        m = self.recipe.meta  # the recipe's settings, not the saved ones (a change accepted on resume)
+        for group in self.rater_opt.param_groups:
+            group.update(lr=m.rater_lr, weight_decay=m.rater_weight_decay)
         if (path / "theta.safetensors").is_file():
             self.theta = ckpt.load_tensors(path, "theta", self.info.device)
         if (path / f"{INNER_STATE}.safetensors").is_file():
