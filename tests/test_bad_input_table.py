@@ -4,6 +4,7 @@ tree byte-for-byte as it was (nothing created, nothing lost, nothing half-writte
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,22 +50,10 @@ def world(tmp_path_factory):
     evil, marker = crafted(root)
     np.savez(root / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), dtype=np.uint8))
     np.savez(root / "float.npz", arr_0=np.zeros((4, 8, 8, 3), dtype=np.float32))
-    corrupt = root / "corrupt"  # a copy of the run with a truncated model file
-    for p in sorted(run.rglob("*")):
-        target = corrupt / p.relative_to(run)
-        if p.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        else:
-            target.write_bytes(p.read_bytes())
+    corrupt = shutil.copytree(run, root / "corrupt")  # a copy of the run with a truncated model file
     for model in corrupt.glob("checkpoints/step_*/model.safetensors"):
         model.write_bytes(model.read_bytes()[:200])
-    nan = root / "nan"  # a run whose EMA weights are NaN
-    for p in sorted(run.rglob("*")):
-        target = nan / p.relative_to(run)
-        if p.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        else:
-            target.write_bytes(p.read_bytes())
+    nan = shutil.copytree(run, root / "nan")  # a run whose EMA weights are NaN
     from safetensors.torch import load_file, save_file
 
     for ema in nan.glob("checkpoints/step_*/ema.safetensors"):

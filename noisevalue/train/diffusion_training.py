@@ -24,7 +24,7 @@ from noisevalue import faults, registry
 from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import all_reduce_mean, all_reduce_sum, barrier
 from noisevalue.ema import EMA, unwrap
-from noisevalue.errors import CheckpointError, UserError
+from noisevalue.errors import CheckpointError
 from noisevalue.interfaces import NULL_TIMESTEP, TrainingContext
 from noisevalue.train import evaluate as ev
 from noisevalue.train.batches import (
@@ -97,7 +97,6 @@ class DiffusionTraining(Trainer):
             if info.is_main and r.eval.loss_draws else None
         )
         self.window_loss, self.window_steps = 0.0, 0  # the training-loss log window
-        self.skipped = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
         if self.resume:
             self._restore()
         elif r.train.init_from:
@@ -225,20 +224,8 @@ class DiffusionTraining(Trainer):
         """A non-finite loss or gradient at ``step``: no update happened; skip it (within
         ``train.max_skips``) or stop with the last good weights saved and named."""
         self.optimizer.zero_grad(set_to_none=True)
-        r = self.recipe
-        if r.train.nonfinite == "skip" and self.skipped < r.train.max_skips:
-            self.skipped += 1
-            return
-        latest = ckpt.latest_checkpoint(self.ckpt_dir)
-        if latest is None or ckpt.read_meta(latest).step != step:
-            self.save_checkpoint()  # the weights before this step: finite, the last good ones
-        last = ckpt.latest_checkpoint(self.ckpt_dir)
-        skipped = f" after skipping {self.skipped} step(s)" if self.skipped else ""
-        raise UserError(
-            f"training diverged: non-finite loss or gradient at step {step + 1}{skipped}; stopped. The last good "
-            f"weights (after step {step}) are in '{last}'. Lower train.lr, set train.grad_clip, or use "
-            "train.nonfinite=skip"
-        )
+        self.skip_or_stop(step, "training diverged: non-finite loss or gradient at step", "weights",
+                          "Lower train.lr, set train.grad_clip, or use train.nonfinite=skip")
 
     def _evaluation_lost(self) -> bool:
         """A resumed run whose checkpoint step was due an evaluation that never reached

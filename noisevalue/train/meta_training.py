@@ -29,7 +29,7 @@ from noisevalue.checkpoint import latest_checkpoint
 from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import DistInfo, all_reduce_mean, barrier
-from noisevalue.errors import CheckpointError, ConfigError, UserError
+from noisevalue.errors import CheckpointError, ConfigError
 from noisevalue.interfaces import BilevelProblem, Params
 from noisevalue.meta.one_step import OneStep
 from noisevalue.meta.problem import GroupedBatch, PlainBatch, group_stats, make_problem, param_dict
@@ -112,7 +112,6 @@ class RaterMetaTraining(Trainer):
         self.theta: dict[str, torch.Tensor] | None = None  # carried theta (reset_theta false)
         self.inner_state: dict[str, Params] | None = None  # the inner optimizer's starting state
         self.inner_step = 0  # and its step count
-        self.skipped = 0  # outer steps skipped for a non-finite meta-gradient (train.nonfinite=skip)
         self._draws: dict[tuple[int, int], tuple[torch.Tensor, StepDraws]] = {}  # this outer step's
         self._probe_batches: tuple[list[GroupedBatch], PlainBatch] | None = None
 
@@ -290,11 +289,10 @@ class RaterMetaTraining(Trainer):
             infos = result.info
         flag = torch.tensor([0.0 if finite else 1.0], device=info.device)
         if float(all_reduce_mean(flag, info)) > 0:  # on any process: every process skips or stops alike
-            r = self.recipe
-            if r.train.nonfinite == "skip" and self.skipped < r.train.max_skips:
-                self.skipped += 1  # no rater update, theta and the inner state not carried
-                return {"meta/skipped_steps": float(self.skipped)}
-            self._stop_on_nan(outer)
+            self.skip_or_stop(outer, "meta-gradient became NaN/inf at outer step", "rater weights",
+                              "Lower meta.rater_lr or meta.inner_lr, set meta.rater_grad_clip, or use "
+                              "train.nonfinite=skip")
+            return {"meta/skipped_steps": float(self.skipped)}  # skipped: no rater update, nothing carried
         for name, p in self.rater.named_parameters():
             if p.requires_grad:
                 p.grad = all_reduce_mean(grads[name].to(p.dtype).clone(), info)
@@ -315,19 +313,6 @@ class RaterMetaTraining(Trainer):
         stats.update({f"meta/{k}": v for k, v in group_stats(self.rater, param_dict(self.rater), batches[0]).items()})
         stats.update({f"meta/info/{k}": float(v) for k, v in infos.items()})
         return stats
-
-    def _stop_on_nan(self, outer: int) -> None:
-        """Keep the last good rater (the one before this update) and stop with one line."""
-        latest = ckpt.latest_checkpoint(self.ckpt_dir)
-        if latest is None or ckpt.read_meta(latest).step != outer:
-            self.save_checkpoint()
-        last = ckpt.latest_checkpoint(self.ckpt_dir)
-        skipped = f" after skipping {self.skipped} step(s)" if self.skipped else ""
-        raise UserError(
-            f"meta-gradient became NaN/inf at outer step {outer + 1}{skipped}; stopped. The last good rater "
-            f"(after step {outer}) is in '{last}'. Lower meta.rater_lr or meta.inner_lr, set "
-            "meta.rater_grad_clip, or use train.nonfinite=skip"
-        )
 
     def _identity(self) -> ckpt.Identity:
         assert self.recipe.rater is not None

@@ -13,7 +13,7 @@ import torch
 from noisevalue import checkpoint as ckpt
 from noisevalue.config import Recipe
 from noisevalue.distributed import DistInfo
-from noisevalue.errors import CheckpointError
+from noisevalue.errors import CheckpointError, UserError
 from noisevalue.train.run_log import RunLog
 
 
@@ -32,6 +32,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.step = 0
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient (train.nonfinite=skip)
         self.log = RunLog()  # replaced by a writing one at the end of setup
 
     def setup(self) -> None:
@@ -60,6 +61,23 @@ class Trainer:
             return self.evaluate()
         finally:
             self.cleanup()
+
+    def skip_or_stop(self, step: int, what: str, label: str, hint: str) -> None:
+        """A non-finite step (``what``, at ``step``): skip it (``train.nonfinite: skip``, at
+        most ``train.max_skips`` times), or save the ``label`` weights from before it (unless
+        saved already) and stop with one line naming them and a ``hint``."""
+        r = self.recipe
+        if r.train.nonfinite == "skip" and self.skipped < r.train.max_skips:
+            self.skipped += 1
+            return
+        latest = ckpt.latest_checkpoint(self.ckpt_dir)
+        if latest is None or ckpt.read_meta(latest).step != step:
+            self.save_checkpoint()  # the weights before this step: finite, the last good ones
+        last = ckpt.latest_checkpoint(self.ckpt_dir)
+        skipped = f" after skipping {self.skipped} step(s)" if self.skipped else ""
+        raise UserError(
+            f"{what} {step + 1}{skipped}; stopped. The last good {label} (after step {step}) are in '{last}'. {hint}"
+        )
 
     def retention(self) -> tuple[int | None, int | None]:
         """(checkpoints kept, multiples never pruned): ``train.keep_checkpoints`` and ``train.keep_every``."""
