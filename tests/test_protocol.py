@@ -270,3 +270,20 @@ def test_nan_meta_gradient_skipped_within_the_budget(tmp_path, pretrained):
     assert all(torch.equal(skipped[k], before[k]) for k in before)
     logged = [json.loads(line) for line in (runs["skip"] / "scalars.jsonl").read_text().splitlines()]
     assert any(row.get("meta/skipped_steps") == 1.0 for row in logged)
+
+
+def test_resume_refuses_another_count_of_inner_loops(tmp_path, pretrained):
+    """meta.subproblems unset is one inner loop per process, saved with each checkpoint: a
+    resume on another process count is refused instead of changing the meta-gradient."""
+    out = tmp_path / "meta"
+    assert invoke(*meta_args(pretrained, out, "meta.outer_steps=2")).exit_code == 0
+    meta_file = out / "checkpoints" / "step_0000002" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["meta"]["subproblems"] == 1  # resolved: one process
+    meta["meta"]["subproblems"] = 2  # as if written by a 2-process run
+    meta_file.write_text(json.dumps(meta))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = invoke(*meta_args(pretrained, out, "meta.outer_steps=4"), "--resume")
+    assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0
+    assert "meta.subproblems: this run used 2 inner loops and would now use 1" in result.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # found before anything is written

@@ -54,6 +54,16 @@ def subproblems(recipe: Recipe, world_size: int) -> int:
     return recipe.meta.subproblems or world_size
 
 
+def same_subproblems(meta: ckpt.CheckpointMeta, now: int) -> None:
+    """A resumed meta-training keeps the number of inner loops its checkpoints were made with."""
+    saved = (meta.meta or {}).get("subproblems")
+    if saved is not None and saved != now:
+        raise ConfigError(
+            f"meta.subproblems: this run used {saved} inner loops and would now use {now} "
+            f"(one per process when unset); resume with the same process count or set meta.subproblems={saved}"
+        )
+
+
 def local_subproblems(total: int, world_size: int) -> int:
     if total % world_size:
         raise ConfigError(f"meta.subproblems: {total} is not divisible by the {world_size} processes")
@@ -345,12 +355,7 @@ class RaterMetaTraining(Trainer):
             raise CheckpointError(
                 f"checkpoint '{path}' holds rater {meta.rater}, but the recipe builds {self._identity()}"
             )
-        saved = (meta.meta or {}).get("subproblems")
-        if saved is not None and saved != self.subproblems:
-            raise ConfigError(
-                f"meta.subproblems: this run used {saved} inner loops and would now use {self.subproblems} "
-                f"(one per process when unset); resume with the same process count or set meta.subproblems={saved}"
-            )
+        same_subproblems(meta, self.subproblems)
         ckpt.load_state_into(self.rater, ckpt.load_tensors(path, RATER_GROUP, self.info.device), str(path))
         self.skipped = meta.skipped or 0
         flat = ckpt.load_tensors(path, "rater_optimizer", self.info.device)

@@ -44,6 +44,10 @@ def check_run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, proc
         latest = check_resumable(Path(run_dir) / "checkpoints")
         if recipe.workflow == "pretrain":
             require_backbone(latest, _identity(recipe, shape, num_classes))
+        if recipe.workflow == "meta_train":
+            from noisevalue.train.meta_training import same_subproblems, subproblems
+
+            same_subproblems(ckpt.read_meta(latest), subproblems(recipe, processes))
 
 
 def check_recipe(recipe: Recipe, *, processes: int = 1, per_node: int = 1) -> tuple[tuple[int, int, int], int]:
