@@ -308,8 +308,25 @@ def load_tensors(ckpt: str | Path, name: str, device: str | torch.device = "cpu"
     try:
         return load_file(str(path), device=str(device))
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint file '{path}' is corrupt or truncated ({reason})") from None
+        raise _corrupt(path, exc) from None
+
+
+def check_files(ckpt: str | Path) -> None:
+    """Every tensor file of a checkpoint has a whole header and covers its data, checked
+    without loading the tensors; a CheckpointError otherwise, as :func:`load_tensors` gives."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(ckpt).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type
+            raise _corrupt(path, exc) from None
+
+
+def _corrupt(path: Path, exc: Exception) -> CheckpointError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return CheckpointError(f"checkpoint file '{path}' is corrupt or truncated ({reason})")
 
 
 def load_state_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:

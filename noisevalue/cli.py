@@ -115,9 +115,7 @@ def run(
 
         args = jobs.launcher_args("run", run_dir, resume=resume, **launch)
         typer.echo("torch.distributed.run " + " ".join(args))
-        code = distributed.launch(args)
-        if code:
-            raise typer.Exit(code)
+        distributed.launch(args)
         _print_result(run_dir, None)
 
 
@@ -198,9 +196,7 @@ def _experiment(
         ckpt.atomic_write_text(job_dir / jobs.JOB, json.dumps({"command": command, "options": options}, indent=2))
         args = jobs.launcher_args("experiment", job_dir, **launch)
         typer.echo("torch.distributed.run " + " ".join(args))
-        code = distributed.launch(args)
-        if code:
-            raise typer.Exit(code)
+        distributed.launch(args)
         outputs = sorted(p for p in job_dir.iterdir() if p.suffix in (".md", ".csv", ".png"))
     typer.echo(f"{command} done; tables and figures:")
     for path in outputs:

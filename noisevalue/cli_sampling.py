@@ -109,9 +109,7 @@ def _draw(sp: Any, ctx: Any, settings: Any, folder: Path, batch_size_given: bool
 
         args = jobs.launcher_args("sample", folder, **launch)
         typer.echo("torch.distributed.run " + " ".join(args))
-        code = distributed.launch(args)
-        if code:
-            raise typer.Exit(code)
+        distributed.launch(args)
     typer.echo(f"samples: {npz}")
     if grid.is_file():
         typer.echo(f"grid: {grid}")

@@ -567,17 +567,7 @@ def trial_build(where: str, kind: str, comp: Component) -> None:
 
     factory = registry.get(kind, comp.name)
     if kind in ("backbone", "rater"):  # networks: built on the meta device, so no memory is used
-        import torch
-
-        from noisevalue.errors import UserError
-
-        try:
-            with torch.device("meta"):
-                registry.build(kind, comp, where=where)
-        except UserError:
-            raise
-        except Exception:  # noqa: BLE001 - one that cannot be built on the meta device is checked by the run
-            pass
+        registry.build_on_meta(kind, comp, where=where)
         return
     if not (isinstance(factory, type) and issubclass(factory, (LossWeighting, MetaOptimizer, NoiseSelector, Rater, TimestepSampler))):
         return  # a plain function factory declares nothing

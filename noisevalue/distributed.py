@@ -33,12 +33,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+def pick_device(preference: str, local_rank: int = 0, what: str = "train.device") -> torch.device:
+    """``cuda:local_rank`` for ``cuda`` (or ``auto`` where CUDA is available), else the CPU;
+    ``cuda`` without CUDA is a ConfigError naming ``what``."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             from noisevalue.errors import ConfigError
 
-            raise ConfigError("train.device: 'cuda' requested but CUDA is not available")
+            raise ConfigError(f"{what}: 'cuda' requested but CUDA is not available on this machine (use auto or cpu)")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
@@ -120,8 +122,8 @@ def report_error(message: str, exit_code: int) -> bool:
     return True
 
 
-def launch(args: list[str]) -> int:
-    """Run ``torch.distributed.run`` in-process with ``args``; returns 0. When workers stop
+def launch(args: list[str]) -> None:
+    """Run ``torch.distributed.run`` in-process with ``args``. When workers stop
     on a user error, raises :class:`~noisevalue.errors.WorkerError` with the lowest rank's
     one line (once, however many ranks hit it); other failures keep the workers' tracebacks
     and raise one with their exit codes."""
@@ -161,4 +163,3 @@ def launch(args: list[str]) -> int:
         else:
             os.environ[ERRORS_ENV] = previous
         shutil.rmtree(folder, ignore_errors=True)
-    return 0

@@ -284,6 +284,21 @@ def build(kind: str, spec: Spec, *, where: str, **context: Any) -> Any:
         raise ConfigError(f"{where} ({spec.name}): {exc}") from None
 
 
+def build_on_meta(kind: str, spec: Spec, *, where: str) -> Any:
+    """``build`` on PyTorch's meta device, to check a network's values without allocating
+    its weights. A bad value is the usual one-line error; a network that cannot be built on
+    the meta device at all gives None, and is checked when it is built for real."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build(kind, spec, where=where)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - not meta-device friendly: the run builds it for real
+        return None
+
+
 def create(kind: str, name: str, **params: Any) -> Any:
     """``build`` for code and notebooks: the component ``name`` of ``kind`` with ``params``."""
     return build(kind, Named(name, params), where="")

@@ -136,7 +136,7 @@ class DiffusionTraining(Trainer):
 
     def load(self, path: Path, with_optimizer: bool) -> None:
         meta = ckpt.read_meta(path)
-        require_backbone(path, self._identity())
+        require_backbone(path, meta, self._identity())
         model = unwrap(self.model)
         ckpt.load_state_into(model, ckpt.load_tensors(path, "model", self.info.device), str(path))
         ema_state = ckpt.load_tensors(path, "ema", self.info.device)
@@ -152,9 +152,10 @@ class DiffusionTraining(Trainer):
             for group in self.optimizer.param_groups:
                 group.update(lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
         self.step = meta.step
-        if with_optimizer and meta.log_window and self.resume:  # the window open at the kill, continued
-            self.window_loss = float(meta.log_window["loss_sum"])
-            self.window_steps = int(meta.log_window["steps"])
+        if self.resume:  # the log window open at the kill and the skip count, continued
+            if meta.log_window:
+                self.window_loss = float(meta.log_window["loss_sum"])
+                self.window_steps = int(meta.log_window["steps"])
             self.skipped = meta.skipped or 0
 
     # ------------------------------------------------------------------ training

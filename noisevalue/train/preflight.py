@@ -22,10 +22,11 @@ import torch
 
 from noisevalue import checkpoint as ckpt
 from noisevalue import registry
-from noisevalue.config import Recipe, uses_cuda
+from noisevalue.config import Recipe
+from noisevalue.distributed import pick_device
 from noisevalue.errors import CheckpointError, ConfigError, DataError, UserError
 from noisevalue.train.batches import local_batch_size, validation_split
-from noisevalue.train.build import backbone_params, build_backbone, build_evaluators
+from noisevalue.train.build import backbone_params, build_evaluators
 
 #: items of each dataset opened before a run (the first, the last and a seeded sample)
 SAMPLED_ITEMS = 16
@@ -37,17 +38,18 @@ def check_run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, proc
               per_node: int = 1) -> None:
     """Check that ``recipe`` can run into ``run_dir`` on ``processes`` processes
     (``per_node`` of them on this machine), continuing its newest checkpoint when ``resume``.
-    Raises the first problem found; creates nothing."""
+    Raises a UserError naming every problem :func:`check_recipe` finds (else the first
+    other one); creates nothing."""
     check_output(run_dir, "output_dir", resume=resume)
     shape, num_classes = check_recipe(recipe, processes=processes, per_node=per_node)
     if resume and recipe.workflow != "protocol":
-        latest = check_resumable(Path(run_dir) / "checkpoints")
+        latest, meta = check_resumable(Path(run_dir) / "checkpoints")
         if recipe.workflow == "pretrain":
-            require_backbone(latest, _identity(recipe, shape, num_classes))
+            require_backbone(latest, meta, _identity(recipe, shape, num_classes))
         if recipe.workflow == "meta_train":
             from noisevalue.train.meta_training import same_subproblems, subproblems
 
-            same_subproblems(ckpt.read_meta(latest), subproblems(recipe, processes))
+            same_subproblems(meta, subproblems(recipe, processes))
 
 
 def check_recipe(recipe: Recipe, *, processes: int = 1, per_node: int = 1) -> tuple[tuple[int, int, int], int]:
@@ -94,7 +96,7 @@ def _check_networks(recipe: Recipe, shape: tuple[int, int, int], num_classes: in
         validation_split(num_items, recipe.meta.val_fraction, recipe.seed)
     if recipe.workflow in META_WORKFLOWS and recipe.rater is not None:
         params = registry.with_shapes("rater", recipe.rater, "rater", shape, num_classes)
-        _build_on_meta("rater", registry.Named(recipe.rater.name, params), "rater")
+        registry.build_on_meta("rater", registry.Named(recipe.rater.name, params), where="rater")
 
 
 def check_output(folder: str | Path, what: str, resume: bool = False) -> None:
@@ -117,9 +119,7 @@ def check_output(folder: str | Path, what: str, resume: bool = False) -> None:
 
 def check_device(preference: str, per_node: int, what: str) -> None:
     """The device a run asks for exists, with a GPU for each process on this machine."""
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{what}: 'cuda' requested but CUDA is not available on this machine (use auto or cpu)")
-    if uses_cuda(preference) and per_node > torch.cuda.device_count():
+    if pick_device(preference, what=what).type == "cuda" and per_node > torch.cuda.device_count():
         raise ConfigError(
             f"--nproc-per-node {per_node}: this machine has {torch.cuda.device_count()} GPU(s); "
             "start at most one process per GPU"
@@ -169,8 +169,7 @@ def read_sample(dataset: Any, where: str, seed: int) -> None:
 def check_backbone(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -> Any:
     """The backbone with the data's shapes, built on the meta device (no memory used)."""
     params = backbone_params(recipe, shape, num_classes)
-    return _build_on_meta("backbone", registry.Named(recipe.model.name, params), "model",
-                          build=lambda: build_backbone(recipe, params))
+    return registry.build_on_meta("backbone", registry.Named(recipe.model.name, params), where="model")
 
 
 def check_guidance(recipe: Recipe, model: Any, num_classes: int) -> None:
@@ -187,9 +186,9 @@ def check_named_checkpoints(recipe: Recipe, shape: tuple[int, int, int] | None, 
     """Checkpoints the recipe names (not those its own stages will write) exist, are of the
     right kind and match the data (when its ``shape`` is known)."""
     if recipe.train.init_from and recipe.workflow != "meta_train":
-        found = check_diffusion_checkpoint(recipe.train.init_from, "train.init_from", shape, num_classes)
+        found, meta = check_diffusion_checkpoint(recipe.train.init_from, "train.init_from", shape, num_classes)
         if recipe.workflow == "pretrain" and shape is not None:
-            require_backbone(found, _identity(recipe, shape, num_classes))
+            require_backbone(found, meta, _identity(recipe, shape, num_classes))
     if recipe.workflow == "meta_train":
         if not recipe.meta.pretrained:
             raise ConfigError("meta.pretrained: a diffusion checkpoint (run or step folder) is required")
@@ -199,9 +198,9 @@ def check_named_checkpoints(recipe: Recipe, shape: tuple[int, int, int] | None, 
 
 
 def check_diffusion_checkpoint(path: str | Path, where: str, shape: tuple[int, int, int] | None = None,
-                               num_classes: int | None = None) -> Path:
+                               num_classes: int | None = None) -> tuple[Path, ckpt.CheckpointMeta]:
     """A diffusion checkpoint named by ``where``: found, of that kind, matching the data's
-    shapes when given, and with whole weight files. Returns its folder."""
+    shapes when given, and with whole weight files. Returns its folder and ``meta.json``."""
     try:
         found = ckpt.resolve_checkpoint(path)
     except CheckpointError as exc:
@@ -212,23 +211,23 @@ def check_diffusion_checkpoint(path: str | Path, where: str, shape: tuple[int, i
             f"{where}: '{found}' was trained on latents {meta.latent_shape} with {meta.num_classes} classes, "
             f"but the data gives {tuple(shape)} with {num_classes}"
         )
-    check_files(found)
-    return found
+    ckpt.check_files(found)
+    return found, meta
 
 
-def check_resumable(checkpoints: Path) -> Path:
-    """The checkpoint ``--resume`` continues from is whole; returns it."""
+def check_resumable(checkpoints: Path) -> tuple[Path, ckpt.CheckpointMeta]:
+    """The checkpoint ``--resume`` continues from is whole; returns it and its ``meta.json``."""
     latest = ckpt.latest_checkpoint(checkpoints)
     if latest is None:
         raise CheckpointError(f"--resume: no checkpoint in '{checkpoints}'")
-    ckpt.read_meta(latest)
-    check_files(latest)
-    return latest
+    meta = ckpt.read_meta(latest)
+    ckpt.check_files(latest)
+    return latest, meta
 
 
-def require_backbone(path: Path, identity: ckpt.Identity) -> None:
-    """A diffusion checkpoint that a run loads into its own backbone was written for it."""
-    meta = ckpt.read_meta(path)
+def require_backbone(path: Path, meta: ckpt.CheckpointMeta, identity: ckpt.Identity) -> None:
+    """A diffusion checkpoint (``path``, its ``meta``) that a run loads into its own backbone
+    was written for it."""
     if meta.backbone != identity:
         raise CheckpointError(
             f"checkpoint '{path}' was written for backbone {meta.backbone}, but the recipe builds {identity}"
@@ -239,20 +238,6 @@ def _identity(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -> 
     return ckpt.Identity(name=recipe.model.name, params=backbone_params(recipe, shape, num_classes))
 
 
-def check_files(folder: Path) -> None:
-    """Every tensor file of a checkpoint has a whole header and covers its data (read
-    without loading the tensors)."""
-    from safetensors import safe_open
-
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt"):
-                pass
-        except Exception as exc:  # noqa: BLE001 - safetensors' own error type
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CheckpointError(f"checkpoint file '{path}' is corrupt or truncated ({reason})") from None
-
-
 def _needs_validation(recipe: Recipe) -> bool:
     """A training selector that draws held-out batches (the oracle) needs a validation split."""
     try:
@@ -260,15 +245,3 @@ def _needs_validation(recipe: Recipe) -> bool:
     except UserError:
         return False
     return bool(getattr(factory, "needs_training_context", False))
-
-
-def _build_on_meta(kind: str, spec: registry.Named, where: str, build: Any = None) -> Any:
-    """Build a network on the meta device; a bad value is one line, while a network that
-    cannot be built there at all is left for the run to build."""
-    try:
-        with torch.device("meta"):
-            return build() if build is not None else registry.build(kind, spec, where=where)
-    except UserError:
-        raise
-    except Exception:  # noqa: BLE001 - not meta-device friendly: the run builds it for real
-        return None

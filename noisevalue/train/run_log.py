@@ -27,7 +27,7 @@ class RunLog:
             self.jsonl = run_dir / SCALARS
             self.timings_jsonl = run_dir / TIMINGS
             _truncate(self.jsonl, start_step)
-            _truncate(run_dir / TIMINGS, start_step)
+            _truncate(self.timings_jsonl, start_step)
 
     def scalars(self, scalars: dict[str, float], step: int) -> None:
         """Values that a rerun reproduces exactly (losses, metrics, settings)."""
