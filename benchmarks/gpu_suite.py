@@ -12,7 +12,9 @@ Runs, each in its own process and each side by side in one run:
    with ``dual_stream_shared``, scoring in bf16 through a compiled rater (``selection_step.py``);
 3. one rater outer step at the ImageNet recipe's per-GPU share (8 groups x K=8, validation
    batch 16, DiT-S/2, the paper's rater) for S = 1 and 5, per engine, without and with
-   activation checkpointing: peak memory and time (``meta_step.py``).
+   activation checkpointing: peak memory and time (``meta_step.py``);
+4. the same share at S = 5, unrolled reverse and mixed, with the math attention kernel, with
+   blocked attention, and with blocked attention in bf16: the memory levers' ratios.
 
 Writes one markdown section (``--out``, default ``gpu_suite.md``) and prints it. A part that
 fails or runs past its time is reported in the section and the rest still runs.
@@ -40,6 +42,10 @@ def parts(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
                                 "--size", "8", "--batch", "4", "--steps", "2", "--ks", "1", "2", "4"], 300),
             ("Meta step", ["meta_step.py", *dev, "--s-values", "1,2", "--engines", "unrolled-reverse,unrolled-mixed-db",
                            "--size", "8", "--batch", "2", "--k", "2", "--checkpointing", "both"], 300),
+            ("Meta step: attention and precision", [
+                "meta_step.py", *dev, "--s-values", "2", "--engines", "unrolled-reverse,unrolled-mixed", "--size", "8",
+                "--batch", "2", "--k", "2", "--rater", "dual_stream_tiny", "--attention", "math,blocked",
+                "--precision", "fp32,bf16"], 300),
         ]
     official = ["--official", args.official] if args.official else []
     setups = ["--setups", "fp32", "bf16", "bf16+compile"]
@@ -58,6 +64,10 @@ def parts(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
             "--val-batch", "16", "--rater", "dual_stream", "--s-values", "1,5",
             "--engines", "unrolled-reverse,unrolled-mixed,unrolled-mixed-db,implicit,one_step",
             "--checkpointing", "both"], 300),
+        ("Meta step: blocked attention and bf16 at the same share", [
+            "meta_step.py", *dev, "--model", "DiT-S/2", "--size", "32", "--batch", "8", "--k", "8",
+            "--val-batch", "16", "--rater", "dual_stream", "--s-values", "5", "--engines", "unrolled-reverse,unrolled-mixed",
+            "--attention", "math,blocked", "--precision", "fp32,bf16"], 240),
     ]
 
 

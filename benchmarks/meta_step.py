@@ -15,6 +15,12 @@ more.
     python benchmarks/meta_step.py --device cuda --model DiT-S/2 --size 32 --batch 8 --k 8 \
         --val-batch 16 --rater dual_stream --s-values 1,5 --checkpointing both
 
+``--attention math,blocked`` measures each engine with PyTorch's math attention kernel and
+with blocked attention (``meta.attention: blocked``, ``--attention-block`` queries at a time)
+side by side, and prints the blocked run's peak memory and time as ratios of the math one's.
+``--precision fp32,bf16`` adds bf16 compute (``meta.precision: bf16``, float32 meta-state;
+blocked attention only), with its ratios to the first variant measured.
+
 ``--chunks 1,4`` measures each engine with each chunk count (``meta.chunks``: the batches
 differentiated in that many parts, one at a time). ``--checkpointing on`` recomputes the blocks' activations in the backward passes
 (``meta.activation_checkpointing``), for the engines that differentiate by reverse mode only;
@@ -126,7 +132,11 @@ def run_one(args: argparse.Namespace) -> dict:
     ]
     vb = args.val_batch or args.batch
     val = PlainBatch(*common(vb), torch.randn(vb, *shape, generator=g).to(device))
-    problem = make_problem(backbone, rater, Diffusion(), inner, val, args.optimizer, 1e-4, chunks=args.chunk)
+    block = args.attention_block if args.attn == "blocked" else None
+    problem = make_problem(
+        backbone, rater, Diffusion(), inner, val, args.optimizer, 1e-4, chunks=args.chunk, attention_block=block,
+        precision=args.prec,
+    )
     engine = {
         "unrolled-reverse": lambda: Unrolled("reverse"),
         "unrolled-mixed": lambda: Unrolled("mixed"),
@@ -140,7 +150,8 @@ def run_one(args: argparse.Namespace) -> dict:
     tiny = GroupedBatch(*common(1), torch.randn(1, 2, *shape, generator=g).to(device))
     tiny_val = PlainBatch(*common(1), torch.randn(1, *shape, generator=g).to(device))
     engine.meta_gradient(
-        make_problem(backbone, rater, Diffusion(), [tiny], tiny_val, args.optimizer, 1e-4),
+        make_problem(backbone, rater, Diffusion(), [tiny], tiny_val, args.optimizer, 1e-4, attention_block=block,
+                     precision=args.prec),
         theta,
         eta,
     )
@@ -170,13 +181,18 @@ def run_one(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return {
-        "engine": args.engine + ("+ckpt" if args.ckpt else "") + (f"/{args.chunk}" if args.chunk > 1 else ""),
+        "engine": label(args.engine, args.ckpt, args.chunk, args.attn, args.prec),
         "S": args.steps,
         "peak_mib": peak / 2**20,
         "time_s": statistics.median(times),
         "outer_loss": out.outer_loss,
         "params_M": sum(v.numel() for v in theta.values()) / 1e6,
     }
+
+
+def label(engine: str, ckpt: int, chunk: int, attn: str, prec: str) -> str:
+    return (engine + ("+ckpt" if ckpt else "") + (f"/{chunk}" if chunk > 1 else "")
+            + ("+blocked" if attn == "blocked" else "") + ("+bf16" if prec == "bf16" else ""))
 
 
 def main() -> None:
@@ -201,13 +217,19 @@ def main() -> None:
     ap.add_argument("--ckpt", type=int, default=0, help=argparse.SUPPRESS)  # one run: on or off
     ap.add_argument("--chunks", default="1", help="comma-separated chunk counts to measure")
     ap.add_argument("--chunk", type=int, default=1, help=argparse.SUPPRESS)  # one run's
+    ap.add_argument("--attention", default="math", help="comma-separated: math, blocked")
+    ap.add_argument("--attention-block", type=int, default=64, help="queries per block of blocked attention")
+    ap.add_argument("--attn", default="math", help=argparse.SUPPRESS)  # one run's
+    ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16")
+    ap.add_argument("--prec", default="fp32", help=argparse.SUPPRESS)  # one run's
     args = ap.parse_args()
     if args.engine is not None:
         print(json.dumps(run_one(args)))
         return
     passthrough = []
     for key, value in vars(args).items():
-        if key not in ("engine", "steps", "s_values", "engines", "checkpointing", "ckpt", "val_batch", "chunks", "chunk"):
+        if key not in ("engine", "steps", "s_values", "engines", "checkpointing", "ckpt", "val_batch", "chunks", "chunk",
+                       "attention", "attn", "precision", "prec"):
             passthrough += ["--" + key.replace("_", "-"), str(value)]
     print(
         f"{args.model} {args.channels}x{args.size}x{args.size}, B={args.batch}, K={args.k}, "
@@ -217,22 +239,31 @@ def main() -> None:
         passthrough += ["--val-batch", str(args.val_batch)]
     recompute_ok = {"unrolled-reverse", "unrolled-mixed-db"}  # reverse mode only
     modes = {"off": [0], "on": [1], "both": [0, 1]}[args.checkpointing]
-    print(f"{'engine':<23}{'S':>4}{'peak MiB':>11}{'time s':>9}")
+    variants = [(a, p) for a in args.attention.split(",") for p in args.precision.split(",")
+                if not (a == "math" and p == "bf16")]  # bf16 needs blocked attention
+    ratios = len(variants) > 1
+    print(f"{'engine':<35}{'S':>4}{'peak MiB':>11}{'time s':>9}" + (f"{'peak ratio':>12}{'time ratio':>12}" if ratios else ""))
     for engine in args.engines.split(","):
         chunk_counts = [int(c) for c in args.chunks.split(",")]
         for s, ckpt, chunk in ((int(v), c, n) for v in args.s_values.split(",") for c in modes for n in chunk_counts):
             if ckpt and engine not in recompute_ok:
                 continue
-            cmd = [sys.executable, __file__, *passthrough, "--engine", engine, "--steps", str(s), "--ckpt", str(ckpt),
-                   "--chunk", str(chunk)]
-            # large blocks through mmap, so that freed memory leaves the resident set
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode:
-                print(f"{engine + ('+ckpt' if ckpt else '') + (f'/{chunk}' if chunk > 1 else ''):<23}{s:>4}  failed: {proc.stderr.strip().splitlines()[-1]}")
-                continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"{r['engine']:<23}{s:>4}{r['peak_mib']:>11.1f}{r['time_s']:>9.3f}", flush=True)
+            first = None
+            for attn, prec in variants:
+                cmd = [sys.executable, __file__, *passthrough, "--engine", engine, "--steps", str(s), "--ckpt", str(ckpt),
+                       "--chunk", str(chunk), "--attn", attn, "--prec", prec]
+                # large blocks through mmap, so that freed memory leaves the resident set
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if proc.returncode:
+                    print(f"{label(engine, ckpt, chunk, attn, prec):<35}{s:>4}  failed: {proc.stderr.strip().splitlines()[-1]}")
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                row = f"{r['engine']:<35}{s:>4}{r['peak_mib']:>11.1f}{r['time_s']:>9.3f}"
+                if ratios and first is not None:
+                    row += f"{r['peak_mib'] / first['peak_mib']:>12.2f}{r['time_s'] / first['time_s']:>12.2f}"
+                first = first or r
+                print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,15 @@ class MetaConfig(_Strict):
     # time: the same meta-gradient with the per-batch activation memory divided about by it
     # (engines that keep one step's graph at a time: unrolled mixed, implicit, one_step)
     chunks: int = Field(default=1, ge=1)
+    # attention on the meta-gradient paths: 'math' (PyTorch's math kernel, every attention
+    # matrix kept for the derivatives) or 'blocked' (meta.attention_block queries at a time,
+    # recomputed in every derivative: the same meta-gradient, no attention matrix kept)
+    attention: Literal["math", "blocked"] = "math"
+    attention_block: int = Field(default=64, ge=1)
+    # the backbone's and the rater's passes on the meta-gradient paths under bf16 autocast
+    # (theta, eta, the inner optimizer state and the losses stay float32); needs
+    # meta.attention: blocked, and an inner optimizer other than adamw_fresh
+    precision: Literal["fp32", "bf16"] = "fp32"
     pretrained: str | None = None  # diffusion checkpoint (run or step folder); protocol fills it
     outer_steps: int = Field(default=2000, ge=0)
     inner_steps: int = Field(default=5, ge=1)  # S
@@ -540,6 +549,17 @@ def check_components(recipe: Recipe) -> None:
                 f"{dict(m.optimizer.params) or ''} uses forward-mode AD, which cannot run through "
                 "recomputed activations; set meta.optimizer.params.hvp=double_backward (or mode=reverse)"
             )
+    if m.precision == "bf16" and m.attention != "blocked":
+        raise ConfigError(
+            "meta.precision: bf16 needs meta.attention: blocked (PyTorch's math attention kernel "
+            "fails under bf16 autocast inside torch.func transforms)"
+        )
+    if m.precision == "bf16" and m.inner_optimizer == "adamw_fresh":
+        raise ConfigError(
+            "meta.precision: bf16 with meta.inner_optimizer: adamw_fresh gives meta-gradients that "
+            "differ from fp32 by 50-80% (Adam's first steps from zero moments amplify round-off); "
+            "use fp32, sgd or adamw_checkpoint"
+        )
     if recipe.workflow == "meta_train" and m.pretrained and m.inner_optimizer == "adamw_checkpoint":
         from noisevalue import checkpoint
 

@@ -247,6 +247,10 @@ class BilevelProblem:
     #: engines take gradients and second-order products over this many parts of each batch,
     #: one at a time (the losses must be means over dim 0 of the batch tensors)
     chunks: int = 1
+    #: attention on the differentiation paths: ``None`` PyTorch's math kernel (full attention
+    #: matrices kept for every derivative); an int, blocked attention over that many queries
+    #: at a time, recomputed in every derivative (:mod:`noisevalue.attention`)
+    attention_block: int | None = None
 
 
 @dataclass
@@ -264,8 +268,8 @@ class MetaOptimizer(ABC):
     """Computes the rater's meta-gradient for one outer step.
 
     ``meta_gradient(problem, theta, eta)`` takes detached parameter dicts; it must not
-    mutate them, and returns a :class:`MetaGradient`. Implementations force the math SDPA
-    kernel on their differentiation paths and keep solver arithmetic in float32 or wider.
+    mutate them, and returns a :class:`MetaGradient`. Implementations run their
+    differentiation paths under :func:`noisevalue.meta.problem.meta_attention` and keep solver arithmetic in float32 or wider.
     ``cheap_to_build`` (default True): ``recipe validate`` builds it once to check its values.
     """
 

@@ -99,6 +99,10 @@ CASES = [
     ("unknown selector", RUN("train.selector.name=bogus"), "train.selector.name: unknown selector"),
     ("checkpointing with forward mode", RUN("workflow=protocol", "meta.activation_checkpointing=true",
                                             "meta.optimizer.params.mode=mixed"), "uses forward-mode AD"),
+    ("bf16 meta with the math kernel", RUN("meta.precision=bf16"), "meta.precision: bf16 needs meta.attention: blocked"),
+    ("bf16 meta with a fresh Adam", RUN("meta.precision=bf16", "meta.attention=blocked", "meta.inner_optimizer=adamw_fresh"),
+     "with meta.inner_optimizer: adamw_fresh"),
+    ("unknown meta attention", RUN("meta.attention=flash"), "meta.attention"),
     ("patch does not fit", RUN("data.dataset.params.image_size=9"), "not divisible by patch size 2"),
     # ---- overrides and recipe files
     ("empty override key", RUN("=5"), "override '=5': the key before '=' is empty"),

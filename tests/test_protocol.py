@@ -287,3 +287,31 @@ def test_resume_refuses_another_count_of_inner_loops(tmp_path, pretrained):
     assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0
     assert "meta.subproblems: this run used 2 inner loops and would now use 1" in result.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # found before anything is written
+
+
+def test_blocked_attention_and_bf16_meta_training(tmp_path, pretrained, monkeypatch):
+    """meta.attention / meta.precision reach the engine: blocked attention trains the rater
+    the math kernel trains (to float32 round-off) and is what runs; bf16 moves it close by."""
+    import noisevalue.attention as attention
+
+    calls = []
+    real = attention._Attention.apply
+    monkeypatch.setattr(attention._Attention, "apply", lambda *a: calls.append(1) or real(*a))
+    runs = {}
+    for name, extra in {
+        "math": [], "blocked": ["meta.attention=blocked", "meta.attention_block=3"],
+        "bf16": ["meta.attention=blocked", "meta.precision=bf16"],
+    }.items():
+        calls.clear()
+        result = invoke(*meta_args(pretrained, tmp_path / name, "meta.outer_steps=2", *extra))
+        assert result.exit_code == 0, result.output
+        runs[name] = (rater_tensors(tmp_path / name, 2), len(calls))
+    (math_rater, math_calls), (blocked, blocked_calls), (half, _) = runs.values()
+    assert math_calls == 0 < blocked_calls
+
+    def rel(a):
+        diff = torch.cat([(a[k] - math_rater[k]).flatten() for k in a])
+        return float(diff.norm() / torch.cat([v.flatten() for v in math_rater.values()]).norm())
+
+    assert rel(blocked) < 1e-5  # measured 1.4e-6
+    assert 10 * rel(blocked) < rel(half) < 1e-2  # bf16 did run (measured 1.2e-3)

@@ -450,7 +450,7 @@ def test_shared_image_stream_is_joint_attention_with_image_queries_masked_from_n
     flat = (noise.flatten(0, 1), t.repeat_interleave(k), x0.repeat_interleave(k, 0), y.repeat_interleave(k))
     torch.testing.assert_close(shared(*flat).reshape(n, k), got, rtol=1e-12, atol=1e-12)  # one candidate per row
 
-    real = ds.F.scaled_dot_product_attention
+    real = torch.nn.functional.scaled_dot_product_attention
 
     def masked(q, kk, v):  # the joint rater's attention with image queries blind to noise keys
         if q.shape[2] == kk.shape[2]:  # image and noise queries (every block but the last)
@@ -462,7 +462,7 @@ def test_shared_image_stream_is_joint_attention_with_image_queries_masked_from_n
 
     reference = joint(*flat).reshape(n, k)
     assert not torch.allclose(reference, got)  # the patterns differ ...
-    monkeypatch.setattr(ds.F, "scaled_dot_product_attention", masked)
+    monkeypatch.setattr(ds, "sdpa", masked)
     torch.testing.assert_close(joint(*flat).reshape(n, k), got, rtol=1e-10, atol=1e-12)  # ... by exactly that
 
 

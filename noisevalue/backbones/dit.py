@@ -10,8 +10,8 @@ Two deliberate differences in behaviour:
   first three).
 
 ``num_classes=0`` builds an unconditional model without any label embedder.
-Second derivatives need the math SDPA kernel (``sdpa_kernel(SDPBackend.MATH)``): the
-fused CPU attention kernel has no double backward.
+Second derivatives need the math SDPA kernel (``sdpa_kernel(SDPBackend.MATH)``; the fused
+CPU attention kernel has no double backward) or :func:`noisevalue.attention.blocked_sdpa`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from functools import partial
 from typing import cast
 
 import torch
-from timm.models.vision_transformer import Attention, Mlp, PatchEmbed
+from timm.models.vision_transformer import Mlp, PatchEmbed
 from torch import nn
 
+from noisevalue.attention import SelfAttention
 from noisevalue.errors import ConfigError
 from noisevalue.interfaces import Backbone
 from noisevalue.recompute import checkpointed_call
@@ -142,7 +143,7 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.attn = SelfAttention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(
             in_features=hidden_size,

@@ -19,6 +19,7 @@ from noisevalue.meta.problem import (
     group_weights,
     make_problem,
     math_sdpa,
+    meta_attention,
     param_dict,
     weighted_group_loss,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "group_stats",
     "weighted_group_loss",
     "math_sdpa",
+    "meta_attention",
     "InnerOptimizer",
     "make_inner_optimizer",
     "unroll",

@@ -41,7 +41,7 @@ from noisevalue.meta.inner import (
     mixed_products,
     unroll,
 )
-from noisevalue.meta.problem import math_sdpa
+from noisevalue.meta.problem import meta_attention
 
 __all__ = ["Implicit"]
 
@@ -90,7 +90,7 @@ class Implicit(MetaOptimizer):
         if not problem.inner_batches:
             raise ValueError("Implicit: the problem has no inner batches to define L_in")
         check_checkpointed(problem, self.hvp, "Implicit")
-        with math_sdpa():
+        with meta_attention(problem):
             eta = {k: v.detach() for k, v in eta.items()}
             traj = unroll(problem, theta, eta)
             th = traj.theta

@@ -23,7 +23,7 @@ import torch
 
 from noisevalue.interfaces import BilevelProblem, MetaGradient, MetaOptimizer, Params
 from noisevalue.meta.inner import HVP_METHODS, check_checkpointed, first_order, mixed_products
-from noisevalue.meta.problem import math_sdpa
+from noisevalue.meta.problem import meta_attention
 
 __all__ = ["OneStep"]
 
@@ -49,7 +49,7 @@ class OneStep(MetaOptimizer):
         batch = problem.inner_batches[0]
         theta = {k: v.detach() for k, v in theta.items()}
         eta = {k: v.detach() for k, v in eta.items()}
-        with math_sdpa():
+        with meta_attention(problem):
             g, inner = first_order(problem.inner_loss, problem)(theta, eta, batch)
             theta_1 = {k: theta[k] - alpha * g[k] for k in theta}
             at = theta_1 if self.lookahead else theta

@@ -26,6 +26,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from noisevalue.attention import blocked_sdpa
 from noisevalue.interfaces import Backbone, BilevelProblem, Params, Rater
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "group_weights",
     "group_stats",
     "math_sdpa",
+    "meta_attention",
 ]
 
 
@@ -87,6 +89,16 @@ def math_sdpa() -> Any:
     """Context forcing the math attention kernel: the fused kernels support neither double
     backward nor forward-mode AD, which every meta-gradient path needs."""
     return sdpa_kernel(SDPBackend.MATH)
+
+
+def meta_attention(problem: BilevelProblem) -> Any:
+    """The attention every meta-gradient engine differentiates through: blocked attention
+    when the problem sets ``attention_block`` (:func:`noisevalue.attention.blocked_sdpa`),
+    else the math kernel. Engines hold it over the whole outer step, so activations
+    recomputed in a backward pass run the same attention as their forward did."""
+    if problem.attention_block is not None:
+        return blocked_sdpa(problem.attention_block)
+    return math_sdpa()
 
 
 def param_dict(module: nn.Module) -> Params:
@@ -152,6 +164,8 @@ def make_problem(
     inner_state: dict[str, Params] | None = None,
     inner_step: int = 0,
     chunks: int = 1,
+    attention_block: int | None = None,
+    precision: str = "fp32",
 ) -> BilevelProblem:
     """The :class:`BilevelProblem` of one outer step, through ``torch.func.functional_call``.
 
@@ -160,20 +174,33 @@ def make_problem(
     are never modified. When either declares ``gradient_checkpointing``, the problem is
     ``checkpointed`` (its gradients then come from ``torch.autograd``). ``chunks``: the
     engines differentiate each batch in that many parts, one at a time (less memory, the
-    same meta-gradient).
+    same meta-gradient). ``attention_block``: differentiate through blocked attention
+    over that many queries at a time instead of the math kernel (the same meta-gradient,
+    no attention matrix kept). ``precision="bf16"``: the backbone's and the rater's
+    forward passes (and so every derivative through them) run under bfloat16 autocast,
+    while ``theta``, ``eta``, the inner optimizer's state, the losses and the softmax
+    weights stay in their own (float32) precision.
     """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"make_problem: precision must be 'fp32' or 'bf16', got {precision!r}")
+
+    def compute(x: torch.Tensor) -> Any:
+        return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def eps_model(theta: Params) -> Callable[..., torch.Tensor]:
         return lambda x, t, y: functional_call(backbone, theta, (x, t, y))
 
     def inner_loss(theta: Params, eta: Params, batch: GroupedBatch) -> torch.Tensor:
         x0, y, t, noise = batch.flat()
-        losses = diffusion.per_sample_loss(eps_model(theta), x0, t, y, noise)
-        return weighted_group_loss(group_scores(rater, eta, batch), losses)
+        with compute(x0):
+            losses = diffusion.per_sample_loss(eps_model(theta), x0, t, y, noise)
+            scores = group_scores(rater, eta, batch)
+        return weighted_group_loss(scores, losses)
 
     def outer_loss(theta: Params, batch: PlainBatch) -> torch.Tensor:
-        model = eps_model(theta)
-        return diffusion.per_sample_loss(model, batch.x0, batch.t, batch.y, batch.noise).mean()
+        with compute(batch.x0):
+            losses = diffusion.per_sample_loss(eps_model(theta), batch.x0, batch.t, batch.y, batch.noise)
+        return losses.mean()
 
     return BilevelProblem(
         inner_loss=inner_loss,
@@ -186,6 +213,7 @@ def make_problem(
         inner_state=inner_state,
         inner_step=inner_step,
         chunks=chunks,
+        attention_block=attention_block,
         checkpointed=any(
             isinstance(m, (Backbone, Rater)) and m.gradient_checkpointing for m in (backbone, rater)
         ),

@@ -34,7 +34,7 @@ from noisevalue.meta.inner import (
     tree_add,
     unroll,
 )
-from noisevalue.meta.problem import math_sdpa
+from noisevalue.meta.problem import meta_attention
 
 __all__ = ["Unrolled"]
 
@@ -62,7 +62,7 @@ class Unrolled(MetaOptimizer):
     def meta_gradient(self, problem: BilevelProblem, theta: Params, eta: Params) -> MetaGradient:
         if self.mode == "mixed":
             check_checkpointed(problem, self.hvp, "Unrolled (mixed)")
-        with math_sdpa():
+        with meta_attention(problem):
             if self.mode == "reverse":
                 return _reverse(problem, theta, eta)
             return _mixed(problem, theta, eta, self.hvp)

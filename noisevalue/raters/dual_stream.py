@@ -18,7 +18,7 @@ depends on the rater and the meta-gradient is exactly zero: training never start
 The forward is a pure function of parameters and inputs (no dropout, no BatchNorm, no
 in-place updates of inputs), so ``torch.func.functional_call``, ``jvp`` and double backward
 work. As for the DiT backbone, forward-mode AD and double backward need the math SDPA
-kernel (``sdpa_kernel(SDPBackend.MATH)``).
+kernel (``sdpa_kernel(SDPBackend.MATH)``) or :func:`noisevalue.attention.blocked_sdpa`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from functools import partial
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import Mlp, PatchEmbed
 from torch import nn
 
+from noisevalue.attention import sdpa
 from noisevalue.backbones.dit import (
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
@@ -111,7 +111,7 @@ class JointAttention(nn.Module):
             q_parts = dict(zip(self.streams, q.split(lengths, dim=2), strict=True))
             q = torch.cat([q_parts[s] for s in self.outputs], dim=2)
             out_lengths = [lengths[self.streams.index(s)] for s in self.outputs]
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = sdpa(q, k, v)
         out = out.transpose(1, 2).reshape(n, q.shape[2], self.num_heads * self.head_dim)
         if self.per_stream_weights:
             proj_layers = cast(nn.ModuleDict, self.proj)
@@ -142,9 +142,9 @@ class JointAttention(nn.Module):
         q_n, k_n, v_n = self._qkv(NOISE, noise)
         keys = torch.cat([k_i.repeat_interleave(k, 0), k_n], dim=2)
         values = torch.cat([v_i.repeat_interleave(k, 0), v_n], dim=2)
-        out = {NOISE: self._project(NOISE, F.scaled_dot_product_attention(q_n, keys, values))}
+        out = {NOISE: self._project(NOISE, sdpa(q_n, keys, values))}
         if IMAGE in self.outputs:
-            out[IMAGE] = self._project(IMAGE, F.scaled_dot_product_attention(q_i, k_i, v_i))
+            out[IMAGE] = self._project(IMAGE, sdpa(q_i, k_i, v_i))
         return [out[s] for s in self.outputs]
 
 

@@ -216,6 +216,7 @@ class RaterMetaTraining(Trainer):
         return make_problem(
             self.backbone, self.rater, self.diffusion, inner, val, inner_optimizer=name, inner_lr=lr,
             inner_options=options, inner_state=self.inner_state, inner_step=self.inner_step, chunks=m.chunks,
+            attention_block=m.attention_block if m.attention == "blocked" else None, precision=m.precision,
         )
 
     def probe_problem(self) -> BilevelProblem:
