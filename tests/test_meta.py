@@ -658,3 +658,10 @@ def test_bf16_meta_gradients_agree_with_fp32(diffusion, engine, opt):
     cosine = float(torch.nn.functional.cosine_similarity(flat(half.grad), flat(full.grad), dim=0))
     assert rel(half.grad, full.grad) < 0.05 and cosine > 0.999
     assert 0 < rel(half.grad, full.grad)  # bf16 did run
+
+
+def test_bf16_needs_blocked_attention(diffusion):
+    problem, theta, eta = build(diffusion)
+    with pytest.raises(ValueError, match="precision 'bf16' needs attention_block"):
+        make_problem(nn.Linear(1, 1), nn.Linear(1, 1), diffusion, problem.inner_batches, problem.val_batch,
+                     precision="bf16")

@@ -183,6 +183,11 @@ def make_problem(
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"make_problem: precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision == "bf16" and attention_block is None:
+        raise ValueError(
+            "make_problem: precision 'bf16' needs attention_block (PyTorch's math attention kernel "
+            "fails under bf16 autocast inside torch.func transforms)"
+        )
 
     def compute(x: torch.Tensor) -> Any:
         return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
