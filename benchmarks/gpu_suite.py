@@ -8,8 +8,8 @@ Runs, each in its own process and each side by side in one run:
 1. training throughput and MFU of DiT-S/2 (batch 256) and DiT-XL/2 (batch 64) on 32x32x4
    latents, fp32 (TF32), bf16 and bf16 + ``torch.compile``; the official ``models.py`` beside
    ours when ``--official`` names it (``train_throughput.py``);
-2. the selection step at k = 1, 2, 4, 8 against its FLOP ratio, with the paper's rater and
-   with ``dual_stream_shared``, scoring in bf16 through a compiled rater (``selection_step.py``);
+2. the selection step at k = 1, 2, 4, 8 against its FLOP ratio, with the paper's rater,
+   with ``dual_stream_shared`` and with it on coarser noise patches, scoring in bf16 through a compiled rater (``selection_step.py``);
 3. one rater outer step at the ImageNet recipe's per-GPU share (8 groups x K=8, validation
    batch 16, DiT-S/2, the paper's rater) for S = 1 and 5, per engine, without and with
    activation checkpointing: peak memory and time (``meta_step.py``);
@@ -40,6 +40,9 @@ def parts(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
                                      "--steps", "2", "--setups", "fp32", "bf16"], 300),
             ("Selection step", ["selection_step.py", *dev, "--backbone", "DiT-Tiny/2", "--rater", "dual_stream_tiny",
                                 "--size", "8", "--batch", "4", "--steps", "2", "--ks", "1", "2", "4"], 300),
+            ("Selection step, coarse noise patches", [
+                "selection_step.py", *dev, "--backbone", "DiT-Tiny/2", "--rater", "dual_stream_shared", "--size", "8",
+                "--rater-param", "noise_patch_size=4", "--batch", "4", "--steps", "2", "--ks", "1", "4"], 300),
             ("Meta step", ["meta_step.py", *dev, "--s-values", "1,2", "--engines", "unrolled-reverse,unrolled-mixed-db",
                            "--size", "8", "--batch", "2", "--k", "2", "--checkpointing", "both"], 300),
             ("Meta step: attention and precision", [
@@ -59,6 +62,9 @@ def parts(args: argparse.Namespace) -> list[tuple[str, list[str], int]]:
         ("Selection step: the paper's rater", ["selection_step.py", *dev, "--rater", "dual_stream", *selection], 120),
         ("Selection step: dual_stream_shared", ["selection_step.py", *dev, "--rater", "dual_stream_shared",
                                                 *selection], 120),
+        ("Selection step: dual_stream_shared, noise_patch_size 4", [
+            "selection_step.py", *dev, "--rater", "dual_stream_shared", "--rater-param", "noise_patch_size=4",
+            *selection], 120),
         ("Meta step at the ImageNet recipe's per-GPU share", [
             "meta_step.py", *dev, "--model", "DiT-S/2", "--size", "32", "--batch", "8", "--k", "8",
             "--val-batch", "16", "--rater", "dual_stream", "--s-values", "1,5",

@@ -2,6 +2,7 @@
 
     python benchmarks/selection_step.py [--size 16] [--batch 8] [--steps 5] [--ks 1 2 4 8]
     python benchmarks/selection_step.py --device cuda --size 32 --batch 256 --precision bf16 --compile
+    python benchmarks/selection_step.py --rater dual_stream_shared --rater-param noise_patch_size=4
 
 Measures, side by side in one run, the time of one training step (DiT forward + backward +
 AdamW, plus scoring k candidates per sample with a frozen dual-stream rater when k > 1),
@@ -20,6 +21,7 @@ import statistics
 import time
 
 import torch
+import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -54,6 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="DiT-S/2")
     parser.add_argument("--rater", default="dual_stream")
+    parser.add_argument("--rater-param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a rater argument, e.g. noise_patch_size=4 (repeatable; values parsed as YAML)")
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
@@ -70,7 +74,13 @@ def main() -> None:
     torch.manual_seed(0)
     shape = dict(input_size=args.size, in_channels=4, num_classes=1000)
     model = registry.create("backbone", args.backbone, **shape).to(device)
-    rater = registry.create("rater", args.rater, **shape).eval().requires_grad_(False).to(device)
+    extra = {}
+    for item in args.rater_param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--rater-param {item!r}: expected KEY=VALUE")
+        extra[key] = yaml.safe_load(value)
+    rater = registry.create("rater", args.rater, **shape, **extra).eval().requires_grad_(False).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
     diffusion = Diffusion()
     x0 = torch.randn(args.batch, 4, args.size, args.size, device=device)
@@ -98,7 +108,8 @@ def main() -> None:
         rows.append((k, statistics.median(times), flops))
 
     base_time, base_flops = rows[0][1], rows[0][2]
-    head = (f"{args.backbone} + {args.rater} rater, latents 4x{args.size}x{args.size}, batch {args.batch}, "
+    params = "".join(f" {p}" for p in args.rater_param)
+    head = (f"{args.backbone} + {args.rater}{params} rater, latents 4x{args.size}x{args.size}, batch {args.batch}, "
             f"device {device}, {args.precision}{', rater compiled' if args.compile else ''}, "
             f"threads {torch.get_num_threads()}, median of {args.steps} steps")
     if args.markdown:

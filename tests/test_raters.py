@@ -494,3 +494,40 @@ def test_grouped_raters_in_selection_and_meta_training():
     torch.testing.assert_close(functional, expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(ConfigError, match="shared_image_stream needs the image stream"):
         dual_stream_tiny(use_image=False, shared_image_stream=True)
+
+
+def test_coarse_noise_patches():
+    """``noise_patch_size``: the noise on its own, coarser grid (4 tokens of 4x4 on 8x8 beside
+    16 image tokens of 2x2), with that grid's sin-cos positions; the explicit default equals
+    the implicit one; grouped scoring equals one candidate per row; and the per-candidate
+    cost falls to about a quarter (exact FLOP counts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from noisevalue.backbones.dit import get_2d_sincos_pos_embed
+
+    _, shared = shared_pair()
+    _, coarse = shared_pair(noise_patch_size=4)
+    assert coarse.noise_embedder.proj.kernel_size == (4, 4) and coarse.image_embedder.proj.kernel_size == (2, 2)
+    torch.testing.assert_close(coarse.noise_pos_embed[0], get_2d_sincos_pos_embed(32, 2).double())
+    torch.testing.assert_close(coarse.pos_embed[0], get_2d_sincos_pos_embed(32, 4).double())
+    _, explicit = shared_pair(noise_patch_size=2)
+    explicit.load_state_dict(shared.state_dict(), strict=True)
+    noise, t, x0, y = grouped_inputs(n=4, k=8)
+    torch.testing.assert_close(explicit(noise, t, x0, y), shared(noise, t, x0, y), rtol=0, atol=0)
+
+    got = coarse(noise, t, x0, y)
+    flat = (noise.flatten(0, 1), t.repeat_interleave(8), x0.repeat_interleave(8, 0), y.repeat_interleave(8))
+    torch.testing.assert_close(coarse(*flat).reshape(4, 8), got, rtol=1e-12, atol=1e-12)
+    assert got.std(dim=1).min() > 0  # the scores tell the candidates apart
+
+    def marginal(rater):  # FLOPs of 4 more candidates per sample
+        costs = []
+        for k in (4, 8):
+            with FlopCounterMode(display=False) as counter:
+                rater(noise[:, :k], t, x0, y)
+            costs.append(counter.get_total_flops())
+        return costs[1] - costs[0]
+
+    assert marginal(coarse) < 0.35 * marginal(shared)
+    with pytest.raises(ConfigError, match="noise_patch_size must be a positive divisor of input_size 8, got 3"):
+        dual_stream_tiny(noise_patch_size=3)

@@ -230,6 +230,10 @@ class DualStreamRater(Rater):
     rows, the last one being the null label. ``per_stream_attention_weights=True`` gives
     each stream its own qkv/proj projections (SD3's MMDiT layout) instead of one shared set.
 
+    ``noise_patch_size`` (default ``patch_size``) patchifies the noise on its own grid, with
+    its own sin-cos positions: a coarser one gives fewer noise tokens, which attend to all
+    image tokens (not the paper's; for cheaper selection).
+
     ``shared_image_stream=True`` is a cheaper variant (not the paper's): image tokens attend
     to image tokens only, noise tokens to both. The image stream then does not depend on the
     noise, so for k candidates of one sample it is computed once and its keys and values are
@@ -252,11 +256,16 @@ class DualStreamRater(Rater):
         use_label: bool = True,
         per_stream_attention_weights: bool = False,
         shared_image_stream: bool = False,
+        noise_patch_size: int | None = None,
     ):
         super().__init__()
         problem = shape_problem(input_size, patch_size, in_channels, depth, hidden_size, num_heads, num_classes)
         if problem is None and mlp_ratio <= 0:
             problem = f"mlp_ratio must be > 0, got {mlp_ratio}"
+        noise_patch = patch_size if noise_patch_size is None else noise_patch_size
+        if problem is None and (isinstance(noise_patch, bool) or not isinstance(noise_patch, int) or noise_patch < 1
+                                or input_size % noise_patch):
+            problem = f"noise_patch_size must be a positive divisor of input_size {input_size}, got {noise_patch_size}"
         if problem is not None:
             raise ConfigError(f"rater: {problem}")
 
@@ -274,6 +283,7 @@ class DualStreamRater(Rater):
             "use_label": use_label,
             "per_stream_attention_weights": per_stream_attention_weights,
             "shared_image_stream": shared_image_stream,
+            "noise_patch_size": noise_patch_size,
         }
         if shared_image_stream and not use_image:
             raise ConfigError("rater: shared_image_stream needs the image stream (use_image=true)")
@@ -287,19 +297,24 @@ class DualStreamRater(Rater):
         self.use_label = use_label
         self.streams: tuple[str, ...] = (IMAGE, NOISE) if use_image else (NOISE,)
 
-        def patch_embed() -> PatchEmbed:
-            return PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.noise_patch_size = noise_patch
+
+        def patch_embed(patch: int) -> PatchEmbed:
+            return PatchEmbed(input_size, patch, in_channels, hidden_size, bias=True)
 
         # Independent patchifiers; the image ones exist only with the image stream.
-        self.noise_embedder = patch_embed()
+        self.noise_embedder = patch_embed(noise_patch)
         self.noise_type_embed = nn.Parameter(torch.zeros(hidden_size))
-        self.image_embedder = patch_embed() if use_image else None
+        self.image_embedder = patch_embed(patch_size) if use_image else None
         self.image_type_embed = nn.Parameter(torch.zeros(hidden_size)) if use_image else None
-        grid = input_size // patch_size
-        # Frozen and deterministic: a non-persistent buffer, neither a parameter (so a
+        grid, noise_grid = input_size // patch_size, input_size // noise_patch
+        # Frozen and deterministic: non-persistent buffers, neither parameters (so a
         # meta-optimizer's parameter dict holds only what is learned) nor in checkpoints.
         self.register_buffer(
             "pos_embed", torch.zeros(1, grid * grid, hidden_size), persistent=False
+        )
+        self.register_buffer(
+            "noise_pos_embed", torch.zeros(1, noise_grid * noise_grid, hidden_size), persistent=False
         )
 
         self.t_embedder = TimestepEmbedder(hidden_size) if use_timestep else None
@@ -353,9 +368,9 @@ class DualStreamRater(Rater):
                 w = embedder.proj.weight  # a linear map of the flattened patch, as in DiT
                 nn.init.xavier_uniform_(w.view(w.shape[0], -1))
                 nn.init.zeros_(cast(torch.Tensor, embedder.proj.bias))
-        grid = self.config["input_size"] // self.patch_size
-        pos = cast(torch.Tensor, self.pos_embed)
-        pos.copy_(get_2d_sincos_pos_embed(self.hidden_size, grid)[None])
+        size = self.config["input_size"]
+        for buffer, patch in ((self.pos_embed, self.patch_size), (self.noise_pos_embed, self.noise_patch_size)):
+            cast(torch.Tensor, buffer).copy_(get_2d_sincos_pos_embed(self.hidden_size, size // patch)[None])
         for table in (self.noise_type_embed, self.image_type_embed):
             if table is not None:
                 nn.init.normal_(table, std=_TYPE_STD)
@@ -401,7 +416,8 @@ class DualStreamRater(Rater):
             return self._shared(noise, t, x0, y, 1)
         self._check_input("noise", noise)
         pos = cast(torch.Tensor, self.pos_embed).to(noise.dtype)
-        tokens = {NOISE: self.noise_embedder(noise) + pos + self.noise_type_embed}
+        noise_pos = cast(torch.Tensor, self.noise_pos_embed).to(noise.dtype)
+        tokens = {NOISE: self.noise_embedder(noise) + noise_pos + self.noise_type_embed}
         if self.image_embedder is not None:
             if x0 is None:
                 raise ValueError("the rater reads the clean latent x0; got x0=None")
@@ -424,9 +440,10 @@ class DualStreamRater(Rater):
         self._check_input("x0", x0)
         assert self.image_embedder is not None and self.image_type_embed is not None
         pos = cast(torch.Tensor, self.pos_embed).to(noise.dtype)
+        noise_pos = cast(torch.Tensor, self.noise_pos_embed).to(noise.dtype)
         tokens = {
             IMAGE: self.image_embedder(x0) + pos + self.image_type_embed,
-            NOISE: self.noise_embedder(noise) + pos + self.noise_type_embed,
+            NOISE: self.noise_embedder(noise) + noise_pos + self.noise_type_embed,
         }
         c = self.condition(t, y, x0.shape[0])
         for block in self.blocks:
@@ -453,6 +470,7 @@ def dual_stream(
     use_label: bool = True,
     per_stream_attention_weights: bool = False,
     shared_image_stream: bool = False,
+    noise_patch_size: int | None = None,
 ) -> DualStreamRater:
     """The paper's rater: DiT-S/2-sized blocks (depth 12, D 384, 6 heads, patch 2) on
     4x32x32 latents with 1000 classes. Every argument can be overridden.
@@ -476,6 +494,7 @@ def dual_stream(
         use_label=use_label,
         per_stream_attention_weights=per_stream_attention_weights,
         shared_image_stream=shared_image_stream,
+        noise_patch_size=noise_patch_size,
     )
 
 
@@ -493,6 +512,7 @@ def dual_stream_tiny(
     use_label: bool = True,
     per_stream_attention_weights: bool = False,
     shared_image_stream: bool = False,
+    noise_patch_size: int | None = None,
 ) -> DualStreamRater:
     """A CPU-sized rater for 8x8 single-channel digits with 10 classes (shared attention, as
     :func:`dual_stream`)."""
@@ -510,6 +530,7 @@ def dual_stream_tiny(
         use_label=use_label,
         per_stream_attention_weights=per_stream_attention_weights,
         shared_image_stream=shared_image_stream,
+        noise_patch_size=noise_patch_size,
     )
 
 
@@ -525,14 +546,18 @@ def dual_stream_shared(
     use_timestep: bool = True,
     use_label: bool = True,
     per_stream_attention_weights: bool = False,
+    noise_patch_size: int | None = None,
 ) -> DualStreamRater:
     """The paper-sized rater with a shared image stream (``shared_image_stream=True``): the
     image tokens attend to themselves only, so the k candidates of a sample share them and
     selection pays for the noise stream alone (see :class:`DualStreamRater`). Not the
-    paper's rater; its agreement with it is measured in ``docs/benchmarks.md``."""
+    paper's rater; its agreement with it is measured in ``docs/benchmarks.md``.
+    ``noise_patch_size`` (e.g. 4 with ``patch_size`` 2) tokenizes the noise coarser, with a
+    quarter of the tokens, and so a quarter of the per-candidate cost."""
     return DualStreamRater(
         input_size=input_size, in_channels=in_channels, num_classes=num_classes, patch_size=patch_size,
         hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
         use_timestep=use_timestep, use_image=True, use_label=use_label,
         per_stream_attention_weights=per_stream_attention_weights, shared_image_stream=True,
+        noise_patch_size=noise_patch_size,
     )
