@@ -269,7 +269,8 @@ class MetaOptimizer(ABC):
 
     ``meta_gradient(problem, theta, eta)`` takes detached parameter dicts; it must not
     mutate them, and returns a :class:`MetaGradient`. Implementations run their
-    differentiation paths under :func:`noisevalue.meta.problem.meta_attention` and keep solver arithmetic in float32 or wider.
+    differentiation paths under :func:`noisevalue.meta.problem.meta_attention` and keep
+    solver arithmetic in float32 or wider.
     ``cheap_to_build`` (default True): ``recipe validate`` builds it once to check its values.
     """
 

@@ -414,16 +414,7 @@ class DualStreamRater(Rater):
             return self._shared(noise.flatten(0, 1), t, x0, y, k).reshape(n, k)
         if self.shared_image_stream:
             return self._shared(noise, t, x0, y, 1)
-        self._check_input("noise", noise)
-        pos = cast(torch.Tensor, self.pos_embed).to(noise.dtype)
-        noise_pos = cast(torch.Tensor, self.noise_pos_embed).to(noise.dtype)
-        tokens = {NOISE: self.noise_embedder(noise) + noise_pos + self.noise_type_embed}
-        if self.image_embedder is not None:
-            if x0 is None:
-                raise ValueError("the rater reads the clean latent x0; got x0=None")
-            self._check_input("x0", x0)
-            assert self.image_type_embed is not None
-            tokens[IMAGE] = self.image_embedder(x0) + pos + self.image_type_embed
+        tokens = self._tokens(noise, x0)
         c = self.condition(t, y, noise.shape[0])
         for block in self.blocks:
             tokens = checkpointed_call(block, tokens, c, enabled=self.gradient_checkpointing)
@@ -434,21 +425,27 @@ class DualStreamRater(Rater):
         self, noise: torch.Tensor, t: torch.Tensor, x0: torch.Tensor | None, y: torch.Tensor | None, k: int
     ) -> torch.Tensor:
         """Scores ``[N * k]`` of k candidates per sample, the image stream computed once."""
-        self._check_input("noise", noise)
-        if x0 is None:
-            raise ValueError("the rater reads the clean latent x0; got x0=None")
-        self._check_input("x0", x0)
-        assert self.image_embedder is not None and self.image_type_embed is not None
-        pos = cast(torch.Tensor, self.pos_embed).to(noise.dtype)
-        noise_pos = cast(torch.Tensor, self.noise_pos_embed).to(noise.dtype)
-        tokens = {
-            IMAGE: self.image_embedder(x0) + pos + self.image_type_embed,
-            NOISE: self.noise_embedder(noise) + noise_pos + self.noise_type_embed,
-        }
+        tokens = self._tokens(noise, x0)
+        assert x0 is not None  # the shared variant has the image stream, so _tokens read x0
         c = self.condition(t, y, x0.shape[0])
         for block in self.blocks:
             tokens = {**tokens, **checkpointed_call(block, tokens, c, enabled=self.gradient_checkpointing, shared_k=k)}
         return self.head(self.head_norm(tokens[NOISE].mean(dim=1))).squeeze(-1)
+
+    def _tokens(self, noise: torch.Tensor, x0: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The input tokens of each stream (noise, and the image with the image stream), each
+        patchified on its own grid with its positions and type embedding; inputs checked."""
+        self._check_input("noise", noise)
+        noise_pos = cast(torch.Tensor, self.noise_pos_embed).to(noise.dtype)
+        tokens = {NOISE: self.noise_embedder(noise) + noise_pos + self.noise_type_embed}
+        if self.image_embedder is not None:
+            if x0 is None:
+                raise ValueError("the rater reads the clean latent x0; got x0=None")
+            self._check_input("x0", x0)
+            assert self.image_type_embed is not None
+            pos = cast(torch.Tensor, self.pos_embed).to(noise.dtype)
+            tokens[IMAGE] = self.image_embedder(x0) + pos + self.image_type_embed
+        return tokens
 
     def _check_input(self, name: str, x: torch.Tensor) -> None:
         if x.ndim != 4 or tuple(x.shape[1:]) != self.latent_shape:
