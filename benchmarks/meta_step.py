@@ -1,19 +1,27 @@
 """Memory and time of one rater outer step, per meta-gradient engine and inner-loop length S.
 
-Every (engine, S) runs in its own subprocess so that peak memory is isolated. On CPU the
-peak is the resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``
-just before the step; ``ru_maxrss`` where that is not possible), reported as the growth over
-the resident set before the step. On CUDA it is ``torch.cuda.max_memory_allocated`` over the
-allocation before the step. A one-sample step runs first (lazy initialisation of forward-mode
-AD is not part of the cost). Time is the median over the measured step and ``--repeats``
-more.
+Every (engine, S) runs in its own subprocess so that peak memory is isolated. A one-sample
+step runs first (lazy initialisation of forward-mode AD is not part of the cost), then
+``--warmup`` full-size steps (default 1), neither timed nor counted in the peak: on a GPU
+the first full-size steps are slower than later ones (kernel selection, allocator growth).
+Then ``--repeats`` steps (default 1) are timed; time is their median. Peak memory is the
+high-water mark over the timed steps, as growth over the memory held just before them: on
+CUDA ``torch.cuda.max_memory_allocated`` (reset after the warm-up) over
+``torch.cuda.memory_allocated``; on CPU the resident-set high-water mark (``VmHWM``, reset
+through ``/proc/self/clear_refs``; ``ru_maxrss``, which cannot be reset, where that is not
+possible) over ``VmRSS``.
+
+The inner optimizer is plain SGD at lr 1e-2 by default, as the paper recipes
+(``meta.inner_optimizer: sgd``, ``meta.inner_lr: 1.0e-2``); ``--inner-optimizer adam``
+unrolls Adam instead (lr 1e-4 unless ``--inner-lr`` says otherwise).
 
     python benchmarks/meta_step.py                       # DiT-Tiny/2, 16x16x4, CPU
     python benchmarks/meta_step.py --device cuda --model DiT-S/2 --size 32
-    # the per-GPU share of the ImageNet recipe: 8 groups x K=8, validation batch 16, the
-    # paper's rater, with and without activation checkpointing
-    python benchmarks/meta_step.py --device cuda --model DiT-S/2 --size 32 --batch 8 --k 8 \
-        --val-batch 16 --rater dual_stream --s-values 1,5 --checkpointing both
+    # one inner loop of the paper recipes' per-GPU share (meta.subproblems 16 of 32 groups
+    # x K=8, validation batch 64): 2 groups x K=8, validation batch 4, in 2 chunks, S = 5
+    python benchmarks/meta_step.py --device cuda --model DiT-S/2 --size 32 --batch 2 --k 8 \
+        --val-batch 4 --chunks 2 --rater dual_stream --s-values 5 --engines unrolled-mixed \
+        --warmup 1 --repeats 3
 
 ``--attention math,blocked`` measures each engine with PyTorch's math attention kernel and
 with blocked attention (``meta.attention: blocked``, ``--attention-block`` queries at a time)
@@ -24,12 +32,15 @@ blocked attention only), with its ratios to the first variant measured.
 ``--chunks 1,4`` measures each engine with each chunk count (``meta.chunks``: the batches
 differentiated in that many parts, one at a time). ``--checkpointing on`` recomputes the blocks' activations in the backward passes
 (``meta.activation_checkpointing``), for the engines that differentiate by reverse mode only;
-``both`` measures each such engine without and with it, side by side.
+``both`` measures each such engine without and with it, side by side. Each row is printed
+(and flushed) as soon as it is measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -60,6 +71,15 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def trim_heap() -> None:
+    """Give the heap's free memory back to the OS (glibc), so that the measured steps' growth
+    over the resident set is not hidden by memory the warm-up freed but the process kept."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def run_one(args: argparse.Namespace) -> dict:
@@ -134,8 +154,8 @@ def run_one(args: argparse.Namespace) -> dict:
     val = PlainBatch(*common(vb), torch.randn(vb, *shape, generator=g).to(device))
     block = args.attention_block if args.attn == "blocked" else None
     problem = make_problem(
-        backbone, rater, Diffusion(), inner, val, args.optimizer, 1e-4, chunks=args.chunk, attention_block=block,
-        precision=args.prec,
+        backbone, rater, Diffusion(), inner, val, args.inner_optimizer, args.inner_lr, chunks=args.chunk,
+        attention_block=block, precision=args.prec,
     )
     engine = {
         "unrolled-reverse": lambda: Unrolled("reverse"),
@@ -150,42 +170,42 @@ def run_one(args: argparse.Namespace) -> dict:
     tiny = GroupedBatch(*common(1), torch.randn(1, 2, *shape, generator=g).to(device))
     tiny_val = PlainBatch(*common(1), torch.randn(1, *shape, generator=g).to(device))
     engine.meta_gradient(
-        make_problem(backbone, rater, Diffusion(), [tiny], tiny_val, args.optimizer, 1e-4, attention_block=block,
-                     precision=args.prec),
+        make_problem(backbone, rater, Diffusion(), [tiny], tiny_val, args.inner_optimizer, args.inner_lr,
+                     attention_block=block, precision=args.prec),
         theta,
         eta,
     )
-
     cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(args.warmup):  # full-size, neither timed nor counted in the peak
+        engine.meta_gradient(problem, theta, eta)
+    sync()
+    gc.collect()  # nothing of the warm-up left in the measured steps' baseline
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        trim_heap()
         exact = reset_peak_rss()
         base = rss_kib("VmRSS") * 1024
-    t0 = time.perf_counter()
-    out = engine.meta_gradient(problem, theta, eta)  # the measured step
+    times, outer_loss = [], float("nan")
+    for _ in range(max(1, args.repeats)):
+        sync()
+        t0 = time.perf_counter()
+        # the result is not kept across steps: the previous meta-gradient would count in the peak
+        outer_loss = engine.meta_gradient(problem, theta, eta).outer_loss
+        sync()
+        times.append(time.perf_counter() - t0)
     if cuda:
-        torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = (rss_kib("VmHWM") if exact else rss_kib("ru_maxrss")) * 1024 - base
-    times = [time.perf_counter() - t0]
-    for _ in range(args.repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = engine.meta_gradient(problem, theta, eta)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
     return {
         "engine": label(args.engine, args.ckpt, args.chunk, args.attn, args.prec),
         "S": args.steps,
         "peak_mib": peak / 2**20,
         "time_s": statistics.median(times),
-        "outer_loss": out.outer_loss,
+        "outer_loss": outer_loss,
         "params_M": sum(v.numel() for v in theta.values()) / 1e6,
     }
 
@@ -207,10 +227,13 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--optimizer", default="adam")
+    ap.add_argument("--inner-optimizer", "--optimizer", dest="inner_optimizer", choices=["sgd", "adam"], default="sgd",
+                    help="the unrolled inner optimizer (default sgd, as the paper recipes)")
+    ap.add_argument("--inner-lr", type=float, default=None, help="inner learning rate (default: 1e-2 sgd, 1e-4 adam)")
     ap.add_argument("--cg-iterations", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=1, help="full-size steps run first, not timed nor counted in the peak")
+    ap.add_argument("--repeats", type=int, default=1, help="timed steps (median); the peak is over all of them")
     ap.add_argument("--val-batch", type=int, default=None, help="validation batch (default: --batch)")
     ap.add_argument("--rater", default="small", help="'small' (an MLP) or a registered rater, e.g. dual_stream")
     ap.add_argument("--checkpointing", choices=["off", "on", "both"], default="off")
@@ -223,6 +246,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16")
     ap.add_argument("--prec", default="fp32", help=argparse.SUPPRESS)  # one run's
     args = ap.parse_args()
+    if args.inner_lr is None:
+        args.inner_lr = 1e-2 if args.inner_optimizer == "sgd" else 1e-4
     if args.engine is not None:
         print(json.dumps(run_one(args)))
         return
@@ -233,7 +258,9 @@ def main() -> None:
             passthrough += ["--" + key.replace("_", "-"), str(value)]
     print(
         f"{args.model} {args.channels}x{args.size}x{args.size}, B={args.batch}, K={args.k}, "
-        f"inner {args.optimizer}, device {args.device}, threads {args.threads}"
+        f"inner {args.inner_optimizer} lr {args.inner_lr:g}, device {args.device}, threads {args.threads}, "
+        f"{args.warmup} warm-up step(s), median of {max(1, args.repeats)} timed step(s)",
+        flush=True,
     )
     if args.val_batch:
         passthrough += ["--val-batch", str(args.val_batch)]
@@ -242,7 +269,8 @@ def main() -> None:
     variants = [(a, p) for a in args.attention.split(",") for p in args.precision.split(",")
                 if not (a == "math" and p == "bf16")]  # bf16 needs blocked attention
     ratios = len(variants) > 1
-    print(f"{'engine':<35}{'S':>4}{'peak MiB':>11}{'time s':>9}" + (f"{'peak ratio':>12}{'time ratio':>12}" if ratios else ""))
+    print(f"{'engine':<35}{'S':>4}{'peak MiB':>11}{'time s':>9}" + (f"{'peak ratio':>12}{'time ratio':>12}" if ratios else ""),
+          flush=True)
     for engine in args.engines.split(","):
         chunk_counts = [int(c) for c in args.chunks.split(",")]
         for s, ckpt, chunk in ((int(v), c, n) for v in args.s_values.split(",") for c in modes for n in chunk_counts):
@@ -256,7 +284,8 @@ def main() -> None:
                 env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if proc.returncode:
-                    print(f"{label(engine, ckpt, chunk, attn, prec):<35}{s:>4}  failed: {proc.stderr.strip().splitlines()[-1]}")
+                    last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"{label(engine, ckpt, chunk, attn, prec):<35}{s:>4}  failed: {last}", flush=True)
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 row = f"{r['engine']:<35}{s:>4}{r['peak_mib']:>11.1f}{r['time_s']:>9.3f}"

@@ -9,7 +9,8 @@ measured in one run, with ratios against the first row of each backbone, and the
 utilisation (MFU: training FLOPs counted by ``torch.utils.flop_counter`` on one step, times
 steps per second, over the device's peak bf16 rate, ``--peak-tflops``; CUDA only). With
 ``--official`` the official DiT ``models.py`` is measured beside ours under the same setups.
-``--markdown`` prints the table as markdown.
+Each row is printed (and flushed) as soon as it is measured; ``--markdown`` prints the table
+as markdown.
 """
 
 from __future__ import annotations
@@ -126,7 +127,16 @@ def main() -> None:
     ]
     if args.official:
         impls.insert(0, ("official", official_factory(args.official)))
-    rows = []
+    head = (f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+            f"threads {torch.get_num_threads()}, batch {args.batch}, median of {args.steps} steps after warm-up")
+    # each row printed as soon as it is measured: a run stopped part-way keeps what it has
+    if args.markdown:
+        print(head + "\n", flush=True)
+        print("| backbone | code | setup | images/s | ratio | MFU | peak MiB |\n|---|---|---|---|---|---|---|", flush=True)
+    else:
+        print(head)
+        print(f"{'backbone':<12} {'code':<11} {'setup':<13} {'images/s':>10} {'ratio':>7} {'MFU':>6} {'peak MiB':>9}",
+              flush=True)
     for name in args.configs:
         c, size, classes = shape = SHAPES.get(name, (4, 32, 1000))
         base = None
@@ -136,20 +146,12 @@ def main() -> None:
                 ips, mem, flops = measure(make, shape, args.batch, args.steps, setup, device)
                 base = base or ips
                 mfu = flops * ips / args.batch / (peak * 1e12) if peak else float("nan")
-                rows.append((name, impl, setup, ips, ips / base, mfu, mem))
-    head = (f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-            f"threads {torch.get_num_threads()}, batch {args.batch}, median of {args.steps} steps after warm-up")
-    if args.markdown:
-        print(head + "\n")
-        print("| backbone | code | setup | images/s | ratio | MFU | peak MiB |\n|---|---|---|---|---|---|---|")
-        for name, impl, setup, ips, ratio, mfu, mem in rows:
-            print(f"| {name} | {impl} | {setup} | {ips:,.0f} | {ratio:.2f}x | {mfu:.0%} | {mem:,.0f} |")
-        return
-    print(head)
-    print(f"{'backbone':<12} {'code':<11} {'setup':<13} {'images/s':>10} {'ratio':>7} {'MFU':>6} {'peak MiB':>9}")
-    for name, impl, setup, ips, ratio, mfu, mem in rows:
-        print(f"{name:<12} {impl:<11} {setup:<13} {ips:>10.2f} {ratio:>7.2f} {mfu:>6.1%} {mem:>9.0f}")
-
+                ratio = ips / base
+                if args.markdown:
+                    print(f"| {name} | {impl} | {setup} | {ips:,.0f} | {ratio:.2f}x | {mfu:.0%} | {mem:,.0f} |", flush=True)
+                else:
+                    print(f"{name:<12} {impl:<11} {setup:<13} {ips:>10.2f} {ratio:>7.2f} {mfu:>6.1%} {mem:>9.0f}",
+                          flush=True)
 
 if __name__ == "__main__":
     main()
