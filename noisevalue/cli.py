@@ -65,7 +65,7 @@ def run(
     """Run a recipe: train, checkpoint, sample and evaluate into its output_dir."""
     with user_errors():
         from noisevalue import checkpoint as ckpt
-        from noisevalue import distributed
+        from noisevalue import distributed, jobs
         from noisevalue.config import (
             RESOLVED_RECIPE,
             check_components,
@@ -107,12 +107,10 @@ def run(
         if single_process(launch):
             from noisevalue.experiments.commands import run_workflow
 
-            info = distributed.init(parsed.train.device)
+            info = distributed.init(**jobs.init_options(parsed))
             metrics = run_workflow(parsed, run_dir, info, resume=resume)
             _print_result(run_dir, metrics)
             return
-        from noisevalue import jobs
-
         args = jobs.launcher_args("run", run_dir, resume=resume, **launch)
         typer.echo("torch.distributed.run " + " ".join(args))
         distributed.launch(args)
@@ -189,7 +187,7 @@ def _experiment(
     if single_process(launch):
         from noisevalue.experiments.commands import run_experiment
 
-        info = distributed.init(parsed.train.device)
+        info = distributed.init(**jobs.init_options(parsed))
         outputs = run_experiment(command, parsed, info, options)
     else:
         ckpt.atomic_write_text(job_dir / RESOLVED_RECIPE, OmegaConf.to_yaml(OmegaConf.create(data)))
@@ -342,6 +340,73 @@ def analyze(
                     launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id), check=check)
 
 
+@app.command()
+def cache(
+    recipe: str | None = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    nproc_per_node: int = NprocOpt,
+    nnodes: str = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    rdzv_endpoint: str | None = RdzvOpt,
+    rdzv_id: str = RdzvIdOpt,
+) -> None:
+    """Encode the recipe's training data once into its latent cache (data.latent_cache,
+    default <output_dir>/latents), every process its own shards, before training: runs with
+    the same data and encoder then reuse it. A complete cache is reused, an unfinished one
+    resumed."""
+    with user_errors():
+        from noisevalue import distributed, jobs
+        from noisevalue.config import load_recipe_dict, parse_recipe
+        from noisevalue.train.data import build_cache, cache_folder
+        from noisevalue.train.preflight import check_cache
+
+        source, extra = _split_recipe_arg(recipe, overrides)
+        data = load_recipe_dict(source, extra)
+        parsed = parse_recipe(data, str(source or "<built-in recipe 'digits'>"))
+        launch = launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id)
+        cache_dir = cache_folder(parsed, parsed.output_dir)
+        state, present, shards, items = check_cache(parsed, cache_dir, per_node=nproc_per_node)
+        if state == "complete":
+            _print_cache(cache_dir, "complete already, reused (nothing encoded)")
+            return
+        d = parsed.data
+        resuming = f" ({present} present already: resumed)" if state == "partial" else ""
+        typer.echo(
+            f"noisevalue cache: recipe '{parsed.name}' -> {cache_dir}  ({items} items"
+            f"{' and their flips' if d.random_flip else ''}, encoder {d.encoder.name}, {d.cache_dtype}, "
+            f"{shards} shards{resuming}, processes {world_size(launch)})"
+        )
+        if single_process(launch):
+            info = distributed.init(**jobs.init_options(parsed))
+            build_cache(parsed, parsed.output_dir, info, say=typer.echo)
+        else:
+            import tempfile
+
+            from omegaconf import OmegaConf
+
+            from noisevalue import checkpoint as ckpt
+            from noisevalue.config import RESOLVED_RECIPE, set_dotted
+
+            # the workers' recipe, naming the cache by its absolute path; a folder of this
+            # machine's own, as each machine's launcher starts only its own workers
+            set_dotted(data, "data.latent_cache", str(cache_dir.resolve()))
+            with tempfile.TemporaryDirectory(prefix="noisevalue-cache-") as job:
+                ckpt.atomic_write_text(Path(job) / RESOLVED_RECIPE, OmegaConf.to_yaml(OmegaConf.create(data)))
+                args = jobs.launcher_args("cache", job, **launch)
+                typer.echo("torch.distributed.run " + " ".join(args))
+                distributed.launch(args)
+        _print_cache(cache_dir, "done")
+
+
+def _print_cache(cache_dir: Path, what: str) -> None:
+    from noisevalue.data.latent_cache import latent_cache_size
+
+    items, size = latent_cache_size(cache_dir)
+    shown = next(f"{size / 10**p:.3g} {unit}" for p, unit in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "bytes"))
+                 if size >= 10**p or p == 0)
+    typer.echo(f"latent cache {cache_dir}: {what}; {items} items, {shown} on disk ({size} bytes)")
+
+
 @recipe_app.command("validate")
 def recipe_validate(
     recipe: str | None = RecipeArg,
@@ -349,24 +414,36 @@ def recipe_validate(
     files: bool = typer.Option(
         True, "--files/--no-files",
         help="Also open what the recipe names on this machine (data, weights files, checkpoints, device), "
-        "as a run does before it starts. --no-files: the recipe alone (keys, types, ranges, components).",
+        "as a run does before it starts. --no-files: the recipe alone (keys, types, ranges, components) "
+        "and its batches against the process count.",
     ),
+    nproc_per_node: int = NprocOpt,
+    nnodes: str = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    rdzv_endpoint: str | None = RdzvOpt,
+    rdzv_id: str = RdzvIdOpt,
 ) -> None:
     """Check a recipe without running it: keys, types, ranges, component names and parameters,
-    and (unless --no-files) the data, weights files, checkpoints and device it names."""
+    every global batch against the processes that the launch options (as for run) start, and
+    (unless --no-files) the data, weights files, checkpoints and device it names."""
     with user_errors():
         from noisevalue.config import check_components, load_recipe
 
         source, extra = _split_recipe_arg(recipe, overrides)
         parsed = load_recipe(source, extra)
         check_components(parsed)
+        processes = world_size(launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id))
         if files:
             from noisevalue.train.preflight import check_recipe
 
-            check_recipe(parsed)
+            check_recipe(parsed, processes=processes, per_node=nproc_per_node)
+        else:
+            from noisevalue.train.preflight import check_batches
+
+            check_batches(parsed, processes)
         checked = "recipe and files" if files else "recipe only"
         typer.echo(f"{source or parsed.name}: ok ({checked}; recipe '{parsed.name}', workflow {parsed.workflow}, "
-                   f"model {parsed.model.name})")
+                   f"model {parsed.model.name}, processes {processes})")
 
 
 @recipe_app.command("show")
@@ -375,11 +452,20 @@ def recipe_show(recipe: str | None = RecipeArg, overrides: list[str] | None = Ov
     with user_errors():
         from omegaconf import OmegaConf
 
-        from noisevalue.config import load_recipe
+        from noisevalue.config import load_recipe_dict, parse_recipe
 
         source, extra = _split_recipe_arg(recipe, overrides)
-        parsed = load_recipe(source, extra)
-        typer.echo(OmegaConf.to_yaml(OmegaConf.create(parsed.model_dump(mode="json"))))
+        data = load_recipe_dict(source, extra)
+        parsed = parse_recipe(data, str(source or "<built-in recipe 'digits'>"))
+        shown = parsed.model_dump(mode="json")
+        # auto is resolved for this machine's device when parsed; the copy keeps it, so that a
+        # copy made on a CPU node still trains in bf16, compiled, on the GPUs it is run on
+        train = data.get("train")
+        asked = train if isinstance(train, dict) else {}
+        for key in ("precision", "compile"):
+            if asked.get(key, "auto") == "auto":
+                shown["train"][key] = "auto"
+        typer.echo(OmegaConf.to_yaml(OmegaConf.create(shown)))
         from noisevalue.config import uses_cuda
 
         tr = parsed.train

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from noisevalue.errors import ConfigError
 
@@ -45,7 +45,18 @@ class DataConfig(_Strict):
     cache_shard_size: int = Field(default=4096, gt=0)
     encode_batch_size: int = Field(default=64, gt=0)
     random_flip: bool = False
-    num_workers: int = Field(default=0, ge=0)  # image readers while encoding the latent cache
+    # image readers (data-loader workers) per process while encoding the latent cache; auto:
+    # resolved where it is used (train.data.loader_workers), 8 on CUDA, 0 on the CPU
+    num_workers: int | Literal["auto"] = "auto"
+    # the latent cache's storage dtype (part of its identity: another dtype is another cache)
+    cache_dtype: Literal["float32", "float16"] = "float32"
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise ValueError(f"expected auto or a number of workers >= 0; got {value!r}")
 
 
 class DiffusionConfig(_Strict):
@@ -84,6 +95,11 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool | Literal["auto"] = "auto"
     threads: int | None = Field(default=None, gt=0)  # torch.set_num_threads on CPU
+    # on CUDA, float32 matmuls and convolutions on TF32 tensor cores (the fp32 paths: meta-
+    # training's default precision, the held-out loss, the oracle); false: strict float32
+    tf32: bool = True
+    # seconds a collective waits for the slowest process before a multi-process run stops
+    dist_timeout: float = Field(default=1800.0, gt=0)
     # how each training sample's noise is chosen among k i.i.d. candidates (k=1: vanilla)
     selector: Component = Field(default_factory=lambda: Component(name="random", params={"k": 1}))
     # a weight per sample from its timestep's SNR on the epsilon loss (uniform: none)

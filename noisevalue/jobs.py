@@ -8,6 +8,7 @@ KIND           FOLDER holds (written by the CLI)           each rank runs
 ``run``        ``recipe.yaml``, validated and resolved     the recipe's workflow
 ``experiment`` ``recipe.yaml`` and ``job.json``            ``ablate``/``transfer``/``analyze``
 ``sample``     ``settings.json`` of a samples folder       its share of the images
+``cache``      ``recipe.yaml`` naming its latent cache     its shards of the latent cache
 =============  ==========================================  ===============================
 
 Every rank reads the same files, so all ranks run exactly the same settings. A user error
@@ -32,31 +33,47 @@ JOB = "job.json"  # an experiment command and its options
 Work = Callable[["DistInfo"], object]
 
 
-def _run(folder: Path, resume: bool) -> tuple[str, Work]:
+def init_options(recipe: Any) -> dict[str, Any]:
+    """How a process of ``recipe``'s run joins: its device, the process group's timeout and
+    TF32 (the keyword arguments of :func:`noisevalue.distributed.init`)."""
+    t = recipe.train
+    return {"device_preference": t.device, "timeout_s": t.dist_timeout, "tf32": t.tf32}
+
+
+def _run(folder: Path, resume: bool) -> tuple[dict[str, Any], Work]:
     from noisevalue.config import RESOLVED_RECIPE, load_recipe
     from noisevalue.experiments.commands import run_workflow
 
     recipe = load_recipe(folder / RESOLVED_RECIPE)
-    return recipe.train.device, lambda info: run_workflow(recipe, folder, info, resume=resume)
+    return init_options(recipe), lambda info: run_workflow(recipe, folder, info, resume=resume)
 
 
-def _experiment(folder: Path, resume: bool) -> tuple[str, Work]:
+def _experiment(folder: Path, resume: bool) -> tuple[dict[str, Any], Work]:
     from noisevalue.config import RESOLVED_RECIPE, load_recipe
     from noisevalue.experiments.commands import run_experiment
 
     recipe = load_recipe(folder / RESOLVED_RECIPE)
     job = json.loads((folder / JOB).read_text())
-    return recipe.train.device, lambda info: run_experiment(job["command"], recipe, info, job["options"])
+    return init_options(recipe), lambda info: run_experiment(job["command"], recipe, info, job["options"])
 
 
-def _sample(folder: Path, resume: bool) -> tuple[str, Work]:
+def _sample(folder: Path, resume: bool) -> tuple[dict[str, Any], Work]:
     from noisevalue.sampling.sample import read_settings, run_sampling
 
-    return read_settings(folder).device, lambda info: run_sampling(folder, info)
+    return {"device_preference": read_settings(folder).device}, lambda info: run_sampling(folder, info)
 
 
-KINDS: dict[str, Callable[[Path, bool], tuple[str, Work]]] = {
-    "run": _run, "experiment": _experiment, "sample": _sample,
+def _cache(folder: Path, resume: bool) -> tuple[dict[str, Any], Work]:
+    from noisevalue.config import RESOLVED_RECIPE, load_recipe
+    from noisevalue.train.data import build_cache
+
+    recipe = load_recipe(folder / RESOLVED_RECIPE)  # data.latent_cache: an absolute path
+    return init_options(recipe), lambda info: build_cache(recipe, recipe.output_dir, info,
+                                                          say=lambda text: print(text, flush=True))
+
+
+KINDS: dict[str, Callable[[Path, bool], tuple[dict[str, Any], Work]]] = {
+    "run": _run, "experiment": _experiment, "sample": _sample, "cache": _cache,
 }
 
 
@@ -79,15 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     return run_rank(lambda: KINDS[args.kind](args.folder, args.resume))
 
 
-def run_rank(prepare: Callable[[], tuple[str, Work]]) -> int:
-    """One rank: ``prepare()`` gives the device and the work; joins the process group, does
-    the work, and always leaves the group."""
+def run_rank(prepare: Callable[[], tuple[dict[str, Any], Work]]) -> int:
+    """One rank: ``prepare()`` gives how to join (:func:`noisevalue.distributed.init`'s
+    keyword arguments) and the work; joins the process group, does the work, and always
+    leaves the group."""
     from noisevalue import distributed
 
     info = None
     try:
-        device, work = prepare()
-        info = distributed.init(device)
+        options, work = prepare()
+        info = distributed.init(**options)
         work(info)
     except UserError as exc:
         if not distributed.report_error(str(exc), exc.exit_code):  # the launcher prints it once

@@ -65,6 +65,36 @@ def test_recipe_validate_accepts_good_recipes():
     assert result.exit_code == 0 and "ok" in result.output
 
 
+@pytest.mark.parametrize("pinned", [[], ["meta.subproblems=16"]], ids=["subproblems as the recipe says", "16"])
+def test_recipe_validate_checks_the_process_count_of_the_launch_options(pinned):
+    """The launch options of run: every global batch is checked against their process
+    count, with --no-files too (the check needs no files)."""
+    fails_cleanly(["recipe", "validate", "imagenet_cond", *pinned, "--no-files", "--nproc-per-node", "3"],
+                  "train.global_batch_size: 256 is not divisible by the 3 processes")
+    for launch, processes in ((["--nproc-per-node", "8", "--nnodes", "2"], 16), (["--nproc-per-node", "8"], 8),
+                              ([], 1)):
+        result = runner.invoke(app, ["recipe", "validate", "imagenet_cond", *pinned, "--no-files", *launch])
+        assert result.exit_code == 0, (launch, result.output, result.stderr)
+        assert f"processes {processes})" in result.output
+    fails_cleanly(["recipe", "validate", "imagenet_cond", *pinned, "--no-files", "--nnodes", "two"], "--nnodes 'two'")
+    fails_cleanly(["recipe", "validate", "imagenet_cond", *pinned, "--no-files", "--nnodes", "2", "--node-rank", "2"],
+                  "--node-rank 2: expected 0 .. 1 for --nnodes 2")
+
+
+def test_recipe_validate_checks_the_meta_batches_against_the_processes():
+    fails_cleanly(["recipe", "validate", "imagenet_cond", "meta.subproblems=16", "--no-files",
+                   "--nproc-per-node", "8", "--nnodes", "4"], "meta.subproblems: 16 is not divisible by the 32 processes")
+    fails_cleanly(["recipe", "validate", "imagenet_cond", "meta.subproblems=null", "meta.groups=24", "--no-files",
+                   "--nproc-per-node", "16"], "meta.groups: 24 is not divisible by meta.subproblems (16)")
+
+
+def test_recipe_validate_with_files_checks_the_process_count(tiny_overrides):
+    fails_cleanly(["recipe", "validate", *tiny_overrides, "--nproc-per-node", "3"],
+                  "train.global_batch_size: 8 is not divisible by the 3 processes")
+    result = runner.invoke(app, ["recipe", "validate", *tiny_overrides, "--nproc-per-node", "2", "--nnodes", "2"])
+    assert result.exit_code == 0 and "ok (recipe and files;" in result.output and "processes 4)" in result.output
+
+
 def image_folder(root):
     return ["~data.dataset.params", "~data.eval_dataset", "data.dataset.name=image_folder",
             f"data.dataset.params.root={root}", "data.dataset.params.image_size=8"]

@@ -133,6 +133,11 @@ CASES = [
     # ---- devices, processes, outputs
     ("cuda without CUDA", RUN("train.device=cuda"), "train.device: 'cuda' requested but CUDA is not available"),
     ("batch not divisible by processes", RUN("--nproc-per-node", "3"), "not divisible by the 3 processes"),
+    ("validate a batch not divisible by processes", ["recipe", "validate", *TINY, "--no-files", "--nproc-per-node", "3"],
+     "train.global_batch_size: 8 is not divisible by the 3 processes"),
+    ("cache a pixel-space recipe", ["cache", *TINY, "output_dir={root}/out"], "there is nothing to cache"),
+    ("cache a missing data folder", ["cache", *TINY, "output_dir={root}/out", *FOLDER("{root}/nowhere"),
+                                     "data.encoder.name=sd_vae"], "2 problems: data.encoder.params.local_path: not set"),
     ("zero processes", RUN("--nproc-per-node", "0"), "--nproc-per-node"),
     ("machines not a number", RUN("--nnodes", "two"), "--nnodes 'two'"),
     ("node rank out of range", RUN("--node-rank", "3"), "--node-rank 3"),

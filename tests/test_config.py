@@ -90,3 +90,33 @@ def test_precision_and_compile_default_to_fast_on_cuda_only(monkeypatch):
     assert (pinned.precision, pinned.compile) == ("fp32", False)
     on_cpu = load_recipe("digits", ["train.device=cpu"]).train
     assert (on_cpu.precision, on_cpu.compile) == ("fp32", False)
+
+
+def test_recipe_show_keeps_auto_precision_and_compile_for_the_copy(monkeypatch):
+    """``recipe show NAME > my.yaml`` on a CPU node: the copy keeps auto (bf16, compiled on
+    the GPUs it runs on), and says what auto means here; a value the recipe sets is kept."""
+    import torch
+    import yaml
+    from typer.testing import CliRunner
+
+    from noisevalue.cli import app
+
+    runner = CliRunner()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU node
+    result = runner.invoke(app, ["recipe", "show", "imagenet_cond"])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert (shown["train"]["precision"], shown["train"]["compile"]) == ("auto", "auto")
+    assert "so precision fp32 and compile false" in result.output.splitlines()[-1]  # what auto means here
+    pinned = runner.invoke(app, ["recipe", "show", "imagenet_cond", "train.precision=fp32", "train.compile=true"])
+    assert pinned.exit_code == 0
+    train = yaml.safe_load(pinned.output)["train"]
+    assert (train["precision"], train["compile"]) == ("fp32", True)
+    explicit = runner.invoke(app, ["recipe", "show", "imagenet_cond", "train.precision=auto", "train.compile=auto"])
+    assert yaml.safe_load(explicit.output)["train"]["precision"] == "auto"
+    # the copy, read on a GPU node, resolves auto there: bf16 and compiled
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    from noisevalue.config import parse_recipe
+
+    gpu = parse_recipe(shown).train
+    assert (gpu.precision, gpu.compile) == ("bf16", True)

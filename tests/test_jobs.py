@@ -11,7 +11,7 @@ from noisevalue.train.trainer import Trainer
 
 
 def test_every_job_kind_starts_the_one_entry_point(tmp_path):
-    for kind in ("run", "experiment", "sample"):
+    for kind in ("run", "experiment", "sample", "cache"):
         args = jobs.launcher_args(kind, tmp_path, nproc_per_node=2)
         assert args[:2] == ["--nproc-per-node=2", "--nnodes=1"]
         assert args[args.index("-m"):] == ["-m", "noisevalue.jobs", kind, str(tmp_path)]
@@ -26,6 +26,9 @@ def test_a_rank_reports_a_bad_folder_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and err.startswith("noisevalue: error: ") and RESOLVED_RECIPE in err
     assert jobs.main(["sample", str(tmp_path)]) == 2
     assert "settings.json" in capsys.readouterr().err
+    assert jobs.main(["cache", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and RESOLVED_RECIPE in err
 
 
 def test_the_trainer_base_always_cleans_up(tmp_path):

@@ -99,9 +99,11 @@ def test_a_setting_added_later_at_its_default_keeps_old_stages_reusable(tmp_path
     first = stage(tmp_path)
     (tmp_path / "pretrain").mkdir()
     old = stages.stage_settings(first)
-    for key in ("sample.nag_scale", "train.timestep_sampler.name", "train.timestep_sampler.params"):
+    for key in ("sample.nag_scale", "train.timestep_sampler.name", "train.timestep_sampler.params", "data.cache_dtype"):
         old.pop(key)  # as written before these settings existed
     (tmp_path / "pretrain" / stages.STAGE_SETTINGS).write_text(json.dumps(old))
     stages.check_stage_settings(stage(tmp_path))
     with pytest.raises(ConfigError, match=r"ran with sample\.nag_scale=None, the recipe now says 0\.5"):
         stages.check_stage_settings(stage(tmp_path, "sample.nag_scale=0.5"))
+    with pytest.raises(ConfigError, match=r"ran with data\.cache_dtype=None, the recipe now says 'float16'"):
+        stages.check_stage_settings(stage(tmp_path, "data.cache_dtype=float16"))  # part of the data: not ignored

@@ -45,7 +45,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from noisevalue.errors import ConfigError, DataError
 
-__all__ = ["build_latent_cache", "finalize_latent_cache", "LatentCacheDataset"]
+__all__ = [
+    "build_latent_cache", "finalize_latent_cache", "inspect_latent_cache", "latent_cache_size",
+    "LatentCacheDataset",
+]
 
 FORMAT, VERSION = "noisevalue-latent-cache", 1
 INDEX, SPEC = "index.json", "spec.json"
@@ -248,23 +251,13 @@ def build_latent_cache(
     root.mkdir(parents=True, exist_ok=True)
 
     spec = _make_spec(dataset, encoder, fingerprint, shard_size, include_flips, dtype, seed)
-    content, shards = spec["content"], spec["shards"]
+    shards = spec["shards"]
 
-    index = _read_json(root / INDEX)
-    if index is not None:
-        if index.get("content_sha256") != spec["content_sha256"]:
-            raise _differs(root, index.get("content", {}), content)
+    state = _state(root, spec)
+    if state == "complete":
         return root  # complete and identical: reuse
-    previous = _read_json(root / SPEC)
-    if previous is None:
+    if state == "absent":
         _atomic_write(root / SPEC, json.dumps(spec, indent=1).encode())
-    elif previous.get("content_sha256") != spec["content_sha256"]:
-        raise _differs(root, previous.get("content", {}), content)
-    elif previous.get("shard_size") != shard_size:
-        raise DataError(
-            f"the unfinished latent cache '{root}' uses shard_size={previous.get('shard_size')}; "
-            "resume it with the same shard_size or delete that folder"
-        )
 
     if device is None:
         device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
@@ -312,6 +305,60 @@ def build_latent_cache(
     if world_size == 1:
         finalize_latent_cache(root)
     return root
+
+
+def _state(root: Path, spec: Mapping[str, Any]) -> str:
+    """``complete``, ``partial`` (being built: spec.json without index.json) or ``absent``
+    for a cache of ``spec`` in ``root``; DataError when ``root`` holds another one."""
+    index = _read_json(root / INDEX)
+    if index is not None:
+        if index.get("content_sha256") != spec["content_sha256"]:
+            raise _differs(root, index.get("content", {}), spec["content"])
+        return "complete"
+    previous = _read_json(root / SPEC)
+    if previous is None:
+        return "absent"
+    if previous.get("content_sha256") != spec["content_sha256"]:
+        raise _differs(root, previous.get("content", {}), spec["content"])
+    if previous.get("shard_size") != spec["shard_size"]:
+        raise DataError(
+            f"the unfinished latent cache '{root}' uses shard_size={previous.get('shard_size')}; "
+            "resume it with the same shard_size or delete that folder"
+        )
+    return "partial"
+
+
+def inspect_latent_cache(
+    dataset: Dataset,
+    encoder: Any,
+    cache_dir: str | os.PathLike[str],
+    *,
+    fingerprint: Mapping[str, Any] | None = None,
+    shard_size: int = 8192,
+    include_flips: bool = False,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> tuple[str, int, int]:
+    """What :func:`build_latent_cache` with these arguments would find in ``cache_dir``,
+    read without creating or encoding anything: ``(state, shards present, shards)`` with
+    state ``complete`` (reused as it is), ``partial`` (resumed) or ``absent``. Raises
+    :class:`DataError` as it would: the folder holds a cache with other content."""
+    root = Path(cache_dir)
+    spec = _make_spec(dataset, encoder, fingerprint, shard_size, include_flips, dtype, seed)
+    state = _state(root, spec) if root.is_dir() else "absent"
+    present = sum((root / s["file"]).is_file() for s in spec["shards"]) if state != "absent" else 0
+    return state, present, len(spec["shards"])
+
+
+def latent_cache_size(cache_dir: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(items, bytes)`` of a complete cache: its item count and the bytes of its files
+    (shards, spec.json, index.json)."""
+    root = Path(cache_dir)
+    index = _read_json(root / INDEX)
+    if index is None:
+        raise DataError(f"latent cache '{root}' is not complete (no index.json)")
+    files = [root / INDEX, root / SPEC, *(root / s["file"] for s in index["shards"])]
+    return int(index["content"]["count"]), sum(f.stat().st_size for f in files if f.is_file())
 
 
 def finalize_latent_cache(cache_dir: str | os.PathLike[str]) -> Path:

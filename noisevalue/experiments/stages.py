@@ -40,7 +40,7 @@ _RELEVANT = {
 # settings that change speed or placement, not results
 _IGNORED = {
     "data.latent_cache", "data.num_workers", "data.encode_batch_size", "data.cache_shard_size",
-    "train.threads", "train.device", "train.log_every", "sample.batch_size", "meta.log_every",
+    "train.threads", "train.device", "train.dist_timeout", "train.log_every", "sample.batch_size", "meta.log_every",
 }
 
 Say = Callable[[str], Any]
@@ -87,9 +87,10 @@ def _default_settings(recipe: Recipe) -> dict[str, Any]:
         model = getattr(recipe, section)
         if not isinstance(model, BaseModel):
             continue
-        try:
-            default = type(model)()
-        except ValueError:  # a section with required fields (data, model) has no default
+        required = {k: getattr(model, k) for k, f in type(model).model_fields.items() if f.is_required()}
+        try:  # a section with required fields (data: dataset) takes the recipe's own for them
+            default = type(model)(**required)
+        except ValueError:
             continue
         _flatten(default.model_dump(mode="json"), section, flat)
     return flat

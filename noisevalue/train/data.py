@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,90 @@ def fingerprint_id(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:12]
 
 
+#: image readers per process while a GPU encodes the latent cache (``data.num_workers: auto``)
+AUTO_READERS_PER_GPU = 8
+
+
+def loader_workers(setting: int | str, device: torch.device | str, local_processes: int = 1,
+                   cpus: int | None = None) -> int:
+    """The data-loader workers of one process encoding the latent cache: ``setting`` when it
+    is a number; for ``auto``, 0 on the CPU (the encoder competes with readers for the same
+    cores) and on CUDA :data:`AUTO_READERS_PER_GPU`, at most this machine's ``cpus`` shared
+    by its ``local_processes`` and at least 1."""
+    if setting != "auto":
+        return int(setting)
+    if torch.device(device).type != "cuda":
+        return 0
+    share = int(cpus or 1) // max(1, int(local_processes))
+    return max(1, min(AUTO_READERS_PER_GPU, share))
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cache_folder(recipe: Recipe, run_dir: str | Path) -> Path:
+    """Where the recipe's latent cache is: ``data.latent_cache``, else ``<run_dir>/latents``."""
+    return Path(recipe.data.latent_cache or Path(run_dir) / "latents")
+
+
+def cache_arguments(recipe: Recipe) -> dict[str, Any]:
+    """What identifies the latent cache and how it is sharded: the keyword arguments of
+    :func:`~noisevalue.data.latent_cache.build_latent_cache` that the recipe sets."""
+    return {
+        "fingerprint": _fingerprint(recipe),
+        "shard_size": recipe.data.cache_shard_size,
+        "include_flips": recipe.data.random_flip,
+        "dtype": recipe.data.cache_dtype,
+    }
+
+
+def build_cache(recipe: Recipe, run_dir: str | Path, info: DistInfo, dataset: Any = None, encoder: Any = None,
+                say: Any = None) -> Path:
+    """Encode this rank's shards of the training data into the recipe's latent cache
+    (reused when complete, resumed when not), then, after a barrier, rank 0 checks and
+    completes it; a collective: every rank calls it. ``say`` (rank 0): progress lines."""
+    from noisevalue.data.latent_cache import build_latent_cache, finalize_latent_cache
+
+    if dataset is None:
+        dataset = registry.build("dataset", recipe.data.dataset, where="data.dataset")
+    if encoder is None:
+        encoder = registry.build("encoder", recipe.data.encoder, where="data.encoder")
+    cache_dir = cache_folder(recipe, run_dir)
+    encoder.to(info.device)  # the encoder runs where the run does (a GPU), not on the CPU
+    workers = loader_workers(recipe.data.num_workers, info.device,
+                             int(os.environ.get("LOCAL_WORLD_SIZE", "1")), _cpu_count())
+    build_latent_cache(
+        dataset, encoder, cache_dir, batch_size=recipe.data.encode_batch_size, rank=info.rank,
+        world_size=info.world_size, device=info.device, num_workers=workers,
+        progress=_progress(say) if say is not None and info.is_main else None, **cache_arguments(recipe),
+    )
+    barrier(info)
+    if info.is_main:
+        finalize_latent_cache(cache_dir)
+    barrier(info)
+    return cache_dir
+
+
+def _progress(say: Any) -> Any:
+    """A ``progress(done, total)`` that says every tenth of the way (and the end)."""
+    start = time.perf_counter()
+    said = [0]
+
+    def progress(done: int, total: int) -> None:
+        tenth = 10 * done // max(total, 1)
+        if tenth > said[0]:
+            said[0] = tenth
+            elapsed = time.perf_counter() - start
+            eta = elapsed * (total - done) / max(done, 1)
+            say(f"encoding: {done}/{total} items of this process, {elapsed:.0f} s, eta {eta:.0f} s")
+
+    return progress
+
+
 def load_train_data(recipe: Recipe, run_dir: Path, info: DistInfo) -> tuple[TrainData, Any]:
     """(training data, encoder) for the recipe; builds the latent cache when needed."""
     dataset = registry.build("dataset", recipe.data.dataset, where="data.dataset")
@@ -90,31 +176,9 @@ def load_train_data(recipe: Recipe, run_dir: Path, info: DistInfo) -> tuple[Trai
         raise DataError("data.dataset: the dataset is empty")
     encoder = registry.build("encoder", recipe.data.encoder, where="data.encoder")
     if encoder.cacheable:
-        from noisevalue.data.latent_cache import (
-            LatentCacheDataset,
-            build_latent_cache,
-            finalize_latent_cache,
-        )
+        from noisevalue.data.latent_cache import LatentCacheDataset
 
-        cache_dir = Path(recipe.data.latent_cache or run_dir / "latents")
-        fp = _fingerprint(recipe)
-        build_latent_cache(
-            dataset,
-            encoder,
-            cache_dir,
-            batch_size=recipe.data.encode_batch_size,
-            shard_size=recipe.data.cache_shard_size,
-            rank=info.rank,
-            world_size=info.world_size,
-            fingerprint=fp,
-            include_flips=recipe.data.random_flip,
-            device=info.device,
-            num_workers=recipe.data.num_workers,
-        )
-        barrier(info)
-        if info.is_main:
-            finalize_latent_cache(cache_dir)
-        barrier(info)
+        cache_dir = build_cache(recipe, run_dir, info, dataset, encoder)
         return CachedLatentData(LatentCacheDataset(cache_dir)), encoder
     if hasattr(dataset, "images") and hasattr(dataset, "labels"):
         x = encoder.encode(dataset.images)
@@ -122,33 +186,16 @@ def load_train_data(recipe: Recipe, run_dir: Path, info: DistInfo) -> tuple[Trai
     return ItemData(dataset, encoder), encoder
 
 
-def reference_images(recipe: Recipe, limit: int, seed: int) -> torch.Tensor:
-    """Images in [-1, 1] of the evaluation reference set (``data.eval_dataset``)."""
-    return reference_items(recipe, limit, seed)[0]
+def subset(n: int, count: int, seed: int) -> torch.Tensor:
+    """The first ``count`` of a seeded permutation of ``n`` items (all of them if fewer)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(count, n)]
 
 
-def reference_items(recipe: Recipe, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images in [-1, 1], labels) of up to ``limit`` items of the evaluation reference set,
-    a seeded random choice."""
-    comp = recipe.data.eval_dataset or recipe.data.dataset
-    where = "data.eval_dataset" if recipe.data.eval_dataset else "data.dataset"
-    dataset = registry.build("dataset", comp, where=where)
-    return dataset_items(dataset, limit, seed)
-
-
-def dataset_images(dataset: Any, limit: int, seed: int) -> torch.Tensor:
-    return dataset_items(dataset, limit, seed)[0]
-
-
-def dataset_items(dataset: Any, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = len(dataset)
-    if n == 0:
-        raise DataError("evaluation reference dataset is empty")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n, generator=g)[: min(limit, n)]
+def read_items(dataset: Any, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images in [-1, 1], labels) of ``indices`` of an image dataset (labels 0 when it has none)."""
     if hasattr(dataset, "images"):  # in memory (labels may be absent: pixels only)
         labels = getattr(dataset, "labels", None)
-        y = torch.zeros(len(idx), dtype=torch.long) if labels is None else torch.as_tensor(labels)[idx].long()
-        return dataset.images[idx], y
-    items = [dataset[int(i)] for i in idx]
+        y = torch.zeros(len(indices), dtype=torch.long) if labels is None else torch.as_tensor(labels)[indices].long()
+        return dataset.images[indices], y
+    items = [dataset[int(i)] for i in indices]
     return torch.stack([img for img, _ in items]), torch.tensor([lab for _, lab in items], dtype=torch.long)

@@ -89,6 +89,52 @@ def check_recipe(recipe: Recipe, *, processes: int = 1, per_node: int = 1) -> tu
     return shape, num_classes
 
 
+def check_cache(recipe: Recipe, cache_dir: str | Path, *, per_node: int = 1) -> tuple[str, int, int, int]:
+    """Everything ``noisevalue cache`` needs to encode the recipe's training data into the
+    latent cache ``cache_dir`` (``per_node`` processes on this machine): a cacheable encoder
+    (else one line: nothing to cache), the device, the data (a sample of items opened), the
+    encoder's weights, the cache folder writable and, if it holds a cache, one of the same
+    content. Every problem in one line, as :func:`check_recipe`. Creates nothing. Returns
+    (state, shards present, shards, items): state ``complete``, ``partial`` or ``absent``."""
+    from noisevalue.data.latent_cache import inspect_latent_cache
+    from noisevalue.train.data import cache_arguments
+
+    where = "data.latent_cache" if recipe.data.latent_cache else "output_dir"
+    problems: list[UserError] = []
+
+    def attempt(check: Any, *args: Any) -> Any:
+        try:
+            return check(*args)
+        except UserError as exc:
+            problems.append(exc)
+            return None
+
+    encoder = attempt(lambda: registry.build("encoder", recipe.data.encoder, where="data.encoder"))
+    if encoder is not None and not encoder.cacheable:
+        raise ConfigError(
+            f"data.encoder: '{recipe.data.encoder.name}' is not cached (its latents cost nothing to compute); "
+            "there is nothing to cache: 'noisevalue run' reads this recipe's data directly"
+        )
+    attempt(check_device, recipe.train.device, per_node, "train.device")
+    attempt(check_output, cache_dir, where)
+    dataset = attempt(check_dataset, recipe.data.dataset, "data.dataset", recipe.seed)
+    def shape() -> Any:
+        try:
+            return encoder.latent_shape(dataset.channels, dataset.image_size)
+        except DataError as exc:
+            raise DataError(f"data.encoder: {exc}") from None
+
+    found = None
+    if dataset is not None and encoder is not None and attempt(shape) is not None:
+        found = attempt(lambda: inspect_latent_cache(dataset, encoder, cache_dir, **cache_arguments(recipe)))
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise ConfigError(f"{len(problems)} problems: " + "; ".join(str(p) for p in problems))
+    assert found is not None
+    return (*found, len(dataset))
+
+
 def _check_networks(recipe: Recipe, shape: tuple[int, int, int], num_classes: int, num_items: int) -> None:
     model = check_backbone(recipe, shape, num_classes)
     check_guidance(recipe, model, num_classes)
@@ -136,6 +182,8 @@ def check_batches(recipe: Recipe, processes: int) -> None:
         local_subproblems(n, processes)
         per_subproblem(m.groups, n, "meta.groups")
         per_subproblem(m.val_batch_size, n, "meta.val_batch_size")
+        if m.probe_groups:
+            per_subproblem(m.probe_groups, n, "meta.probe_groups")
 
 
 def check_dataset(component: Any, where: str, seed: int) -> Any:
