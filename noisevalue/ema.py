@@ -37,13 +37,16 @@ class EMA:
         return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int = 0) -> None:
-        """``step``: optimizer steps taken before this one (for the warm-up)."""
+    def update(self, model: nn.Module, step: int = 0, keep: torch.Tensor | None = None) -> None:
+        """``step``: optimizer steps taken before this one (for the warm-up). ``keep``: a 0-d
+        tensor on the weights' device, 1 to update and 0 to leave the average as it is (a
+        skipped step), read without waiting for the device."""
         current = unwrap(model).state_dict()
         keys = [k for k, v in self.shadow.items() if v.is_floating_point()]
-        torch._foreach_lerp_(
-            [self.shadow[k] for k in keys], [current[k].detach() for k in keys], 1.0 - self.decay_at(step)
-        )
+        weight: float | torch.Tensor = 1.0 - self.decay_at(step)
+        if keep is not None:
+            weight = keep.to(torch.float32) * weight
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [current[k].detach() for k in keys], weight)  # type: ignore[arg-type]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

@@ -19,11 +19,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from noisevalue.distributed import DistInfo
 
 __all__ = [
     "Backbone",
@@ -349,7 +352,20 @@ class Evaluator(ABC):
     ``[0, 1]`` (pixel space) and may cache reference statistics; ``evaluate(generated)``
     consumes batches of the same form and returns named numbers, e.g. ``{"fid": 12.3}``.
     ``evaluate`` may be called several times after one ``prepare``.
+
+    In a run of several processes the images are drawn by all of them. An evaluator whose
+    statistics combine across processes (sums, gathered features) says so in :meth:`join`;
+    every process then calls ``prepare`` and ``evaluate`` with its own share of the images,
+    and the numbers ``evaluate`` returns on rank 0 are the whole set's. Otherwise rank 0
+    alone evaluates, the other processes streaming their images to it.
     """
+
+    def join(self, info: DistInfo) -> bool:
+        """Called once, on every process of a multi-process run, before ``prepare``: return
+        True to take this process's share of the images and combine the shares yourself
+        (collectives on the default process group, in the same order on every rank);
+        False (the default) to be given every image on rank 0 only."""
+        return False
 
     @abstractmethod
     def prepare(self, reference: Iterable[torch.Tensor]) -> None:

@@ -75,7 +75,7 @@ def test_no_import_cycles():
 # The layers, lowest first: a module may import its own layer and those below it only.
 LAYERS = [
     ("core", {"noisevalue", "noisevalue.errors", "noisevalue.interfaces", "noisevalue.registry", "noisevalue.recompute", "noisevalue.attention",
-              "noisevalue.config", "noisevalue.checkpoint", "noisevalue.diffusion", "noisevalue.distributed",
+              "noisevalue.config", "noisevalue.checkpoint", "noisevalue.diffusion", "noisevalue.distributed", "noisevalue.files",
               "noisevalue.ema", "noisevalue.faults", "noisevalue.builtin_recipes"}),
     ("components", {"noisevalue.backbones", "noisevalue.raters", "noisevalue.selectors", "noisevalue.meta", "noisevalue.weightings",
                     "noisevalue.data", "noisevalue.evaluators"}),

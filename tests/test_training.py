@@ -132,10 +132,15 @@ def test_selection_with_k1_reproduces_vanilla_training_exactly(tmp_path, tiny_ov
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_evaluation_suite_prepares_once_and_reuses_baselines():
+def test_evaluation_prepares_once_and_reuses_baselines(tmp_path, monkeypatch):
     from noisevalue.config import load_recipe
     from noisevalue.data.digits import DigitsDataset
-    from noisevalue.train.evaluate import EvaluationSuite
+    from noisevalue.data.encoders import IdentityEncoder
+    from noisevalue.diffusion import Diffusion
+    from noisevalue.distributed import DistInfo
+    from noisevalue.train.evaluate import Evaluation
+
+    monkeypatch.setenv("NOISEVALUE_CACHE", str(tmp_path))
 
     class MeanEvaluator:
         prepared = 0
@@ -147,10 +152,16 @@ def test_evaluation_suite_prepares_once_and_reuses_baselines():
         def evaluate(self, generated):
             return {"gap": abs(torch.cat(list(generated)).mean().item() - self.ref)}
 
-    recipe = load_recipe("digits", ["eval.num_samples=50"])
-    suite = EvaluationSuite(recipe, [MeanEvaluator()], DigitsDataset(split="train"))
-    first = suite.evaluate(torch.full((10, 1, 8, 8), 0.9))
-    second = suite.evaluate(torch.full((10, 1, 8, 8), 0.65))  # both above the mean digit
+        def reference_key(self):
+            return None  # keeps no statistics: prepared from the images, once per run
+
+    recipe = load_recipe("digits", ["eval.num_samples=50", "eval.loss_draws=0"])
+    evaluation = Evaluation(recipe, [MeanEvaluator()], DistInfo(), IdentityEncoder(), (1, 8, 8), 10, Diffusion(),
+                            DigitsDataset(split="train"))
+    evaluation.generated = lambda model: iter([torch.full((10, 1, 8, 8), 0.9)])
+    first = evaluation.metrics(None)
+    evaluation.generated = lambda model: iter([torch.full((10, 1, 8, 8), 0.65)])
+    second = evaluation.metrics(None)  # both above the mean digit
     assert MeanEvaluator.prepared == 1
     assert first["baseline_train_images/gap"] == second["baseline_train_images/gap"]
     assert first["gap"] - second["gap"] == pytest.approx(0.25)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -15,6 +14,7 @@ from urllib.parse import urlparse
 import torch
 
 from noisevalue.errors import DataError, WeightsUnavailableError
+from noisevalue.files import state_digest
 from noisevalue.interfaces import LatentEncoder
 
 if TYPE_CHECKING:
@@ -141,11 +141,7 @@ class VAEEncoder(LatentEncoder):
     def fingerprint(self) -> dict[str, Any]:
         """What determines the latents: settings, VAE config and a hash of the weights."""
         if self._weights_sha256 is None:
-            digest = hashlib.sha256()
-            for key, tensor in sorted(self.vae.state_dict().items()):
-                digest.update(key.encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
-            self._weights_sha256 = digest.hexdigest()
+            self._weights_sha256 = state_digest(self.vae.state_dict())
         config = {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}
         return {
             "name": "sd_vae",

@@ -47,7 +47,9 @@ import torch
 from torch import nn
 
 from noisevalue.checkpoint import atomic_file
+from noisevalue.distributed import DistInfo, all_reduce_sum, gather_rows
 from noisevalue.errors import ConfigError, WeightsUnavailableError
+from noisevalue.files import file_digest, state_digest
 from noisevalue.interfaces import Evaluator
 
 __all__ = [
@@ -227,22 +229,62 @@ class FIDEvaluator(Evaluator):
         self._reference: tuple[np.ndarray, np.ndarray] | None = None
         self._reference_root: np.ndarray | None = None
         self._reference_count: int | None = None  # images behind the reference statistics
+        self._group: DistInfo | None = None  # the process group whose shares this evaluator combines
+        self._weights_digest: str | None = None
+
+    # -- several processes ------------------------------------------------------------
+    def join(self, info: DistInfo) -> bool:
+        """Each process passes its share of the images; the feature sums and second moments
+        (float64) are summed over the processes and, for the KID, the features gathered on
+        rank 0, where the distances are computed (the other ranks return no metrics)."""
+        self._group = info
+        return True
+
+    @property
+    def _main(self) -> bool:
+        return self._group is None or self._group.is_main
+
+    def _combine(self, side: str) -> None:
+        """Sum ``side``'s statistics over the joined processes; the KID features to rank 0."""
+        if self._group is None or not self._group.distributed:
+            return
+        m = self.metric
+        for name in (f"{side}_features_sum", f"{side}_features_cov_sum", f"{side}_features_num_samples"):
+            all_reduce_sum(getattr(m, name), self._group)
+        if self.kid_name is not None:
+            mine = self._last_features if self._last_features is not None else torch.zeros(0, self.num_features)
+            self._last_features = gather_rows(mine.to(self._group.device), self._group)
+            if self._last_features is not None:
+                self._last_features = self._last_features.cpu()
 
     # -- reference side -------------------------------------------------------------
     def prepare(self, reference: Iterable[torch.Tensor]) -> None:
         """Compute (or load from ``reference_stats``) the reference statistics once."""
         if self.reference_stats is not None:
             mu, sigma, self._reference_count = self._load_stats(self.reference_stats)
-            self._set_real_state(mu, sigma, self._reference_count or 2)
-        else:
-            self.metric.reset_real_features = True
-            self.metric.reset()
-            self.metric.reset_real_features = False
-            self._accumulate(reference, real=True)
-            self._reference_count = int(self.metric.real_features_num_samples)
-            self._reference_features = self._last_features
-        self._reference = self._statistics(real=True)
-        self._reference_root = _psd_sqrt(self._reference[1])  # reused by every evaluate
+            self._use_reference(mu, sigma)
+            return
+        self.metric.reset_real_features = True
+        self.metric.reset()
+        self.metric.reset_real_features = False
+        self._accumulate(reference, real=True)
+        self._combine("real")
+        self._reference_count = int(self.metric.real_features_num_samples)
+        self._reference_features = self._last_features
+        if self._main:
+            mu, sigma = self._statistics(real=True)
+            self._reference, self._reference_root = (mu, sigma), _psd_sqrt(sigma)  # reused by every evaluate
+
+    def _use_reference(self, mu: np.ndarray, sigma: np.ndarray) -> None:
+        """Reference statistics from a file, used exactly as read (a cached reference gives
+        the distances of the computed one to the last bit)."""
+        self._set_real_state(mu, sigma, self._reference_count or 2)
+        self._reference, self._reference_root = (mu, sigma), _psd_sqrt(sigma)
+
+    @property
+    def reference_count(self) -> int | None:
+        """Images behind the reference statistics (None when a stats file does not say)."""
+        return self._reference_count
 
     @property
     def reference_statistics(self) -> tuple[np.ndarray, np.ndarray]:
@@ -252,36 +294,51 @@ class FIDEvaluator(Evaluator):
         return self._reference
 
     def save_reference_stats(self, path: str | os.PathLike) -> None:
-        """Write ``mu``, ``sigma`` (and the image count ``n`` if known) to ``.npz``, atomically."""
+        """Write ``mu``, ``sigma`` (the image count ``n`` if known, and the KID's reference
+        features when ``kid``) to ``.npz``, atomically."""
         mu, sigma = self.reference_statistics
         arrays: dict[str, np.ndarray] = {"mu": mu, "sigma": sigma}
         if self._reference_count is not None:
             arrays["n"] = np.asarray(self._reference_count)
+        if self.kid_name is not None and self._reference_features is not None:
+            # the extractor's float32 features: exact through float64 and back
+            arrays["features"] = self._reference_features.float().numpy()
         with atomic_file(Path(path).expanduser()) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)  # type: ignore[arg-type]
 
     def reference_key(self) -> dict[str, Any] | None:
-        """The feature space, and the file or network behind it (None for a custom
-        ``feature_extractor``, which cannot be identified)."""
+        """The feature space and what computes it: a digest of the Inception weights' tensors
+        (wherever the file lies), the digit classifier's settings (None for a custom
+        ``feature_extractor``, which cannot be identified); the stats file when the
+        reference comes from one, and whether the KID's features are kept."""
         if self.features == "inception":
-            weights = Path(self._weights_path)
-            st = weights.stat()
-            return {"features": "inception", "antialias": self.antialias,
-                    "weights": {"path": str(weights.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}}
-        if self.features == "digits":
+            if self._weights_digest is None:
+                self._weights_digest = state_digest(_tensors_only(self._weights_path))
+            key: dict[str, Any] = {"features": "inception", "antialias": self.antialias,
+                                   "weights_sha256": self._weights_digest}
+        elif self.features == "digits":
             from noisevalue.evaluators.digit_features import DigitFeatureConfig
 
-            return {"features": "digits", "digit_features": DigitFeatureConfig().key()}
-        return None
+            key = {"features": "digits", "digit_features": DigitFeatureConfig().key()}
+        else:
+            return None
+        if self.reference_stats is not None:
+            key["reference_stats_sha256"] = file_digest(self.reference_stats)
+        if self.kid_name is not None:
+            key["kid_features"] = True
+        return key
 
     def save_reference(self, path: Path) -> None:
         self.save_reference_stats(path)
 
     def load_reference(self, path: Path) -> None:
+        mu, sigma, self._reference_count = self._load_stats(Path(path))
         if self.kid_name is not None:
-            raise ConfigError("kid needs the reference images' features; statistics hold only mu and sigma")
-        self.reference_stats = Path(path)
-        self.prepare([])
+            with np.load(path) as data:
+                if "features" not in data.files:
+                    raise ConfigError(f"'{path}': kid needs the reference images' features; it holds only mu and sigma")
+                self._reference_features = torch.from_numpy(data["features"]).double()
+        self._use_reference(mu, sigma)
 
     def _load_stats(self, path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
         try:
@@ -314,10 +371,14 @@ class FIDEvaluator(Evaluator):
 
     # -- generated side -------------------------------------------------------------
     def evaluate(self, generated: Iterable[torch.Tensor]) -> Mapping[str, float]:
-        """Fréchet distance of ``generated`` to the reference; repeatable after one prepare."""
-        mu_ref, sigma_ref = self.reference_statistics
+        """Fréchet distance of ``generated`` to the reference; repeatable after one prepare.
+        Joined to several processes: this process's share, the metrics on rank 0 ({} elsewhere)."""
         self.metric.reset()  # generated side only (reset_real_features=False)
         self._accumulate(generated, real=False)
+        self._combine("fake")
+        if not self._main:
+            return {}
+        mu_ref, sigma_ref = self.reference_statistics
         mu, sigma = self._statistics(real=False)
         assert self._reference_root is not None  # set with the reference statistics
         value = _frechet(mu, sigma, _psd_sqrt(sigma), mu_ref, sigma_ref, self._reference_root)

@@ -25,7 +25,6 @@ stage) and the scoring of checkpoints is shared out between the ranks.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -50,6 +49,7 @@ from noisevalue.experiments.rater_stats import (
     noise_norms,
     summarize,
 )
+from noisevalue.files import file_digest
 from noisevalue.train.batches import seeded_generator
 
 # random streams of the analysis (see batches.py for the training ones): which training
@@ -242,20 +242,12 @@ def initial_checkpoint(recipe: Recipe, info: DistInfo, say: stages.Say) -> Path:
 
 
 # ---------------------------------------------------------------------- scoring
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_fingerprint(recipe: Recipe, rater_ckpt: Path) -> str:
     """What a score cache depends on: the rater's weights, the data, images, noises, timesteps."""
     a = recipe.analyze
     fp: dict[str, Any] = {
         "version": CACHE_VERSION,
-        "rater": _file_digest(rater_ckpt / "rater.safetensors"),
+        "rater": file_digest(rater_ckpt / "rater.safetensors"),
         "dataset": recipe.data.dataset.model_dump(mode="json"),
         "encoder": recipe.data.encoder.model_dump(mode="json"),
         "seed": recipe.seed,

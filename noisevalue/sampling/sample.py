@@ -46,6 +46,8 @@ from noisevalue.config import (
 )
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import CheckpointError, ConfigError, DataError
+from noisevalue.files import display_path
+from noisevalue.train.batches import STREAM_SAMPLES, image_generators
 
 __all__ = [
     "GRID_FILE",
@@ -72,7 +74,6 @@ SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"
 SETTINGS_FILE = "settings.json"
 SHARDS_DIR = "shards"
-STREAM_SAMPLES = 16  # seeded_generator stream of `noisevalue sample` (training uses 0..6)
 RECIPE_SEARCH_DEPTH = 3  # how many folders above a run to look for recipe.yaml
 # settings that do not change the images: where they are drawn, and where the checkpoint
 # lies now (the weights are identified by weights_fingerprint)
@@ -152,22 +153,6 @@ def _load_run_recipe(run_dir: Path, explicit: str | Path | None) -> tuple[Recipe
     data["workflow"] = "pretrain"  # what a diffusion checkpoint was trained by
     data["output_dir"] = str(run_dir)
     return parse_recipe(data, label), label
-
-
-def display_path(path: str | Path) -> str:
-    """``path`` for messages: relative to the working folder when inside it, else with
-    the home folder written ``~``."""
-    path = Path(path)
-    if not path.is_absolute():
-        return str(path)
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        pass
-    try:
-        return str(Path("~") / path.relative_to(Path.home()))
-    except (ValueError, RuntimeError):
-        return str(path)
 
 
 # -------------------------------------------------------------------------- settings
@@ -359,13 +344,6 @@ def read_settings(out: Path) -> SampleSettings:
 
 
 # -------------------------------------------------------------------------- sampling
-def image_generators(seed: int, start: int, stop: int) -> list[torch.Generator]:
-    """One generator per image ``start..stop-1``, seeded by ``(seed, STREAM_SAMPLES, i)``."""
-    from noisevalue.train.batches import seeded_generator
-
-    return [seeded_generator(seed, STREAM_SAMPLES, i) for i in range(start, stop)]
-
-
 class Sampler:
     """The model (EMA or raw weights), schedule and decoder of one checkpoint."""
 
@@ -378,22 +356,14 @@ class Sampler:
         self.encoder = registry.build("encoder", Component(**settings.encoder), where="data.encoder")
         self.encoder.to(device)
 
-    @torch.no_grad()
     def images(self, start: int, stop: int) -> np.ndarray:
         """Samples ``start..stop-1`` as uint8 ``[n, H, W, C]`` (one model batch)."""
-        from noisevalue.diffusion import ddim_sample, guided_eps
-        from noisevalue.train.build import image_to_unit
+        from noisevalue.train.evaluate import Sampling, draw_images
 
         s = self.settings
-        gens = image_generators(s.seed, start, stop)
-        shape = (1, *s.latent_shape)
-        noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(self.device)
-        labels = s.labels(start, stop)
-        y = labels.to(self.device) if labels is not None else None
-        eps = guided_eps(self.model, s.num_classes, y, s.cfg_scale, s.precision, s.nag_scale)
-        # a list of generators: diffusers draws each image's DDIM noise from its own one
-        z = ddim_sample(eps, self.diffusion, noise, num_steps=s.num_steps, eta=s.eta, generator=gens)  # type: ignore[arg-type]
-        unit = image_to_unit(self.encoder.decode(z))
+        sampling = Sampling(s.num_steps, s.eta, s.cfg_scale, s.precision, s.nag_scale)
+        unit = draw_images(self.model, self.diffusion, self.encoder, tuple(s.latent_shape), s.num_classes,
+                           s.labels(start, stop), image_generators(s.seed, start, stop), sampling, self.device)
         return to_uint8_nhwc(unit)
 
 

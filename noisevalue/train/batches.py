@@ -1,13 +1,18 @@
 """Deterministic, world-size-independent batching and per-step randomness.
 
-Every random draw of a training step (data order, timesteps, noises, label-dropout and
-flip masks) comes from a generator seeded by ``(seed, step, stream)`` and is drawn for the
-*global* batch; each rank then takes its own contiguous slice. Consequences:
+Every random draw of a training step comes from generators seeded by ``(seed, step,
+stream)``. The cheap ones (data order, timesteps, label-dropout and flip masks: one number
+per sample) are drawn for the *global* batch and each rank takes its contiguous slice; the
+noise, the bulk of the draws, is drawn per sample (sample ``i`` of the global batch from its
+own generator), so a rank draws its own rows only. Consequences:
 
 * resuming at step s replays exactly what the uninterrupted run would have drawn;
 * N processes with B/N samples each see exactly the samples, noises and timesteps one
   process with B samples sees, so their averaged gradients agree to float tolerance;
-* ranks hold disjoint shards of every global batch.
+* ranks hold disjoint shards of every global batch;
+* candidate ``j`` of a sample is the same whatever ``k`` is: the k candidates are drawn one
+  after another from the sample's generator, so a vanilla run (k=1) trains on candidate 0
+  of the pool every selector of the same seed sees.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ STREAM_HELDOUT = 9  # the held-out loss's fixed (t, noise) draws
 STREAM_SELECT = 10  # a stochastic selector's per-step generator
 STREAM_TIMESTEP = 11  # a timestep sampler's per-step uniform draws
 STREAM_TIME_DROP = 12  # which samples' time condition is dropped (Noise Awareness Guidance)
+STREAM_SAMPLES = 16  # one generator per sampled image: evaluations and `noisevalue sample`
+STREAM_GRID = 17  # one generator per image of a run's sample grid
+_ROW_NOISE = 1  # a fifth key word: a sample's noise generator is (seed, step, stream, 1, i)
 
 
 def seeded_generator(*key: int) -> torch.Generator:
@@ -40,6 +48,19 @@ def seeded_generator(*key: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(int(state[0]) << 32 | int(state[1]))
     return g
+
+
+def image_generators(seed: int, start: int, stop: int, stream: int = STREAM_SAMPLES) -> list[torch.Generator]:
+    """One generator per image ``start..stop-1``, seeded by ``(seed, stream, i)``: what an
+    image is depends on its index only, not on the batch or the process that draws it."""
+    return [seeded_generator(seed, stream, i) for i in range(start, stop)]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; to a GPU through pinned memory, without waiting for the copy."""
+    if device.type != "cuda" or tensor.device.type == "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def local_batch_size(global_batch: int, world_size: int) -> int:
@@ -77,15 +98,12 @@ class GlobalOrder:
 
 @dataclass
 class StepDraws:
-    """Random draws for one global batch (CPU tensors)."""
+    """Random draws for rows of one global batch (CPU tensors)."""
 
     t: torch.Tensor  # [B] long
     noise: torch.Tensor  # [B, k, C, H, W]
     drop: torch.Tensor  # [B] bool, label dropped to the null class
     flip: torch.Tensor  # [B] bool, horizontal flip
-
-    def slice(self, start: int, stop: int) -> StepDraws:
-        return StepDraws(self.t[start:stop], self.noise[start:stop], self.drop[start:stop], self.flip[start:stop])
 
 
 def draw_step(
@@ -98,15 +116,36 @@ def draw_step(
     flip: bool,
     k: int = 1,
     stream: int = STREAM_TRAIN,
+    rows: tuple[int, int] | None = None,
 ) -> StepDraws:
-    # Noise last: runs that differ only in k (vanilla vs. selection among k candidates)
-    # share their data order, timesteps, label drops and flips.
+    """The draws of rows ``rows = (lo, hi)`` (default: all) of the global batch of ``batch``
+    samples at ``step``: :func:`draw_conditions` and :func:`draw_noise`."""
+    lo, hi = rows if rows is not None else (0, batch)
+    t, drop, flips = draw_conditions(seed, step, batch, num_timesteps, drop_prob, flip, stream)
+    return StepDraws(t[lo:hi], draw_noise(seed, step, lo, hi, shape, k, stream), drop[lo:hi], flips[lo:hi])
+
+
+def draw_conditions(
+    seed: int, step: int, batch: int, num_timesteps: int, drop_prob: float, flip: bool, stream: int = STREAM_TRAIN
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(timesteps, label drops, flips) of the whole global batch, from the step's generator."""
     g = seeded_generator(seed, step, stream)
     t = torch.randint(0, num_timesteps, (batch,), generator=g)
     drop = torch.rand(batch, generator=g) < drop_prob
     flips = (torch.rand(batch, generator=g) < 0.5) & flip
-    noise = torch.randn((batch, k, *shape), generator=g)
-    return StepDraws(t, noise, drop, flips)
+    return t, drop, flips
+
+
+def draw_noise(seed: int, step: int, lo: int, hi: int, shape: tuple[int, ...], k: int = 1,
+               stream: int = STREAM_TRAIN) -> torch.Tensor:
+    """``[hi - lo, k, *shape]``: the k candidate noises of rows ``lo..hi-1``, each row from its
+    own generator, one candidate after another (candidate j does not depend on k)."""
+    noise = torch.empty((hi - lo, k, *shape))
+    for i in range(lo, hi):
+        g = seeded_generator(seed, step, stream, _ROW_NOISE, i)
+        for j in range(k):
+            noise[i - lo, j] = torch.randn(shape, generator=g)
+    return noise
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

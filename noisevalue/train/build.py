@@ -13,12 +13,16 @@ from noisevalue.config import Recipe
 from noisevalue.interfaces import Backbone
 
 
-def build_evaluators(recipe: Recipe) -> list[Any]:
-    """Evaluators are built before training, so missing weights fail at once."""
-    return [
-        registry.build("evaluator", comp, where=f"eval.evaluators.{i}")
-        for i, comp in enumerate(recipe.eval.evaluators)
-    ]
+def build_evaluators(recipe: Recipe, device: torch.device | None = None) -> list[Any]:
+    """Evaluators are built before training, so missing weights fail at once. ``device``:
+    the run's, where an evaluator that takes a ``device`` and was given none computes its
+    features."""
+    out = []
+    for i, comp in enumerate(recipe.eval.evaluators):
+        if device is not None and "device" not in comp.params and "device" in registry.accepted("evaluator", comp.name):
+            comp = comp.model_copy(update={"params": {**comp.params, "device": str(device)}})
+        out.append(registry.build("evaluator", comp, where=f"eval.evaluators.{i}"))
+    return out
 
 
 def backbone_params(recipe: Recipe, latent_shape: tuple[int, int, int], num_classes: int) -> dict:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
@@ -24,19 +22,21 @@ from noisevalue import faults, registry
 from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import all_reduce_mean, all_reduce_sum, barrier
 from noisevalue.ema import EMA, unwrap
-from noisevalue.errors import CheckpointError
+from noisevalue.errors import CheckpointError, UserError
 from noisevalue.interfaces import NULL_TIMESTEP, TrainingContext
 from noisevalue.train import evaluate as ev
 from noisevalue.train.batches import (
-    STREAM_EVAL,
     STREAM_ORACLE,
     STREAM_SELECT,
     STREAM_TIME_DROP,
     STREAM_TIMESTEP,
     GlobalOrder,
+    draw_conditions,
+    draw_noise,
     draw_step,
     local_batch_size,
     seeded_generator,
+    to_device,
     validation_split,
 )
 from noisevalue.train.build import backbone_params, build_backbone, build_evaluators
@@ -49,18 +49,22 @@ SAMPLER_GROUP = "timestep_sampler"  # tensor group of an adaptive timestep sampl
 
 
 class DiffusionTraining(Trainer):
+    # the steps' accumulators on the device (read at logging steps): the loss sum and the
+    # applied steps of the log window, the steps not applied and the first of them
+    _window_loss: torch.Tensor
+    _window_good: torch.Tensor
+    _bad_steps: torch.Tensor
+    _first_bad: torch.Tensor
+
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         r, info = self.recipe, self.info
         self.set_threads()
-        self.evaluators = build_evaluators(r) if info.is_main else []
+        self.evaluators = build_evaluators(r, info.device)  # on every rank: the evaluation is shared
         self.selector = registry.build("selector", r.train.selector, where="train.selector")
         self.weighting = registry.build("loss_weighting", r.train.loss_weighting, where="train.loss_weighting")
         self.timesteps = registry.build("timestep_sampler", r.train.timestep_sampler, where="train.timestep_sampler")
         self.data, self.encoder = load_train_data(r, self.run_dir, info)
-        pixels = self.encoder.pixel_space and hasattr(self.data, "images")
-        train_set = _ImagesView(self.data.images) if pixels else None  # type: ignore[attr-defined]
-        self.evaluation = ev.EvaluationSuite(r, self.evaluators, train_set)
         self.encoder.to(info.device)
         self.latent_shape = self.data.latent_shape
         self.num_classes = self.data.num_classes
@@ -75,12 +79,16 @@ class DiffusionTraining(Trainer):
         all_t = torch.arange(self.diffusion.num_timesteps)
         self.timesteps.bind(self.diffusion.alphas_cumprod, self.weighting.weight(self.diffusion.snr(all_t)).double())
         self.ema = EMA(model, r.train.ema_decay, warmup=r.train.ema_warmup)
+        # on CUDA the fused AdamW: one kernel, and it skips a non-finite step by itself
+        # (found_inf), so no step waits for the host to decide
+        self.fused = info.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=r.train.lr,
             betas=r.train.betas,
             eps=r.train.adam_eps,
             weight_decay=r.train.weight_decay,
+            fused=self.fused or None,
         )
         self.model: torch.nn.Module = model
         self.selector.check_compatible(self.latent_shape, self.num_classes)
@@ -92,11 +100,12 @@ class DiffusionTraining(Trainer):
             self.context = TrainingContext(model=model, diffusion=self.diffusion,
                                            validation_batch=self._validation_batch)
             self.selector.bind(self.context)
-        self.heldout = (
-            ev.HeldoutLoss(r, self.encoder, self.num_classes, info.device)
-            if info.is_main and r.eval.loss_draws else None
-        )
-        self.window_loss, self.window_steps = 0.0, 0  # the training-loss log window
+        pixels = self.encoder.pixel_space and hasattr(self.data, "images")
+        train_set = _ImagesView(self.data.images) if pixels else None  # type: ignore[attr-defined]
+        self.evaluation = ev.Evaluation(r, self.evaluators, info, self.encoder, self.latent_shape, self.num_classes,
+                                        self.diffusion, train_set)
+        self.window_loss, self.window_steps = 0.0, 0  # the training-loss log window, on the host
+        self._reset_device_window()
         if self.resume:
             self._restore()
         elif r.train.init_from:
@@ -143,7 +152,10 @@ class DiffusionTraining(Trainer):
         ckpt.check_state(model.state_dict(), ema_state, f"{path} (ema)")
         self.ema.load_state_dict(ema_state)
         if with_optimizer:
-            flat = ckpt.load_tensors(path, "optimizer", self.info.device)
+            # read on the CPU: load_state_dict moves the moments to their parameters and
+            # leaves the step counters where a fresh optimizer keeps them (the host for
+            # plain AdamW, so its steps do not sync; the device for the fused one)
+            flat = ckpt.load_tensors(path, "optimizer")
             try:
                 self.optimizer.load_state_dict(ckpt.optimizer_from_flat(flat, meta.optimizer or {}))
             except (KeyError, ValueError) as exc:
@@ -164,24 +176,24 @@ class DiffusionTraining(Trainer):
             return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def train_step(self, step: int) -> float:
-        r, info = self.recipe, self.info
-        idx = self.order.batch(step, r.train.global_batch_size)
-        draws = draw_step(
-            r.seed, step, r.train.global_batch_size, self.latent_shape,
-            self.diffusion.num_timesteps, self.drop_prob, r.data.random_flip, k=self.selector.k,
-        )
-        u = torch.rand(len(draws.t), generator=seeded_generator(r.seed, step, STREAM_TIMESTEP), dtype=torch.float64)
-        draws = dataclasses.replace(draws, t=self.timesteps.resample(draws.t, u))
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step on this rank's slice of the global batch; returns the step's
+        loss averaged over the processes (a device tensor). A non-finite loss or gradient on
+        any rank is not applied (no update, no EMA) and counted in the device window
+        (:meth:`check_finite` decides what happens). Nothing here waits for the device."""
+        r, info, dev = self.recipe, self.info, self.info.device
+        batch = r.train.global_batch_size
         lo, hi = info.rank * self.local_batch, (info.rank + 1) * self.local_batch
-        mine = draws.slice(lo, hi)
-        x0, y = self.data.fetch(idx[lo:hi], mine.flip)
-        dev = info.device
-        x0, t = x0.to(dev), mine.t.to(dev)
+        t, drop, flip = draw_conditions(r.seed, step, batch, self.diffusion.num_timesteps, self.drop_prob,
+                                        r.data.random_flip)
+        u = torch.rand(batch, generator=seeded_generator(r.seed, step, STREAM_TIMESTEP), dtype=torch.float64)
+        t = self.timesteps.resample(t, u)[lo:hi]  # over the global batch, as the sampler's contract says
+        x0, y = self.data.fetch(self.order.batch(step, batch)[lo:hi], flip[lo:hi])
+        x0, t = to_device(x0, dev), to_device(t, dev)
         y_in = None
         if self.num_classes:
-            y_in = torch.where(mine.drop, torch.full_like(y, self.num_classes), y).to(dev)
-        candidates = mine.noise.to(dev)
+            y_in = to_device(torch.where(drop[lo:hi], torch.full_like(y, self.num_classes), y), dev)
+        candidates = to_device(draw_noise(r.seed, step, lo, hi, self.latent_shape, self.selector.k), dev)
         if candidates.shape[1] == 1 and self.selector.pool == "sample":
             noise = candidates[:, 0]
         else:  # the selector sees the dropped label, as the rater did in meta-training
@@ -198,35 +210,74 @@ class DiffusionTraining(Trainer):
         t_cond = None
         if self.time_drop > 0:  # the time condition dropped to the null time (seeded, own stream)
             g = seeded_generator(r.seed, step, STREAM_TIME_DROP)
-            dropped = (torch.rand(r.train.global_batch_size, generator=g) < self.time_drop)[lo:hi].to(dev)
+            dropped = to_device((torch.rand(batch, generator=g) < self.time_drop)[lo:hi], dev)
             t_cond = torch.where(dropped, torch.full_like(t, NULL_TIMESTEP), t)
         with self._autocast():
             losses = self.diffusion.per_sample_loss(self.model, x0, t, y_in, noise, t_cond)
             loss = (losses * self.weighting.weight(self.diffusion.snr(t)).to(losses.dtype)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if r.train.grad_clip:  # its norm, taken once: clipping a non-finite step is harmless, it is discarded
+        if r.train.grad_clip:  # its norm, taken once: clipping a non-finite step is harmless, it is not applied
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), r.train.grad_clip)
         else:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else loss.new_zeros(())
-        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()) and torch.isfinite(norm)) else 1.0], device=dev)
-        if float(all_reduce_sum(bad, info)) > 0:  # on any rank: every rank skips or stops alike
-            self._nonfinite(step)
-            return math.nan
-        self.optimizer.step()
-        self.ema.update(self.model, step)
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(norm)
+        # on any rank: every rank applies or skips the step alike
+        bad = all_reduce_sum((~finite).to(torch.float32).reshape(1), info).reshape(()).clamp(max=1)
+        if self.fused:  # the fused kernel reads the flag on the device
+            self.optimizer.found_inf = bad  # type: ignore[attr-defined]
+            self.optimizer.step()
+            self.ema.update(self.model, step, keep=1 - bad)
+        elif not bad:  # on the CPU the flag is read at once: nothing to wait for
+            self.optimizer.step()
+            self.ema.update(self.model, step)
+        self._bad_steps += bad
+        self._first_bad = torch.where((bad > 0) & (self._first_bad < 0), step, self._first_bad)
         stats = self.timesteps.statistics(t, losses.detach())  # None (no transfer) unless it adapts
         if stats is not None:  # summed over processes: every rank adapts the same way
             self.timesteps.update(all_reduce_sum(stats.to(dev), info).cpu(), step + 1)
-        return float(all_reduce_mean(loss.detach().clone(), info))
+        mean = all_reduce_mean(loss.detach().float().reshape(1), info).reshape(())
+        self._window_loss += torch.where(bad > 0, 0.0, mean).double()
+        self._window_good += 1 - bad
+        return mean
 
-    def _nonfinite(self, step: int) -> None:
-        """A non-finite loss or gradient at ``step``: no update happened; skip it (within
-        ``train.max_skips``) or stop with the last good weights saved and named."""
+    def _reset_device_window(self) -> None:
+        """The accumulators the steps add to on the device, read at logging steps only."""
+        dev = self.info.device
+        self._window_loss = torch.zeros((), dtype=torch.float64, device=dev)
+        self._window_good = torch.zeros((), device=dev)
+        self._bad_steps = torch.zeros((), device=dev)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+
+    def check_finite(self, step: int) -> None:
+        """Read the device window into the host's (the one host sync of the loop) and apply
+        ``train.nonfinite`` to the steps up to ``step`` that were not applied: skip them
+        (within ``train.max_skips``) or stop with the current weights saved and named. The
+        weights never took a non-finite step, so they are the last good ones."""
+        self.window_loss += float(self._window_loss)
+        self.window_steps += int(self._window_good)
+        bad, first = int(self._bad_steps), int(self._first_bad)
+        self._reset_device_window()
+        if not bad:
+            return
+        r = self.recipe
+        room = r.train.max_skips - self.skipped if r.train.nonfinite == "skip" else 0
+        if bad <= room:
+            self.skipped += bad
+            return
+        self.skipped += max(room, 0)
         self.optimizer.zero_grad(set_to_none=True)
-        self.skip_or_stop(step, "training diverged: non-finite loss or gradient at step", "weights",
-                          "Lower train.lr, set train.grad_clip, or use train.nonfinite=skip")
+        latest = ckpt.latest_checkpoint(self.ckpt_dir)
+        if latest is None or ckpt.read_meta(latest).step != step:
+            self.save_checkpoint()  # the weights after `step`: finite, no non-finite step in them
+        last = ckpt.latest_checkpoint(self.ckpt_dir)
+        skipped = f" after skipping {self.skipped} step(s)" if self.skipped else ""
+        raise UserError(
+            f"training diverged: non-finite loss or gradient at step {first + 1}{skipped}; stopped at step {step}. "
+            f"The last good weights (no non-finite step applied) are in '{last}'. Lower train.lr, set "
+            "train.grad_clip, or use train.nonfinite=skip"
+        )
 
     def _evaluation_lost(self) -> bool:
         """A resumed run whose checkpoint step was due an evaluation that never reached
@@ -248,15 +299,22 @@ class DiffusionTraining(Trainer):
         window_start, timed_steps = time.perf_counter(), 0
         with StepProgress("train", total, self.step, enabled=self.info.is_main, print_every=r.train.log_every * 4) as bar:
             while self.step < total:
-                loss = self.train_step(self.step)
+                self.train_step(self.step)
                 self.step += 1
                 faults.point("train.step")
                 timed_steps += 1
-                if not math.isnan(loss):  # a skipped step (train.nonfinite=skip) is not averaged
-                    self.window_loss += loss
-                    self.window_steps += 1
-                bar.advance(loss=loss)
-                if self.step % r.train.log_every == 0 or self.step == total:
+                log = self.step % r.train.log_every == 0 or self.step == total
+                save = self.step % r.train.ckpt_every == 0 or self.step == total
+                every = r.eval.every
+                evaluate = every is not None and (self.step - self.origin) % every == 0 and self.step != total
+                if not (log or save or evaluate):
+                    bar.advance()
+                    continue
+                window = self.window_loss, self.window_steps
+                self.check_finite(self.step)  # the loop's one wait for the device
+                mean = (self.window_loss - window[0]) / max(self.window_steps - window[1], 1)
+                bar.advance(**({"loss": mean} if self.window_steps > window[1] else {}))
+                if log:
                     scalars = {"train/lr": r.train.lr}
                     if self.window_steps:
                         scalars = {"train/loss": self.window_loss / self.window_steps, **scalars}
@@ -268,9 +326,9 @@ class DiffusionTraining(Trainer):
                                      self.step)
                     self.window_loss, self.window_steps = 0.0, 0
                     window_start, timed_steps = time.perf_counter(), 0
-                if self.step % r.train.ckpt_every == 0 or self.step == total:
+                if save:
                     self.save_checkpoint()
-                if r.eval.every and (self.step - self.origin) % r.eval.every == 0 and self.step != total:
+                if evaluate:
                     self.evaluate()
 
     def save_checkpoint(self) -> None:
@@ -301,30 +359,23 @@ class DiffusionTraining(Trainer):
         return model.eval()
 
     def evaluate(self) -> dict[str, float]:
-        """Sample grid and evaluator metrics on rank 0; written to disk and TensorBoard."""
-        metrics: dict[str, float] = {}
-        if self.info.is_main:
-            r, dev = self.recipe, self.info.device
-            model = self.ema_model()
-            images, nrow = ev.sample_grid(
-                model, self.diffusion, self.encoder, self.latent_shape, self.num_classes, r, dev, self.step
-            )
+        """The sample grid, the held-out loss and the evaluators' metrics, drawn and scored by
+        every rank (each its share); rank 0 writes them to disk and TensorBoard."""
+        start = time.perf_counter()
+        model = self.ema_model()
+        images, nrow = self.evaluation.grid(model)
+        if images is not None:
             ev.save_png_atomic(images, self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow)
-            faults.point("evaluate.grid")
-            labels = ev.class_labels(r.eval.num_samples, self.num_classes)
-            if self.heldout is not None:
-                metrics[ev.HELDOUT_LOSS] = self.heldout(model, self.diffusion)
-            if self.evaluators:
-                generated = ev.generate(
-                    model, self.diffusion, self.encoder, r.eval.num_samples, labels,
-                    self.latent_shape, self.num_classes, r, dev, (r.seed, STREAM_EVAL),
-                )
-                metrics.update(self.evaluation.evaluate(generated))
+        faults.point("evaluate.grid")
+        metrics = self.evaluation.metrics(model)
+        if self.info.is_main:
             ev.update_metrics_file(self.run_dir / "metrics.json", self.step, metrics)
             self.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
             from torchvision.utils import make_grid
 
+            assert images is not None
             self.log.image("samples", make_grid(images, nrow=nrow), self.step)
+            self.log.timings({"eval/seconds": time.perf_counter() - start}, self.step)
         barrier(self.info)
         return metrics
 

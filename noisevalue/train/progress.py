@@ -20,6 +20,7 @@ class StepProgress:
         self._progress: Any = None
         self._task: Any = None
         self._plain = False
+        self._text = ""
         self._t0 = time.perf_counter()
 
     def __enter__(self) -> StepProgress:
@@ -53,8 +54,11 @@ class StepProgress:
         return self
 
     def advance(self, **status: float) -> None:
+        """One step done; ``status`` (e.g. the loss) shown until the next one given."""
         self.done += 1
-        text = " ".join(f"{k} {v:.4f}" for k, v in status.items())
+        if status:
+            self._text = " ".join(f"{k} {v:.4f}" for k, v in status.items())
+        text = self._text
         if self._progress is not None:
             self._progress.update(self._task, advance=1, status=text)
         elif self._plain and (self.done % self.print_every == 0 or self.done == self.total):
