@@ -18,7 +18,7 @@ from noisevalue.train.preflight import check_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*ROOT.glob("docs/*.md"), ROOT / "README.md", *ROOT.glob("noisevalue/builtin_recipes/*.yaml")])
-RECIPE_COMMANDS = ("run", "ablate", "transfer", "analyze", "compare")
+RECIPE_COMMANDS = ("run", "ablate", "transfer", "analyze", "compare", "cache")
 VALUED = {"--method", "--remove", "--to", "--rater", "--checkpoint", "--checkpoints", "--step", "--steps",
           "--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id", "--allow-changes"}
 FLAGS = {"--noise-only", "--signal", "--resume", "--files", "--no-files"}
@@ -105,14 +105,20 @@ def test_a_documented_command_is_a_valid_recipe(source, command):
     check_batches(load_recipe(recipe_args[0], recipe_args[1:]), processes)
 
 
-def test_meta_subproblems_default_to_one_per_process():
+def test_the_paper_recipes_give_the_same_rater_on_1_to_16_processes():
     recipe = load_recipe("imagenet_cond")
-    assert recipe.meta.subproblems is None
-    for processes in (1, 4, 8, 16):
-        assert subproblems(recipe, processes) == processes
+    assert recipe.meta.subproblems == 16
+    for processes in (1, 2, 4, 8, 16):
+        assert subproblems(recipe, processes) == 16
         check_batches(recipe, processes)
+    batch_96 = {"train": recipe.train.model_copy(update={"global_batch_size": 96})}
+    with pytest.raises(ConfigError, match="meta.subproblems: 16 is not divisible by the 3 processes"):
+        check_batches(recipe.model_copy(update=batch_96), 3)
+    unset = load_recipe("imagenet_cond", ["meta.subproblems=null"])  # one inner loop per process
+    for processes in (1, 4, 8, 16):
+        assert subproblems(unset, processes) == processes
     with pytest.raises(ConfigError, match="meta.groups: 32 is not divisible by meta.subproblems"):
-        check_batches(recipe.model_copy(update={"train": recipe.train.model_copy(update={"global_batch_size": 96})}), 3)
+        check_batches(unset.model_copy(update=batch_96), 3)
     pinned = load_recipe("imagenet_cond", ["meta.subproblems=4"])
     with pytest.raises(ConfigError, match="meta.subproblems: 4 is not divisible by the 8 processes"):
         check_batches(pinned, 8)

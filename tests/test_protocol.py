@@ -313,5 +313,8 @@ def test_blocked_attention_and_bf16_meta_training(tmp_path, pretrained, monkeypa
         diff = torch.cat([(a[k] - math_rater[k]).flatten() for k in a])
         return float(diff.norm() / torch.cat([v.flatten() for v in math_rater.values()]).norm())
 
-    assert rel(blocked) < 1e-5  # measured 1.4e-6
+    # float32 round-off, which the rater's AdamW amplifies in coordinates with tiny gradients:
+    # measured 1.0e-5, 5.3e-6 and 1.7e-5 for seeds 0, 1, 2 (the meta-gradients themselves
+    # agree to 1e-10 in float64: tests/test_meta.py -k blocked)
+    assert rel(blocked) < 5e-5
     assert 10 * rel(blocked) < rel(half) < 1e-2  # bf16 did run (measured 1.2e-3)

@@ -418,8 +418,7 @@ class DualStreamRater(Rater):
         c = self.condition(t, y, noise.shape[0])
         for block in self.blocks:
             tokens = checkpointed_call(block, tokens, c, enabled=self.gradient_checkpointing)
-        pooled = tokens[NOISE].mean(dim=1)  # image tokens are dropped
-        return self.head(self.head_norm(pooled)).squeeze(-1)
+        return self._score(tokens[NOISE].mean(dim=1))  # image tokens are dropped
 
     def _shared(
         self, noise: torch.Tensor, t: torch.Tensor, x0: torch.Tensor | None, y: torch.Tensor | None, k: int
@@ -430,7 +429,13 @@ class DualStreamRater(Rater):
         c = self.condition(t, y, x0.shape[0])
         for block in self.blocks:
             tokens = {**tokens, **checkpointed_call(block, tokens, c, enabled=self.gradient_checkpointing, shared_k=k)}
-        return self.head(self.head_norm(tokens[NOISE].mean(dim=1))).squeeze(-1)
+        return self._score(tokens[NOISE].mean(dim=1))
+
+    def _score(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head in float32 even under autocast: candidates are ranked by their scores,
+        and bf16's 8-bit mantissa would tie or swap scores within 0.4% of each other."""
+        with torch.autocast(pooled.device.type, enabled=False):
+            return self.head(self.head_norm(pooled.to(self.head.weight.dtype))).squeeze(-1)
 
     def _tokens(self, noise: torch.Tensor, x0: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The input tokens of each stream (noise, and the image with the image stream), each

@@ -176,7 +176,7 @@ class RaterSelector(NoiseSelector):
     def scores(
         self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
     ) -> torch.Tensor:
-        """Rater scores of every candidate, ``[N, k]`` (float32 or the rater's dtype)."""
+        """Rater scores of every candidate, ``[N, k]``, in float32 (float64 for a float64 rater)."""
         _check_candidates(self, x0, candidates)
         n, k = candidates.shape[:2]
         param = next(iter(self.rater.parameters()), None)
@@ -200,8 +200,9 @@ class RaterSelector(NoiseSelector):
             y_part = y_rep[part] if y_rep is not None else None
             with autocast:
                 out = rater(flat[part], t_rep[part], x0_rep[part], y_part)
-            # a copy: a compiled rater's CUDA graph reuses its output buffer on the next call
-            chunks.append(out.float() if bf16 else out.clone() if rater is not self.rater else out)
+            # scores in at least float32, and always a copy of a compiled rater's output: its
+            # CUDA graph writes the next call's scores into the same buffer
+            chunks.append(out.to(torch.promote_types(out.dtype, torch.float32), copy=rater is not self.rater))
         return torch.cat(chunks).reshape(n, k)
 
     def _scorer(self, cuda: bool) -> Any:

@@ -39,8 +39,9 @@ from noisevalue.train.batches import (
     STREAM_PROBE,
     STREAM_VAL,
     GlobalOrder,
-    StepDraws,
-    draw_step,
+    draw_conditions,
+    draw_noise,
+    to_device,
     validation_split,
 )
 from noisevalue.train.build import checkpoint_backbone
@@ -122,8 +123,8 @@ class RaterMetaTraining(Trainer):
         self.theta: dict[str, torch.Tensor] | None = None  # carried theta (reset_theta false)
         self.inner_state: dict[str, Params] | None = None  # the inner optimizer's starting state
         self.inner_step = 0  # and its step count
-        self._draws: dict[tuple[int, int], tuple[torch.Tensor, StepDraws]] = {}  # this outer step's
-        self._probe_batches: tuple[list[GroupedBatch], PlainBatch] | None = None
+        self._draws: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # this outer step's
+        self._probe_batches: dict[int, tuple[list[GroupedBatch], PlainBatch]] = {}  # per sub-problem
 
     def setup(self) -> None:
         r, info, m = self.recipe, self.info, self.recipe.meta
@@ -137,6 +138,8 @@ class RaterMetaTraining(Trainer):
         self.local_subproblems = local_subproblems(self.subproblems, info.world_size)
         self.groups = per_subproblem(m.groups, self.subproblems, "meta.groups")
         self.val_batch = per_subproblem(m.val_batch_size, self.subproblems, "meta.val_batch_size")
+        if m.probe_groups:
+            per_subproblem(m.probe_groups, self.subproblems, "meta.probe_groups")
         self.train_idx, self.val_idx = validation_split(self.data.num_items, m.val_fraction, r.seed)
 
         path = ckpt.resolve_checkpoint(m.pretrained)
@@ -175,27 +178,24 @@ class RaterMetaTraining(Trainer):
         self.open_log()
 
     # ------------------------------------------------------------------ batches
-    def _batch(self, order: GlobalOrder, pool: torch.Tensor, key: int, size: int, k: int, stream: int, part: int,
-               parts: int | None = None):
+    def _batch(self, order: GlobalOrder, pool: torch.Tensor, key: int, size: int, k: int, stream: int, part: int):
         """Sub-problem ``part``'s slice (``size`` items) of the global batch ``key`` (of
-        ``parts`` slices, default ``meta.subproblems``)."""
-        r, info = self.recipe, self.info
-        global_size = size * (self.subproblems if parts is None else parts)
+        ``meta.subproblems`` slices): items, timesteps, drops and flips are drawn for the
+        global batch once, the noise for this slice's rows only."""
+        r, dev = self.recipe, self.info.device
+        global_size = size * self.subproblems
         if (stream, key) not in self._draws:  # drawn once, sliced by each local sub-problem
-            self._draws[stream, key] = (
-                pool[order.batch(key, global_size)],
-                draw_step(r.seed, key, global_size, self.latent_shape, self.diffusion.num_timesteps,
-                          self.drop_prob, r.data.random_flip, k=k, stream=stream),
-            )
-        idx, draws = self._draws[stream, key]
+            conditions = draw_conditions(r.seed, key, global_size, self.diffusion.num_timesteps, self.drop_prob,
+                                         r.data.random_flip, stream)
+            self._draws[stream, key] = (pool[order.batch(key, global_size)], *conditions)
+        idx, t, drop, flip = self._draws[stream, key]
         lo, hi = part * size, (part + 1) * size
-        mine = draws.slice(lo, hi)
-        x0, y = self.data.fetch(idx[lo:hi], mine.flip)
-        dev = info.device
+        x0, y = self.data.fetch(idx[lo:hi], flip[lo:hi])
         y_in = None
         if self.num_classes:
-            y_in = torch.where(mine.drop, torch.full_like(y, self.num_classes), y).to(dev)
-        return x0.to(dev), y_in, mine.t.to(dev), mine.noise.to(dev)
+            y_in = to_device(torch.where(drop[lo:hi], torch.full_like(y, self.num_classes), y), dev)
+        noise = draw_noise(r.seed, key, lo, hi, self.latent_shape, k, stream)
+        return to_device(x0, dev), y_in, to_device(t[lo:hi], dev), to_device(noise, dev)
 
     def inner_batches(self, outer: int, part: int) -> list[GroupedBatch]:
         m = self.recipe.meta
@@ -219,30 +219,42 @@ class RaterMetaTraining(Trainer):
             attention_block=m.attention_block if m.attention == "blocked" else None, precision=m.precision,
         )
 
-    def probe_problem(self) -> BilevelProblem:
-        """The fixed probe: S grouped batches of ``meta.probe_groups`` groups and one
-        validation batch, drawn once from their own stream (the same at every log)."""
+    def probe_problem(self, part: int) -> BilevelProblem:
+        """Sub-problem ``part`` of the fixed probe: S grouped batches of ``meta.probe_groups``
+        groups and one validation batch, cut into ``meta.subproblems`` parts as the outer
+        step's batches are, and drawn from their own stream (the same at every log)."""
         m = self.recipe.meta
-        if self._probe_batches is None:
+        if part not in self._probe_batches:
             draws, self._draws = self._draws, {}
+            groups = m.probe_groups // self.subproblems
             inner = []
             for s in range(m.inner_steps):
-                x0, y, t, noise = self._batch(self.train_order, self.train_idx, s, m.probe_groups, m.group_size,
-                                              STREAM_PROBE, 0, parts=1)
+                x0, y, t, noise = self._batch(self.train_order, self.train_idx, s, groups, m.group_size,
+                                              STREAM_PROBE, part)
                 inner.append(GroupedBatch(x0, y, t, noise))
             x0, y, t, noise = self._batch(self.val_order, self.val_idx, m.inner_steps, self.val_batch, 1,
-                                          STREAM_PROBE, 0, parts=1)
-            self._probe_batches = (inner, PlainBatch(x0, y, t, noise[:, 0]))
+                                          STREAM_PROBE, part)
+            self._probe_batches[part] = (inner, PlainBatch(x0, y, t, noise[:, 0]))
             self._draws = draws
-        return self.problem(*self._probe_batches)
+        return self.problem(*self._probe_batches[part])
 
     def signal(self, theta: Params, eta: Params) -> dict[str, float]:
         """The engine's meta-gradient against the one-step gradient-alignment one (Theorem
-        4.2) on the probe problem: their cosine and norms."""
-        problem = self.probe_problem()
-        engine = self.meta_opt.meta_gradient(problem, theta, eta).grad
-        one_step = OneStep(hvp="double_backward" if problem.checkpointed else "jvp").meta_gradient(
-            problem, theta, eta).grad
+        4.2) on the probe problem: their cosine and norms. Every process computes its
+        sub-problems, so no process waits for the probe; both meta-gradients are averaged
+        over the sub-problems, as the outer step's is."""
+        n, info = self.local_subproblems, self.info
+        engine: Params = {}
+        one_step: Params = {}
+        for j in range(n):
+            problem = self.probe_problem(info.rank * n + j)
+            hvp = "double_backward" if problem.checkpointed else "jvp"
+            for total, grad in ((engine, self.meta_opt.meta_gradient(problem, theta, eta).grad),
+                                (one_step, OneStep(hvp=hvp).meta_gradient(problem, theta, eta).grad)):
+                for key, g in grad.items():
+                    total[key] = total[key] + g / n if key in total else g / n
+        engine = {k: all_reduce_mean(v.clone(), info) for k, v in engine.items()}
+        one_step = {k: all_reduce_mean(v.clone(), info) for k, v in one_step.items()}
         cos, n_engine, n_one = cosine(engine, one_step)
         return {"signal/cosine_one_step": cos, "signal/meta_grad_norm": n_engine,
                 "signal/one_step_grad_norm": n_one}
@@ -256,7 +268,7 @@ class RaterMetaTraining(Trainer):
             while self.step < m.outer_steps:
                 log = (self.step + 1) % m.log_every == 0 or self.step + 1 == m.outer_steps
                 probe = None
-                if log and m.probe_groups and self.info.is_main:  # before the update: same eta
+                if log and m.probe_groups:  # before the update: same eta; every process its share
                     probe = self.signal(self.current_theta(), param_dict(self.rater))
                 stats = self.outer_step(self.step)
                 self.step += 1
@@ -359,7 +371,7 @@ class RaterMetaTraining(Trainer):
         same_subproblems(meta, self.subproblems)
         ckpt.load_state_into(self.rater, ckpt.load_tensors(path, RATER_GROUP, self.info.device), str(path))
         self.skipped = meta.skipped or 0
-        flat = ckpt.load_tensors(path, "rater_optimizer", self.info.device)
+        flat = ckpt.load_tensors(path, "rater_optimizer")  # moments to the device, step counters on the host
         self.rater_opt.load_state_dict(ckpt.optimizer_from_flat(flat, meta.optimizer or {}))
         m = self.recipe.meta  # the recipe's settings, not the saved ones (a change accepted on resume)
         for group in self.rater_opt.param_groups:
