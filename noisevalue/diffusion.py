@@ -45,13 +45,23 @@ class Diffusion:
         self.num_timesteps = num_timesteps
         # float64 master copy; cast to the data dtype at use.
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def _alphas(self, device: torch.device) -> torch.Tensor:
+        """``alphas_cumprod`` on ``device``, copied there once: a copy at every step would
+        make the host wait for the device each time."""
+        if device.type == "cpu":
+            return self.alphas_cumprod
+        if device not in self._on_device:
+            self._on_device[device] = self.alphas_cumprod.to(device)
+        return self._on_device[device]
 
     @classmethod
     def from_config(cls, cfg: Any) -> Diffusion:
         return cls(cfg.num_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end)
 
     def _coef(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.alphas_cumprod.to(like.device)[t].to(like.dtype)
+        a = self._alphas(like.device)[t].to(like.dtype)
         shape = (-1,) + (1,) * (like.dim() - 1)
         return a.sqrt().view(shape), (1 - a).sqrt().view(shape)
 
@@ -62,7 +72,7 @@ class Diffusion:
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """``abar_t / (1 - abar_t)`` per timestep, float64 (``inf`` where ``abar_t = 1``)."""
-        a = self.alphas_cumprod.to(t.device)[t]
+        a = self._alphas(t.device)[t]
         return a / (1 - a)
 
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -52,19 +52,21 @@ def pick_device(preference: str, local_rank: int = 0, what: str = "train.device"
 DEFAULT_TIMEOUT_S = 1800.0
 
 
-def init(device_preference: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, tf32: bool = True) -> DistInfo:
+def init(device_preference: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, tf32: bool = True,
+         group: bool | None = None) -> DistInfo:
     """Join the process group if launched by torchrun; otherwise a single process.
 
     ``timeout_s``: how long a collective waits for the slowest rank before the job stops
     (NCCL's watchdog; gloo's wait). ``tf32``: on CUDA, float32 matmuls and convolutions use
-    TF32 tensor cores (False: strict float32)."""
+    TF32 tensor cores (False: strict float32). ``group``: join a process group even of one
+    process (None: when there are several)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)
     if device.type == "cuda":
         use_tf32(tf32)
-    if world > 1 and not torch.distributed.is_initialized():
+    if (world > 1 if group is None else group) and not torch.distributed.is_initialized():
         from datetime import timedelta
 
         backend = "nccl" if device.type == "cuda" else "gloo"

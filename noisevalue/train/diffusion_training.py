@@ -134,8 +134,8 @@ class DiffusionTraining(Trainer):
         x0, y = self.data.fetch(idx, draws.flip)
         y_in = None
         if self.num_classes:
-            y_in = torch.where(draws.drop, torch.full_like(y, self.num_classes), y).to(dev)
-        return x0.to(dev), y_in, draws.t.to(dev), draws.noise[:, 0].to(dev)
+            y_in = to_device(torch.where(draws.drop, torch.full_like(y, self.num_classes), y), dev)
+        return to_device(x0, dev), y_in, to_device(draws.t, dev), to_device(draws.noise[:, 0], dev)
 
     def _restore(self) -> None:
         path = self.checkpoint_to_resume()
@@ -268,8 +268,7 @@ class DiffusionTraining(Trainer):
             return
         self.skipped += max(room, 0)
         self.optimizer.zero_grad(set_to_none=True)
-        latest = ckpt.latest_checkpoint(self.ckpt_dir)
-        if latest is None or ckpt.read_meta(latest).step != step:
+        if self.newest_step() != step:
             self.save_checkpoint()  # the weights after `step`: finite, no non-finite step in them
         last = ckpt.latest_checkpoint(self.ckpt_dir)
         skipped = f" after skipping {self.skipped} step(s)" if self.skipped else ""

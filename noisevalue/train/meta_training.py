@@ -25,7 +25,6 @@ import torch
 
 from noisevalue import checkpoint as ckpt
 from noisevalue import registry
-from noisevalue.checkpoint import latest_checkpoint
 from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import DistInfo, all_reduce_mean, barrier
@@ -262,7 +261,7 @@ class RaterMetaTraining(Trainer):
     # ------------------------------------------------------------------ training
     def train(self) -> None:
         m = self.recipe.meta
-        if m.outer_steps == 0 and latest_checkpoint(self.ckpt_dir) is None:
+        if m.outer_steps == 0 and self.newest_step() is None:
             self.save_checkpoint()  # the untrained rater (a control), as a checkpoint
         with StepProgress("meta-train rater", m.outer_steps, self.step, enabled=self.info.is_main, print_every=m.log_every * 2) as bar:
             while self.step < m.outer_steps:

@@ -12,7 +12,7 @@ import torch
 
 from noisevalue import checkpoint as ckpt
 from noisevalue.config import Recipe
-from noisevalue.distributed import DistInfo
+from noisevalue.distributed import DistInfo, broadcast_object
 from noisevalue.errors import CheckpointError, UserError
 from noisevalue.train.run_log import RunLog
 
@@ -70,14 +70,20 @@ class Trainer:
         if r.train.nonfinite == "skip" and self.skipped < r.train.max_skips:
             self.skipped += 1
             return
-        latest = ckpt.latest_checkpoint(self.ckpt_dir)
-        if latest is None or ckpt.read_meta(latest).step != step:
+        if self.newest_step() != step:
             self.save_checkpoint()  # the weights before this step: finite, the last good ones
         last = ckpt.latest_checkpoint(self.ckpt_dir)
         skipped = f" after skipping {self.skipped} step(s)" if self.skipped else ""
         raise UserError(
             f"{what} {step + 1}{skipped}; stopped. The last good {label} (after step {step}) are in '{last}'. {hint}"
         )
+
+    def newest_step(self) -> int | None:
+        """The step of this run's newest checkpoint (None: none yet), as rank 0 finds it: a
+        rank that looked itself could see the checkpoint rank 0 is publishing right now, and
+        take another path through the collectives than the others."""
+        latest = ckpt.latest_checkpoint(self.ckpt_dir) if self.info.is_main else None
+        return broadcast_object(ckpt.read_meta(latest).step if latest is not None else None, self.info)
 
     def retention(self) -> tuple[int | None, int | None]:
         """(checkpoints kept, multiples never pruned): ``train.keep_checkpoints`` and ``train.keep_every``."""
