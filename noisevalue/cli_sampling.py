@@ -234,9 +234,11 @@ def _sample_for_eval(
         label: str | None = reference
     elif base.get("reference_stats"):
         ref = label = str(base["reference_stats"])
-    else:
-        ref = r.data.eval_dataset or r.data.dataset
-        label = f"{'data.eval_dataset' if r.data.eval_dataset else 'data.dataset'} ({ref.name})"
+    else:  # the very reference the run's evaluations scored against (and its cache)
+        from noisevalue.train.reference import run_reference
+
+        ref = run_reference(r)
+        label = ref.label
     if isinstance(ref, str):
         scoring.parse_reference(ref)  # a missing reference fails before sampling
     npz = _draw(sp, ctx, settings, sp.default_out_dir(ctx, settings), batch_size is not None,

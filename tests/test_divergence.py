@@ -56,3 +56,15 @@ def test_sampling_refuses_nonfinite_weights(tiny_overrides, tmp_path):
     result = invoke("sample", tmp_path / "run", "--num", 2, "--out", tmp_path / "s")
     assert result.exit_code == 2 and result.stderr.strip().count("\n") == 0
     assert f"ema.safetensors holds non-finite values ('{key}')" in result.stderr
+
+
+def test_a_diverging_run_is_stopped_at_its_next_logging_step(tiny_overrides, tmp_path):
+    """Steps between logging steps do not wait for the device: a non-finite step is skipped
+    where it happens and the run stops at the next logging step, its weights finite."""
+    result = invoke("run", *tiny_overrides, "train.steps=6", "train.lr=1e6", "train.log_every=3", "train.ckpt_every=6")
+    assert result.exit_code == 2
+    err = result.stderr.strip()
+    assert err.count("\n") == 0 and "; stopped at step 3." in err, err
+    run = tmp_path / "run"
+    last = sorted(run.glob("checkpoints/step_*"))[-1]
+    assert last.name == "step_0000003" and f"are in '{last}'" in err and all_finite(run) is None

@@ -261,6 +261,19 @@ def test_eval_of_a_run_samples_with_the_recipe_settings(run, tmp_path) -> None:
     assert "complete already, reused" in again.output and "cache hit" in again.output
 
 
+def test_eval_of_a_run_equals_its_training_evaluation(tmp_path, cache) -> None:
+    """The same images (image i from the generator (seed, i)), the same reference (the run's,
+    its cached statistics): `noisevalue eval RUN` gives the fd_digits of metrics.json."""
+    out = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith("eval.evaluators")]
+    ok("run", *overrides, "eval.num_samples=30", "sample.batch_size=7", "eval.baselines=false", f"output_dir={out}")
+    trained = json.loads((out / "metrics.json").read_text())["metrics"]["fd_digits"]
+    ok("eval", out, "--batch-size", 11)  # other batches: an image does not depend on its batch
+    record = json.loads(next((out / "samples").glob("*/eval.json")).read_text())
+    # equal but for float32 round-off of other batch compositions (measured: 1.4e-9)
+    assert record["n"] == 30 and record["value"] == pytest.approx(trained, rel=1e-6, abs=0)
+
+
 # -- bad input ---------------------------------------------------------------------------
 def test_bad_input_is_one_line_and_exit_code_2(run, tmp_path) -> None:
     fails_cleanly(["sample", tmp_path / "nowhere"], "nowhere' not found")

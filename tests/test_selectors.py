@@ -186,6 +186,8 @@ def test_rater_selector_scores_in_bf16_and_through_a_compiled_rater(monkeypatch)
     half = RaterSelector(k=4, rater=rater, precision="bf16").scores(x0, y, t, cands)
     assert half.dtype == torch.float32 and not torch.equal(half, full)
     assert torch.allclose(half, full, atol=0.05 * full.abs().max().item())
+    # ranked in float32: the head runs outside autocast, so scores are not bf16-rounded
+    assert not torch.equal(half, half.bfloat16().float())
     assert torch.equal(RaterSelector(k=4, rater=rater).scores(x0, y, t, cands), full)  # auto on CPU: fp32
 
     compiled = []
@@ -203,3 +205,27 @@ def test_rater_selector_scores_in_bf16_and_through_a_compiled_rater(monkeypatch)
     assert len(compiled) == 1
     with pytest.raises(ConfigError, match="precision must be auto, fp32 or bf16, got 'fp16'"):
         RaterSelector(k=4, rater=rater, precision="fp16")
+
+
+def test_a_compiled_raters_reused_output_buffer_is_copied(monkeypatch):
+    """A CUDA graph writes each replay's output into the same buffer: the scores of earlier
+    chunks must be copies, or the last chunk's values overwrite them."""
+    rater = NormRater()
+    x0, y, t, cands = batch(n=6, k=4)
+    eager = RaterSelector(k=4, rater=rater).scores(x0, y, t, cands)
+
+    def graph_like(module, **options):
+        buffer = torch.empty(0)
+
+        def replay(*args):
+            nonlocal buffer
+            out = module(*args).float()
+            if buffer.shape != out.shape:
+                buffer = torch.empty_like(out)
+            return buffer.copy_(out)  # always the same tensor, as a graph's static output
+
+        return replay
+
+    monkeypatch.setattr(torch, "compile", graph_like)
+    chunked = RaterSelector(k=4, rater=rater, compile=True, batch_size=4).scores(x0, y, t, cands)
+    assert torch.equal(chunked, eager)

@@ -194,3 +194,117 @@ def test_an_evaluation_lost_to_a_kill_is_redone_on_resume(tmp_path, tiny_overrid
     for step in (2, 4):
         name = f"step_{step:07d}.png"
         assert (killed / "samples" / name).read_bytes() == (full / "samples" / name).read_bytes()
+
+
+def fused_trainer(tmp_path, *extra):
+    """A tiny digits trainer on the CUDA path, on the CPU: the fused AdamW, which skips a
+    non-finite step itself (``found_inf``) so that no step reads the device's flag."""
+    from noisevalue.config import load_recipe
+    from noisevalue.distributed import DistInfo
+    from noisevalue.train.diffusion_training import DiffusionTraining
+    from tests.conftest import TINY
+
+    recipe = load_recipe("digits", [*TINY, f"output_dir={tmp_path / 'run'}", *extra])
+    trainer = DiffusionTraining(recipe, tmp_path / "run", DistInfo())
+    trainer.setup()
+    trainer.fused = True
+    trainer.optimizer = torch.optim.AdamW([p for p in trainer.model.parameters() if p.requires_grad],
+                                          lr=recipe.train.lr, fused=True)
+    return trainer
+
+
+def test_training_steps_read_nothing_back_between_logging_steps(tmp_path):
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    trainer = fused_trainer(tmp_path, "train.selector={name: max_norm, params: {k: 4}}")
+    reads = [torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__,
+             torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy]
+    found = []
+
+    class HostReads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in reads:
+                frames = [f for f in traceback.extract_stack() if "noisevalue" in f.filename]
+                found.append((func.__name__, frames[-1].filename.replace("\\", "/").rsplit("noisevalue/", 1)[-1]))
+            return func(*args, **(kwargs or {}))
+
+    with HostReads():
+        for step in range(3):
+            trainer.train_step(step)
+    # the only values read are the data order's, a permutation that lives on the host
+    assert found and {where for _, where in found} == {"train/batches.py"}, found
+    with HostReads():
+        trainer.check_finite(3)  # the logging step reads the window: the loop's one sync
+    assert any(where == "train/diffusion_training.py" for _, where in found[3:])
+    assert trainer.window_steps == 3 and trainer.window_loss > 0
+
+
+def test_a_nonfinite_step_is_not_applied_and_is_decided_at_the_logging_step(tmp_path):
+    from noisevalue.ema import unwrap
+
+    trainer = fused_trainer(tmp_path, "train.nonfinite=skip", "train.max_skips=1")
+    fetch = trainer.data.fetch
+
+    def poisoned(indices, flip):  # step 1's images are NaN: its loss and gradient are
+        x, y = fetch(indices, flip)
+        return (x * float("nan"), y) if trainer.poison else (x, y)
+
+    trainer.data.fetch = poisoned
+    trainer.poison = False
+    trainer.train_step(0)
+    before = {k: v.clone() for k, v in unwrap(trainer.model).state_dict().items()}
+    ema_before = {k: v.clone() for k, v in trainer.ema.state_dict().items()}
+    trainer.poison = True
+    trainer.train_step(1)
+    assert all(torch.equal(v, before[k]) for k, v in unwrap(trainer.model).state_dict().items())
+    assert all(torch.equal(v, ema_before[k]) for k, v in trainer.ema.state_dict().items())
+    trainer.poison = False
+    trainer.train_step(2)
+    assert any(not torch.equal(v, before[k]) for k, v in unwrap(trainer.model).state_dict().items())
+    trainer.check_finite(3)
+    assert trainer.skipped == 1 and trainer.window_steps == 2  # the bad step is neither applied nor averaged
+
+
+def test_a_rank_draws_only_its_rows_and_candidate_j_does_not_depend_on_k():
+    from noisevalue.train.batches import draw_noise, draw_step
+
+    full = draw_step(0, 5, 12, (1, 8, 8), 1000, 0.1, True, k=4)
+    part = draw_step(0, 5, 12, (1, 8, 8), 1000, 0.1, True, k=4, rows=(4, 8))
+    for name in ("t", "noise", "drop", "flip"):
+        assert torch.equal(getattr(part, name), getattr(full, name)[4:8]), name
+    vanilla = draw_step(0, 5, 12, (1, 8, 8), 1000, 0.1, True, k=1)
+    assert torch.equal(vanilla.noise[:, 0], full.noise[:, 0])  # vanilla trains on candidate 0 of the pool
+    assert not torch.equal(full.noise[:, 0], full.noise[:, 1])
+    odd = (3, 5, 5)  # 75 values: not a multiple of the 16 that torch.randn fills at a time
+    assert torch.equal(draw_noise(0, 5, 0, 3, odd, 1)[:, 0], draw_noise(0, 5, 0, 3, odd, 3)[:, 0])
+
+
+@pytest.mark.slow
+def test_an_evaluation_on_two_and_three_processes_equals_one_process(tmp_path, tiny_overrides):
+    """The same weights (no training step) evaluated by 1, 2 and 3 gloo processes: 40 samples
+    in blocks of 16 and 150 held-out items in blocks of 64 leave uneven last shards."""
+    base = [o for o in tiny_overrides if not o.startswith(("output_dir", "eval.evaluators"))] + [
+        "train.steps=0", "train.global_batch_size=12", "eval.num_samples=40", "sample.batch_size=16", "eval.loss_images=150",
+        "eval.baselines=true"]
+
+    def run(name, n, cache):
+        env = dict(os.environ, OMP_NUM_THREADS="1", NOISEVALUE_CACHE=str(tmp_path / cache))
+        proc = subprocess.run([sys.executable, "-m", "noisevalue.cli", "run", *base, f"output_dir={tmp_path / name}",
+                               "--nproc-per-node", str(n)], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return json.loads((tmp_path / name / "metrics.json").read_text())["metrics"], proc.stdout
+
+    one, said = run("one", 1, "cache1")
+    assert {"heldout_loss", "fd_digits", "kid_digits", "baseline_train_images/fd_digits"} <= set(one)
+    assert "reference statistics: computed from 40 images" in said  # eval.num_samples of the held-out digits
+    grid = (tmp_path / "one" / "samples" / "step_0000000.png").read_bytes()
+    for n in (2, 3):  # each computes the reference statistics itself, shared by its processes
+        metrics, _ = run(f"n{n}", n, f"cache{n}")
+        assert metrics.keys() == one.keys()
+        for key, value in one.items():
+            assert metrics[key] == pytest.approx(value, rel=1e-6, abs=0), (n, key)
+        assert (tmp_path / f"n{n}" / "samples" / "step_0000000.png").read_bytes() == grid
+    again, said = run("again", 2, "cache1")  # a later run reuses the cached reference statistics
+    assert "reference statistics: cache hit" in said and again == pytest.approx(one, rel=1e-6, abs=0)

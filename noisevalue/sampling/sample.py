@@ -410,8 +410,9 @@ def check_sampling(settings: SampleSettings, out: Path, per_node: int = 1) -> No
 
 def to_uint8_nhwc(unit: torch.Tensor) -> np.ndarray:
     """Float images in [0, 1] ``[n, C, H, W]`` -> uint8 ``[n, H, W, C]`` (rounded, as PNG)."""
-    q = (unit.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    return q.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    from noisevalue.train.evaluate import to_uint8
+
+    return to_uint8(unit).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def _shard_path(out: Path, start: int, stop: int) -> Path:

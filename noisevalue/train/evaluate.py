@@ -99,6 +99,11 @@ def draw_images(
     return image_to_unit(encoder.decode(z)).cpu()
 
 
+def to_uint8(unit: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as the uint8 values a saved sample holds (clamped, rounded)."""
+    return (unit.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def class_labels(start: int, stop: int, num_classes: int) -> torch.Tensor | None:
     """Image ``i``'s class, ``i % num_classes`` (None: unconditional)."""
     return torch.arange(start, stop) % num_classes if num_classes else None
@@ -158,7 +163,7 @@ class Evaluation:
         labels, n, nrow = grid_labels(self.num_classes, self.recipe.sample.per_class)
         parts = share(n, self.recipe.sample.batch_size, self.info)
         pick = (lambda lo, hi: labels[lo:hi]) if labels is not None else (lambda lo, hi: None)
-        images = [(image * 255).round().to(torch.uint8) for image in self._draw(model, parts, STREAM_GRID, pick)]
+        images = [to_uint8(image) for image in self._draw(model, parts, STREAM_GRID, pick)]
         index = torch.cat([torch.arange(lo, hi) for lo, hi in parts]) if parts else torch.zeros(0, dtype=torch.long)
         mine = torch.cat(images) if images else torch.zeros((0, *self._image_shape()), dtype=torch.uint8)
         dev = self.info.device
@@ -172,9 +177,11 @@ class Evaluation:
         return tuple(probe.shape[1:])
 
     def generated(self, model: torch.nn.Module) -> Iterator[torch.Tensor]:
-        """This rank's share of the ``eval.num_samples`` images, block by block."""
-        return self._draw(model, share(self.recipe.eval.num_samples, self.recipe.sample.batch_size, self.info),
-                          STREAM_SAMPLES, lambda lo, hi: class_labels(lo, hi, self.num_classes))
+        """This rank's share of the ``eval.num_samples`` images, block by block, as saved
+        samples are (uint8 values): what `noisevalue eval` scores from `noisevalue sample`."""
+        parts = share(self.recipe.eval.num_samples, self.recipe.sample.batch_size, self.info)
+        for images in self._draw(model, parts, STREAM_SAMPLES, lambda lo, hi: class_labels(lo, hi, self.num_classes)):
+            yield to_uint8(images).float() / 255
 
     # ------------------------------------------------------------------ metrics
     def metrics(self, model: torch.nn.Module) -> dict[str, float]:
