@@ -1,4 +1,5 @@
-"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``, ``nox -s demo``."""
+"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``, ``nox -s demo``,
+``nox -s oldest_torch`` (the tests on the oldest torch that pyproject.toml allows; CI runs it)."""
 
 from pathlib import Path
 
@@ -6,13 +7,29 @@ import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+# the floor of pyproject.toml's torch>=2.6 (torch.nn.utils.get_total_norm arrived in 2.6)
+OLDEST_TORCH = ["torch==2.6.0", "torchvision==0.21.0"]
+
+
+def plugin_args() -> list[str]:
+    return [arg for path in sorted(Path("plugins").iterdir()) if path.is_dir() for arg in ("-e", str(path))]
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    plugins = [arg for path in sorted(Path("plugins").iterdir()) if path.is_dir() for arg in ("-e", str(path))]
-    session.install(*TORCH, "-e", ".[test]", *plugins)  # every package under plugins/
+    session.install(*TORCH, "-e", ".[test]", *plugin_args())  # every package under plugins/
     session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def oldest_torch(session: nox.Session) -> None:
+    """The test suite on the oldest torch pyproject.toml allows. The rehearsal
+    (tests/test_rehearsal.py: the paper recipe under several processes, 9 minutes) runs in
+    the main session only; every other test, multi-process ones included, runs here."""
+    # setuptools >= 77 for the plugin packages the plugin tests build without isolation
+    session.install(*OLDEST_TORCH, "setuptools>=77", "-e", ".[test]", *plugin_args())
+    session.run("python", "-c", "import torch; assert torch.__version__.startswith('2.6.'), torch.__version__")
+    session.run("pytest", "-q", "--deselect", "tests/test_rehearsal.py", *session.posargs)
 
 
 @nox.session

@@ -42,3 +42,25 @@ def diffusion():
     from noisevalue.diffusion import Diffusion
 
     return Diffusion()
+
+
+def tiny_vae_and_images(root):
+    """A tiny random AutoencoderKL (factor 4, 4 latent channels) saved as a local copy at
+    ``root/vae``, and 12 random 20x24 images in two classes at ``root/images``."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=32, layers_per_block=1, sample_size=16,
+    )
+    vae.save_pretrained(root / "vae")
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / "images" / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / "images" / cls / f"{i}.png")

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -22,22 +21,10 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny random AutoencoderKL saved as a local copy, and 12 images in 2 classes."""
-    from diffusers import AutoencoderKL
-    from PIL import Image
+    from tests.conftest import tiny_vae_and_images
 
     root = tmp_path_factory.mktemp("cache")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4, norm_num_groups=32, layers_per_block=1, sample_size=16,
-    )
-    vae.save_pretrained(root / "vae")
-    rng = np.random.default_rng(0)
-    for cls in ("cat", "dog"):
-        (root / "images" / cls).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / "images" / cls / f"{i}.png")
+    tiny_vae_and_images(root)
     (root / "afile").write_text("not a folder")
     return root
 

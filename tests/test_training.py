@@ -84,22 +84,9 @@ def test_two_gloo_processes_equal_one_process_with_the_whole_batch(tmp_path, tin
 
 def test_latent_pipeline_with_a_local_vae_and_image_folder(tmp_path, tiny_overrides):
     """Image folder -> tiny random AutoencoderKL (local copy) -> latent cache -> DiT -> decode."""
-    import numpy as np
-    from diffusers import AutoencoderKL
-    from PIL import Image
+    from tests.conftest import tiny_vae_and_images
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4, norm_num_groups=32, layers_per_block=1, sample_size=16,
-    )
-    vae.save_pretrained(tmp_path / "vae")
-    rng = np.random.default_rng(0)
-    for cls in ("cat", "dog"):
-        (tmp_path / "images" / cls).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "images" / cls / f"{i}.png")
+    tiny_vae_and_images(tmp_path)
     overrides = [
         *tiny_overrides, "~data.dataset.params", "~data.eval_dataset",
         "data.dataset.name=image_folder", f"data.dataset.params.root={tmp_path / 'images'}",

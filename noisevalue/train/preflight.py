@@ -52,21 +52,36 @@ def check_run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, proc
             same_subproblems(meta, subproblems(recipe, processes))
 
 
+class Problems:
+    """Runs checks, keeping every problem they find, to report all of them in one line."""
+
+    def __init__(self) -> None:
+        self.found: list[UserError] = []
+
+    def attempt(self, check: Any, *args: Any) -> Any:
+        """``check(*args)``, or None after keeping the UserError it raised."""
+        try:
+            return check(*args)
+        except UserError as exc:
+            self.found.append(exc)
+            return None
+
+    def raise_found(self) -> None:
+        """The one problem as it is, several as ``N problems: A; B; C``."""
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            raise ConfigError(f"{len(self.found)} problems: " + "; ".join(str(p) for p in self.found))
+
+
 def check_recipe(recipe: Recipe, *, processes: int = 1, per_node: int = 1) -> tuple[tuple[int, int, int], int]:
     """Everything of :func:`check_run` that does not depend on the output folder: device,
     batches, data, weights files, networks and the checkpoints the recipe names. Every
     problem found is reported at once, in one line (``N problems: A; B; C``), so that a
     new machine's missing data, VAE and Inception weights are supplied in one go. Returns
     (the diffusion model's input shape, classes)."""
-    problems: list[UserError] = []
-
-    def attempt(check: Any, *args: Any) -> Any:
-        try:
-            return check(*args)
-        except UserError as exc:
-            problems.append(exc)
-            return None
-
+    problems = Problems()
+    attempt = problems.attempt
     attempt(check_device, recipe.train.device, per_node, "train.device")
     attempt(check_batches, recipe, processes)
     dataset = attempt(check_dataset, recipe.data.dataset, "data.dataset", recipe.seed)
@@ -81,10 +96,7 @@ def check_recipe(recipe: Recipe, *, processes: int = 1, per_node: int = 1) -> tu
         num_classes = int(dataset.num_classes)
         attempt(_check_networks, recipe, shape, num_classes, len(dataset))
     attempt(check_named_checkpoints, recipe, shape, num_classes)
-    if len(problems) == 1:
-        raise problems[0]
-    if problems:
-        raise ConfigError(f"{len(problems)} problems: " + "; ".join(str(p) for p in problems))
+    problems.raise_found()
     assert shape is not None
     return shape, num_classes
 
@@ -100,15 +112,8 @@ def check_cache(recipe: Recipe, cache_dir: str | Path, *, per_node: int = 1) -> 
     from noisevalue.train.data import cache_arguments
 
     where = "data.latent_cache" if recipe.data.latent_cache else "output_dir"
-    problems: list[UserError] = []
-
-    def attempt(check: Any, *args: Any) -> Any:
-        try:
-            return check(*args)
-        except UserError as exc:
-            problems.append(exc)
-            return None
-
+    problems = Problems()
+    attempt = problems.attempt
     encoder = attempt(lambda: registry.build("encoder", recipe.data.encoder, where="data.encoder"))
     if encoder is not None and not encoder.cacheable:
         raise ConfigError(
@@ -118,6 +123,7 @@ def check_cache(recipe: Recipe, cache_dir: str | Path, *, per_node: int = 1) -> 
     attempt(check_device, recipe.train.device, per_node, "train.device")
     attempt(check_output, cache_dir, where)
     dataset = attempt(check_dataset, recipe.data.dataset, "data.dataset", recipe.seed)
+
     def shape() -> Any:
         try:
             return encoder.latent_shape(dataset.channels, dataset.image_size)
@@ -127,10 +133,7 @@ def check_cache(recipe: Recipe, cache_dir: str | Path, *, per_node: int = 1) -> 
     found = None
     if dataset is not None and encoder is not None and attempt(shape) is not None:
         found = attempt(lambda: inspect_latent_cache(dataset, encoder, cache_dir, **cache_arguments(recipe)))
-    if len(problems) == 1:
-        raise problems[0]
-    if problems:
-        raise ConfigError(f"{len(problems)} problems: " + "; ".join(str(p) for p in problems))
+    problems.raise_found()
     assert found is not None
     return (*found, len(dataset))
 
