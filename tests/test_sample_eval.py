@@ -99,7 +99,7 @@ def direct_samples(run: Path, start: int, stop: int, cfg: float, steps: int, eta
     model = DiT_Tiny_2(**meta["backbone"]["params"])
     model.load_state_dict(load_file(str(step / f"{weights}.safetensors")))
     model.eval()
-    gens = [seeded_generator(seed, STREAM_SAMPLES, i) for i in range(start, stop)]
+    gens = [seeded_generator(seed, i, STREAM_SAMPLES) for i in range(start, stop)]
     noise = torch.cat([torch.randn((1, 1, 8, 8), generator=g) for g in gens])
     y = torch.arange(start, stop) % 10
     x = ddim_sample(guided_eps(model, 10, y, cfg), Diffusion(**meta["diffusion"]), noise,

@@ -1,7 +1,7 @@
 """``noisevalue sample``: DDIM samples of a trained run, written in the ADM ``.npz`` format.
 
 What a sample is depends only on its index: image ``i`` starts from noise drawn by a
-generator seeded with ``(seed, STREAM_SAMPLES, i)``, and the DDIM steps (``eta > 0``) draw
+generator seeded with ``(seed, i, STREAM_SAMPLES)``, and the DDIM steps (``eta > 0``) draw
 their noise from the same generator. Work is cut into shards of ``batch_size`` consecutive
 images; each shard is one batch of the model, written to ``shards/`` as soon as it is done
 (temporary file + rename), so

@@ -26,8 +26,8 @@ from noisevalue.errors import ConfigError
 
 STREAM_ORDER = 0
 STREAM_TRAIN = 1
-STREAM_SAMPLE = 2
-STREAM_EVAL = 3
+# 2: a run's sample grid until it drew per image (STREAM_GRID)
+STREAM_EVAL = 3  # the evaluation's pixel-shuffled baseline
 STREAM_META = 4
 STREAM_VAL = 5
 STREAM_SPLIT = 6
@@ -51,9 +51,11 @@ def seeded_generator(*key: int) -> torch.Generator:
 
 
 def image_generators(seed: int, start: int, stop: int, stream: int = STREAM_SAMPLES) -> list[torch.Generator]:
-    """One generator per image ``start..stop-1``, seeded by ``(seed, stream, i)``: what an
-    image is depends on its index only, not on the batch or the process that draws it."""
-    return [seeded_generator(seed, stream, i) for i in range(start, stop)]
+    """One generator per image ``start..stop-1``, seeded by ``(seed, i, stream)``: what an
+    image is depends on its index only, not on the batch or the process that draws it. The
+    index takes the place of a step in the key, the stream the place of a stream, so no
+    image shares its generator with a training step's draws."""
+    return [seeded_generator(seed, i, stream) for i in range(start, stop)]
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

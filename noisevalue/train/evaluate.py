@@ -2,7 +2,7 @@
 the evaluators' metrics, written to ``metrics.json``.
 
 What an image is depends on its index only: image ``i`` starts from noise drawn by the
-generator ``(seed, STREAM_SAMPLES, i)``, which also draws its DDIM noise (``eta > 0``), and
+generator ``(seed, i, STREAM_SAMPLES)``, which also draws its DDIM noise (``eta > 0``), and
 has class ``i % classes``: the very images ``noisevalue sample`` draws for the run's seed.
 Every set (generated images, reference images, held-out items) is cut into blocks and
 block ``b`` belongs to rank ``b % world_size``, so
