@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from noisevalue import registry
 from noisevalue.checkpoint import atomic_file, atomic_write_text
 from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion, ddim_sample, guided_eps
@@ -146,7 +145,9 @@ class Evaluation:
         self.encoder, self.latent_shape, self.num_classes, self.diffusion = encoder, latent_shape, num_classes, diffusion
         self.joined = [info.distributed and isinstance(e, Evaluator) and bool(e.join(info)) for e in evaluators]
         self.train_dataset = train_dataset if recipe.eval.baselines else None
-        self.heldout = HeldoutLoss(recipe, encoder, num_classes, info) if recipe.eval.loss_draws else None
+        self.reference = run_reference(recipe)
+        self.heldout = (HeldoutLoss(recipe, self.reference.dataset(), encoder, num_classes, info)
+                        if recipe.eval.loss_draws else None)
         self.sampling = Sampling.of(recipe)
         self._baselines: dict[str, float] | None = None
 
@@ -216,9 +217,8 @@ class Evaluation:
         return {k: float(v) for k, v in evaluator.evaluate(stream).items()}
 
     def _prepare(self) -> None:
-        reference = run_reference(self.recipe)
         for evaluator, joined in zip(self.evaluators, self.joined, strict=True):
-            prepare_reference(evaluator, reference, info=self.info, joined=joined)
+            prepare_reference(evaluator, self.reference, info=self.info, joined=joined)
 
     def _baseline_metrics(self) -> dict[str, float]:
         """Real training images (a floor) and pixel-shuffled ones (a ceiling), scored once."""
@@ -251,8 +251,9 @@ class Evaluation:
 
 
 class HeldoutLoss:
-    """The denoising loss on a fixed, paired held-out set: up to ``eval.loss_images``
-    reference images (their latents and labels) x ``eval.loss_draws`` (t, noise) draws.
+    """The denoising loss on a fixed, paired held-out set: up to ``eval.loss_images`` images
+    of the reference ``dataset`` (their latents and labels) x ``eval.loss_draws`` (t, noise)
+    draws.
 
     The images and every draw come from fixed seeds that do not depend on the run, so every
     method, seed and step is scored on exactly the same (x0, y, t, noise): differences
@@ -263,10 +264,8 @@ class HeldoutLoss:
     scores its own blocks (the float64 sums are added over the processes).
     """
 
-    def __init__(self, recipe: Recipe, encoder: Any, num_classes: int, info: DistInfo) -> None:
-        e, ref = recipe.eval, run_reference(recipe)
-        where = "data.eval_dataset" if recipe.data.eval_dataset else "data.dataset"
-        dataset = registry.build("dataset", ref.component, where=where)  # type: ignore[arg-type]
+    def __init__(self, recipe: Recipe, dataset: Any, encoder: Any, num_classes: int, info: DistInfo) -> None:
+        e = recipe.eval
         chosen = subset(len(dataset), e.loss_images, HELDOUT_SEED)
         self.n, self.draws, self.info = len(chosen), e.loss_draws, info
         self.batch_size = recipe.sample.batch_size

@@ -22,7 +22,7 @@ import json
 import re
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch
 from noisevalue import registry
 from noisevalue.checkpoint import atomic_write_text
 from noisevalue.config import Component, Recipe
-from noisevalue.distributed import DistInfo, broadcast_object
+from noisevalue.distributed import DistInfo, all_reduce_sum, broadcast_object
 from noisevalue.errors import ConfigError, DataError, UserError
 from noisevalue.files import display_path
 from noisevalue.train.build import image_to_unit
@@ -73,6 +73,8 @@ class Reference:
     has_images: bool = False  # a stats .npz that also holds arr_0 (ADM reference batches)
     count: int | None = None
     seed: int = REFERENCE_SEED
+    where: str = "data.eval_dataset"  # the recipe key of ``component``, for messages
+    _dataset: Any = field(default=None, repr=False, compare=False)
 
     def blocks(self, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
         """Float images in [0, 1], in blocks of :data:`BLOCK`; block ``b`` only where
@@ -101,8 +103,11 @@ class Reference:
                 yield image_to_unit(read_items(dataset, part)[0])
 
     def dataset(self) -> Any:
+        """The dataset component, built once (an image folder scans its files to build)."""
         assert self.component is not None
-        return registry.build("dataset", self.component, where="data.eval_dataset")
+        if self._dataset is None:
+            self._dataset = registry.build("dataset", self.component, where=self.where)
+        return self._dataset
 
 
 def run_reference(recipe: Recipe) -> Reference:
@@ -110,7 +115,7 @@ def run_reference(recipe: Recipe) -> Reference:
     ``data.eval_dataset`` (else ``data.dataset``) chosen by :data:`REFERENCE_SEED`."""
     comp = recipe.data.eval_dataset or recipe.data.dataset
     where = "data.eval_dataset" if recipe.data.eval_dataset else "data.dataset"
-    return Reference("dataset", f"{where} ({comp.name})", component=comp, count=recipe.eval.num_samples)
+    return Reference("dataset", f"{where} ({comp.name})", component=comp, count=recipe.eval.num_samples, where=where)
 
 
 def parse_reference(reference: str | Path | Component | Reference) -> Reference:
@@ -255,8 +260,11 @@ def prepare_reference(
 
     if joined or info.is_main:
         evaluator.prepare(counting())
+    if joined and info.distributed:  # every process read its share
+        counted[0] = int(all_reduce_sum(torch.tensor([counted[0]], device=info.device), info))
     if not info.is_main:
         return {}
+    # an evaluator that read a statistics file of its own says how many images it stands for
     n = int(getattr(evaluator, "reference_count", None) or counted[0])
     if plan["cache"] is None:
         say(f"reference: {n} images (this evaluator keeps no statistics to cache)")
