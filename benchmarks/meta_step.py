@@ -133,11 +133,12 @@ def run_one(args: argparse.Namespace) -> dict:
 
         rater = registry.create("rater", args.rater, input_size=args.size, in_channels=args.channels, num_classes=10)
     backbone, rater = backbone.to(device), rater.to(device)
-    backbone.gradient_checkpointing = rater.gradient_checkpointing = bool(args.ckpt)
+    for net in (backbone, rater):
+        net.gradient_checkpointing = bool(args.ckpt)  # type: ignore[assignment]
     g = torch.Generator().manual_seed(1)
     shape = (args.channels, args.size, args.size)
 
-    def common(b):
+    def common(b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (
             torch.randn(b, *shape, generator=g).to(device),
             torch.randint(0, 11, (b,), generator=g).to(device),

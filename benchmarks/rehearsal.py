@@ -1,6 +1,6 @@
 """A rehearsal of the paper's recipe at its own process counts, on the CPU.
 
-    python benchmarks/rehearsal.py [--work DIR] [--procs 4] [--markdown]
+    python benchmarks/rehearsal.py [--work DIR] [--procs 4] [--reuse]
     python benchmarks/rehearsal.py --small          # the CI-sized version (tests/test_rehearsal.py)
 
 The shipped ``imagenet_cond`` recipe, changed in sizes only: ``DiT-Tiny/2``; a generated
@@ -73,7 +73,7 @@ def make_vae(path: Path) -> None:
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=64,
     )
-    vae.save_pretrained(path)
+    vae.save_pretrained(path)  # type: ignore[attr-defined]
 
 
 def make_inception(path: Path) -> None:
@@ -188,11 +188,13 @@ class PeakMemory:
 
 
 def launch(work: Path, name: str, extra: list[str], size: str, layout: tuple[int, int],
-           env: dict[str, str]) -> tuple[float, dict[str, int], Path]:
-    """``noisevalue run imagenet_cond`` into ``work/name`` on ``nodes x per_node`` processes."""
+           env: dict[str, str], resume: bool = False) -> tuple[float, dict[str, int], Path]:
+    """``noisevalue run imagenet_cond`` into ``work/name`` on ``nodes x per_node`` processes;
+    from scratch, or (``resume``) on from what an interrupted launch left there."""
     nodes, per_node = layout
     out = work / name
-    shutil.rmtree(out, ignore_errors=True)
+    if not resume:
+        shutil.rmtree(out, ignore_errors=True)
     base = [sys.executable, "-m", "noisevalue.cli", "run", "imagenet_cond", *overrides(work, size), *extra,
             f"output_dir={out}"]
     if nodes == 1:
@@ -202,7 +204,7 @@ def launch(work: Path, name: str, extra: list[str], size: str, layout: tuple[int
         commands = [base + ["--nproc-per-node", str(per_node), "--nnodes", str(nodes), "--node-rank", str(r),
                             "--rdzv-endpoint", endpoint, "--rdzv-id", name] for r in range(nodes)]
     start = time.perf_counter()
-    logs = [open(work / f"{name}.node{i}.log", "w") for i in range(len(commands))]  # noqa: SIM115
+    logs = [open(work / f"{name}.node{i}.log", "a" if resume else "w") for i in range(len(commands))]  # noqa: SIM115
     procs = [subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT, env=env) for c, log in
              zip(commands, logs, strict=True)]
     with PeakMemory(procs) as memory:
@@ -266,8 +268,12 @@ def max_relative(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]])
     return worst
 
 
-def rehearse(work: Path, size: str = "full", procs: int = 4, say=print) -> dict:
-    """Every layout, evaluation-only then the protocol; returns the figures."""
+def rehearse(work: Path, size: str = "full", procs: int = 4, say=print, reuse: bool = False) -> dict:
+    """Every layout, evaluation-only then the protocol; returns the figures. Each finished run
+    leaves its figures in ``work/<run>.json``. With ``reuse``, a run that has them is not
+    launched again, and one that was interrupted resumes (``noisevalue run`` skips its finished
+    stages): its wall time and peaks are then those of the resumed launch only, and its row
+    says so; its evaluation time (from ``timings.jsonl``) is still the whole run's."""
     work.mkdir(parents=True, exist_ok=True)
     make_standins(work, size)
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", NOISEVALUE_CACHE=str(work / "cache"))
@@ -276,10 +282,18 @@ def rehearse(work: Path, size: str = "full", procs: int = 4, say=print) -> dict:
     for kind, extra in (("eval_only", ["workflow=pretrain", "train.steps=0"]), ("protocol", [])):
         for label, layout in layouts.items():
             name = f"{kind}-{layout[0]}x{layout[1]}"
-            shutil.rmtree(work / "cache", ignore_errors=True)  # each layout computes its reference itself
-            took, memory, out = launch(work, name, extra, size, layout, env)
+            record = work / f"{name}.json"
+            if reuse and record.is_file():
+                report[kind][label] = json.loads(record.read_text())
+                say(f"{kind}, {label}: figures of the finished run in {record}")
+                continue
+            resumed = reuse and (work / name).is_dir()
+            if not resumed:
+                shutil.rmtree(work / "cache", ignore_errors=True)  # each layout computes its reference itself
+            took, memory, out = launch(work, name, extra, size, layout, env, resume=resumed)
             report[kind][label] = {"wall_s": took, "peak_kib": memory, "metrics": stage_metrics(out),
-                                   "eval_s": eval_seconds(out), "out": str(out)}
+                                   "eval_s": eval_seconds(out), "out": str(out), "resumed": resumed}
+            record.write_text(json.dumps(report[kind][label], indent=2))
             say(f"{kind}, {label}: {took:.0f} s, eval {sum(eval_seconds(out).values()):.0f} s, peak "
                 + ", ".join(f"{k} {v / 1024:.0f} MiB" for k, v in sorted(memory.items())))
         one = report[kind]["1 process"]
@@ -300,7 +314,8 @@ def markdown(report: dict) -> str:
             shown = "—" if diff is None else ", ".join(f"{k} {v:.1e}" for k, v in sorted(diff.items()) if "baseline" not in k)
             if "weights_rel_diff" in row:
                 shown += f"; weights {row['weights_rel_diff']:.1e}"
-            lines.append(f"| {title} | {label} | {row['wall_s']:.0f} | {sum(row['eval_s'].values()):.0f} | {peaks} | {shown} |")
+            wall = f"{row['wall_s']:.0f}" + (" (resumed launch only)" if row.get("resumed") else "")
+            lines.append(f"| {title} | {label} | {wall} | {sum(row['eval_s'].values()):.0f} | {peaks} | {shown} |")
     return "\n".join(lines)
 
 
@@ -309,9 +324,10 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("rehearsal"))
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--small", action="store_true", help="the CI-sized version")
-    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the figures of finished runs in --work, resume an interrupted one")
     args = ap.parse_args()
-    report = rehearse(args.work, "small" if args.small else "full", args.procs)
+    report = rehearse(args.work, "small" if args.small else "full", args.procs, reuse=args.reuse)
     (args.work / "report.json").write_text(json.dumps(report, indent=2))
     print(markdown(report))
     worst = max((v for row in report["eval_only"].values() for v in row.get("max_rel_diff", {}).values()), default=0.0)

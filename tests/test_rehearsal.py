@@ -4,6 +4,7 @@ VAE and Inception weights) in one process, under ``--nproc-per-node 4`` and as t
 launchers of 2 processes on the loopback address."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,34 @@ def test_the_paper_recipe_runs_on_4_processes_and_2_machines_as_on_one(tmp_path)
         # training: the same draws on every layout; only the summation order of the
         # gradient average differs (measured: at most 8e-8)
         assert report["protocol"][label]["weights_rel_diff"] < 1e-4, label
+
+
+def test_a_reused_rehearsal_launches_only_what_has_no_figures(tmp_path, monkeypatch):
+    """``--reuse``: a finished run (its ``<run>.json``) is read back, not launched; an
+    interrupted one (its folder, no figures) resumes where it stopped; the rest start afresh."""
+    rehearsal = load_rehearsal()
+    monkeypatch.setattr(rehearsal, "make_standins", lambda work, size: None)
+    finished = {"wall_s": 5.0, "peak_kib": {"launcher 0": 2048}, "metrics": {".": {"fid": 1.0}},
+                "eval_s": {".": 3.0}, "out": str(tmp_path / "eval_only-1x1"), "resumed": False}
+    (tmp_path / "eval_only-1x1.json").write_text(json.dumps(finished))
+    (tmp_path / "protocol-1x1").mkdir()  # interrupted: a folder without figures
+    launched = []
+
+    def launch(work, name, extra, size, layout, env, resume=False):
+        launched.append((name, resume))
+        (work / name).mkdir(exist_ok=True)
+        return 7.0, {"launcher 0": 1024}, work / name
+
+    monkeypatch.setattr(rehearsal, "launch", launch)
+    monkeypatch.setattr(rehearsal, "weight_difference", lambda one, other: 0.0)
+    report = rehearsal.rehearse(tmp_path, "small", procs=4, say=lambda _: None, reuse=True)
+    assert launched == [("eval_only-1x4", False), ("eval_only-2x2", False), ("protocol-1x1", True),
+                        ("protocol-1x4", False), ("protocol-2x2", False)]
+    assert report["eval_only"]["1 process"] == finished
+    assert report["protocol"]["1 process"]["resumed"] is True
+    table = rehearsal.markdown(report)
+    assert "| the protocol | 1 process | 7 (resumed launch only) |" in table
+    assert "| evaluation of the initial weights | 1 process | 5 | 3 | launcher 0: 2 |" in table
+    # each launched run left its figures for the next reuse
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == sorted(
+        f"{kind}-{layout}.json" for kind in ("eval_only", "protocol") for layout in ("1x1", "1x4", "2x2"))
