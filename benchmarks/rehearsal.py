@@ -291,10 +291,11 @@ def rehearse(work: Path, size: str = "full", procs: int = 4, say=print, reuse: b
             if not resumed:
                 shutil.rmtree(work / "cache", ignore_errors=True)  # each layout computes its reference itself
             took, memory, out = launch(work, name, extra, size, layout, env, resume=resumed)
-            report[kind][label] = {"wall_s": took, "peak_kib": memory, "metrics": stage_metrics(out),
-                                   "eval_s": eval_seconds(out), "out": str(out), "resumed": resumed}
-            record.write_text(json.dumps(report[kind][label], indent=2))
-            say(f"{kind}, {label}: {took:.0f} s, eval {sum(eval_seconds(out).values()):.0f} s, peak "
+            row: dict = {"wall_s": took, "peak_kib": memory, "metrics": stage_metrics(out),
+                         "eval_s": eval_seconds(out), "out": str(out), "resumed": resumed}
+            report[kind][label] = row
+            record.write_text(json.dumps(row, indent=2))
+            say(f"{kind}, {label}: {took:.0f} s, eval {sum(row['eval_s'].values()):.0f} s, peak "
                 + ", ".join(f"{k} {v / 1024:.0f} MiB" for k, v in sorted(memory.items())))
         one = report[kind]["1 process"]
         for label in list(layouts)[1:]:
