@@ -1,5 +1,7 @@
 """Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s typecheck``, ``nox -s demo``,
-``nox -s oldest_torch`` (the tests on the oldest torch that pyproject.toml allows; CI runs it)."""
+``nox -s oldest_torch`` (the tests on the oldest torch that pyproject.toml allows; run it before a release and
+whenever a newer torch API is used: it installs torch 2.6.0 with its CUDA libraries, some 3 GB,
+too slow a download for CI)."""
 
 from pathlib import Path
 
