@@ -295,3 +295,41 @@ def test_an_evaluation_on_two_and_three_processes_equals_one_process(tmp_path, t
         assert (tmp_path / f"n{n}" / "samples" / "step_0000000.png").read_bytes() == grid
     again, said = run("again", 2, "cache1")  # a later run reuses the cached reference statistics
     assert "reference statistics: cache hit" in said and again == pytest.approx(one, rel=1e-6, abs=0)
+
+
+def test_every_method_of_a_seed_sees_the_same_images_timesteps_and_pool_and_vanilla_trains_on_candidate_0(tmp_path):
+    """Paired by construction, end to end: the trainer of vanilla (``random``, k=1) and of
+    min-norm selection (k=4) feed the loss the same images and timesteps at every step, and
+    the noise each trains on is candidate 0 (vanilla) and the smallest candidate (min-norm)
+    of one and the same pool, the one ``draw_noise`` gives for that seed and step."""
+    from noisevalue.config import load_recipe
+    from noisevalue.distributed import DistInfo
+    from noisevalue.train.batches import draw_noise
+    from noisevalue.train.diffusion_training import DiffusionTraining
+    from tests.conftest import TINY
+
+    def fed(name: str, selector: str) -> list[tuple]:
+        recipe = load_recipe("digits", [*TINY, f"output_dir={tmp_path / name}", "seed=3",
+                                        f"train.selector={{name: {selector}}}"])
+        trainer = DiffusionTraining(recipe, tmp_path / name, DistInfo())
+        trainer.setup()
+        seen = []
+        loss = trainer.diffusion.per_sample_loss
+
+        def spy(model, x0, t, y, noise, t_cond=None):
+            seen.append((x0.clone(), t.clone(), noise.clone()))
+            return loss(model, x0, t, y, noise, t_cond)
+
+        trainer.diffusion.per_sample_loss = spy  # type: ignore[method-assign]
+        for step in range(3):
+            trainer.train_step(step)
+        return seen
+
+    vanilla, min_norm = fed("vanilla", "random"), fed("min_norm", "min_norm")
+    for step, ((x_v, t_v, n_v), (x_m, t_m, n_m)) in enumerate(zip(vanilla, min_norm, strict=True)):
+        assert torch.equal(x_v, x_m) and torch.equal(t_v, t_m)
+        pool = draw_noise(3, step, 0, 8, (1, 8, 8), k=4)
+        assert torch.equal(n_v, pool[:, 0])
+        smallest = pool.flatten(2).norm(dim=2).argmin(dim=1)
+        assert torch.equal(n_m, pool[torch.arange(8), smallest])
+        assert not torch.equal(n_v, n_m)
