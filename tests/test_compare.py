@@ -17,7 +17,8 @@ def invoke(*args):
 
 def test_compare_runs_selectors_and_loss_weightings_with_paired_seeds(tmp_path, tiny_overrides):
     args = ["compare", *tiny_overrides, *META, "meta.outer_steps=2", "select.steps=4", "select.eval_every=4",
-            "select.seeds=[0,1]", "--method", "min_snr", "--method", "max_norm", "--method", "rater"]
+            "select.seeds=[0,1]", "--method", "min_snr", "--method", "max_norm", "--method", "rater",
+            "eval.evaluators=[{name: fid, params: {features: digits}}]", "eval.num_samples=20", "eval.baselines=false"]
     first = invoke(*args)
     assert first.exit_code == 0, (first.output, first.exception)
     root = tmp_path / "run"
@@ -46,6 +47,19 @@ def test_compare_runs_selectors_and_loss_weightings_with_paired_seeds(tmp_path, 
 
     assert values("vanilla", "4") == values("min_snr", "4")  # the shared start, per seed
     assert values("vanilla", "8") != values("min_snr", "8")
+    # the start is scored per seed, with the seed of its continuations: stage (i)'s last
+    # evaluation for seed 0, a 0-step continuation with seed 1 (its sample noise) for seed 1
+    def start(metric, seed):
+        return next(float(r["value"]) for r in rows if r["run"] == "vanilla" and r["metric"] == metric
+                    and r["step"] == "4" and r["seed"] == str(seed))
+
+    pretrain = json.loads((root / "pretrain" / "metrics.json").read_text())["history"][-1]
+    seed1 = json.loads((root / "start-seed1" / "metrics.json").read_text())["history"][-1]
+    assert seed1["step"] == pretrain["step"] == 4
+    assert json.loads((root / "start-seed1" / "stage.json").read_text())["seed"] == 1
+    assert start("fd_digits", 0) == pretrain["fd_digits"] and start("fd_digits", 1) == seed1["fd_digits"]
+    assert start("fd_digits", 0) != start("fd_digits", 1)
+    assert start("heldout_loss", 0) == start("heldout_loss", 1) == pretrain["heldout_loss"]  # no seed in it
 
     second = invoke(*args)  # everything reused, the same tables
     assert second.exit_code == 0 and "starting" not in second.output

@@ -21,7 +21,7 @@ from noisevalue.config import ABLATION_INPUTS, Component, Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
 from noisevalue.experiments import stages
-from noisevalue.experiments.protocol import VANILLA, seed_rater, start_row
+from noisevalue.experiments.protocol import VANILLA, seed_rater, seed_start, start_row
 from noisevalue.experiments.tables import Run, tables_for, write_tables
 
 FULL = "full rater"
@@ -64,16 +64,17 @@ def run_ablate(
     full_base = root / "select" / shared if shared else out / "full" / "select"
 
     pretrained = stages.pretrain(recipe, info, say)
-    start = start_row(pretrained)
-    origin = int(start["step"])
+    origin = int(start_row(pretrained)["step"])
     labels = {FULL: f"{FULL} (k={k})", VANILLA: f"{VANILLA} (k=1)"}
     runs: list[Run] = []
 
     def add(label: str, seed: int, run_dir: Path, sel: Component) -> None:
         history = stages.continue_training(recipe, info, say, pretrained, run_dir, sel, recipe.select.steps, seed=seed)
-        runs.append(Run(labels.get(label, label), seed, origin, start, history))
+        runs.append(Run(labels.get(label, label), seed, origin, starts[seed], history))
 
+    starts: dict[int, dict] = {}
     for seed in recipe.continuation_seeds():
+        starts[seed] = seed_start(recipe, info, say, pretrained, seed)
         full = seed_rater(recipe, info, say, pretrained, seed)
         add(FULL, seed, stages.seeded_dir(full_base, seed, recipe), stages.with_rater(selector, {"trained": full}))
         for removed, rater in raters.items():

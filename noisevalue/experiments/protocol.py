@@ -4,10 +4,13 @@
     <output_dir>/rater/             stage (ii): rater meta-training on the stage-(i) checkpoint
     <output_dir>/rater-untrained/   the same rater before its first outer step (a control)
     <output_dir>/select/<method>/   stage (iii): continuation from stage (i) per selection method
+    <output_dir>/start-seed<N>/     the stage-(i) weights scored with seed N's sample noise
     <output_dir>/comparison.{md,csv,png}
 
 Every continuation starts from the same checkpoint with the same seed, so the methods differ
-only in how each sample's noise is chosen. A selector that declares ``needs_rater`` gets the
+only in how each sample's noise is chosen: they see the same images, timesteps and pool of k
+candidates at every step, and vanilla trains on candidate 0 of that pool. The start column
+is evaluated per seed, with the sample noise that seed's later evaluations use. A selector that declares ``needs_rater`` gets the
 rater of its own seed: the meta-trained one (``rater``) or its untrained initialisation
 (``random_rater``). With ``select.seeds`` listing several seeds, stages (ii) and (iii) run
 once per seed (folders ``<name>-seed<N>``) and the tables report the mean, a 95% confidence
@@ -26,11 +29,26 @@ from noisevalue.experiments.tables import Run, primary_metric, tables_for, write
 
 VANILLA = "vanilla"
 UNTRAINED_DIR = "rater-untrained"
+START_DIR = "start"
 
 
 def start_row(run_dir: Path) -> dict:
     """The last evaluation of a run (the start of its continuations)."""
     return stages.evaluations(run_dir)[-1]
+
+
+def seed_start(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained: Path, seed: int) -> dict:
+    """The evaluation a seed's continuations start from: the stage-(i) weights scored with
+    that seed's sample noise and reference subset, so that its later evaluations differ from
+    it by training alone. For the recipe's own seed that is stage (i)'s last evaluation (the
+    same weights and seed); for another, a continuation of 0 steps (``start-seed<N>``). The
+    held-out loss does not depend on the seed."""
+    if seed == recipe.seed:
+        return start_row(pretrained)
+    run_dir = stages.seeded_dir(Path(recipe.output_dir) / START_DIR, seed, recipe)
+    stages.continue_training(recipe, info, say, pretrained, run_dir, Component(name="random", params={"k": 1}),
+                             0, seed=seed)
+    return start_row(run_dir)
 
 
 def seed_rater(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained: Path, seed: int,
@@ -53,11 +71,11 @@ def continuations(recipe: Recipe, info: DistInfo, say: stages.Say) -> tuple[list
     per method of ``select.methods`` (stage iii), each in its own folder under
     ``<output_dir>/select/<label>``. Returns the runs and the step they start from."""
     pretrained = stages.pretrain(recipe, info, say)
-    start = start_row(pretrained)
-    origin = int(start["step"])
+    origin = int(start_row(pretrained)["step"])
     needs = {stages.needed_rater(c) for c in recipe.select.methods.values()} - {None}
     runs: list[Run] = []
     for seed in recipe.continuation_seeds():
+        start = seed_start(recipe, info, say, pretrained, seed)
         raters: dict[str, Path] = {}
         if "trained" in needs:
             raters["trained"] = seed_rater(recipe, info, say, pretrained, seed)
