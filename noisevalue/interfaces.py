@@ -177,6 +177,9 @@ class NoiseSelector(ABC):
       process's batch, flattened sample-major (``candidates.flatten(0, 1)``): a selector may
       then pair noises to samples across the batch, as a batch assignment does. It is
       called even with k = 1.
+    * ``last_gain`` (an attribute a selector may set in ``select``): ``[N]``, what each
+      pick gains over candidate 0 by the selector's own first-order measure (the oracle's
+      alignment difference); the trainer's noise diagnostics average it per timestep bin.
     """
 
     k: int = 1

@@ -115,4 +115,8 @@ class OracleSelector(NoiseSelector):
         if candidates.ndim != 5 or candidates.shape[1] != self.k or candidates.shape[0] != x0.shape[0]:
             raise ValueError(f"OracleSelector (k={self.k}) expects candidates [N, {self.k}, C, H, W] for "
                              f"{x0.shape[0]} samples, got {list(candidates.shape)}")
-        return self.scores(x0, y, t, candidates).argmax(dim=1)
+        scores = self.scores(x0, y, t, candidates)
+        pick = scores.argmax(dim=1)
+        # what the pick gains over candidate 0 at first order (the training's noise diagnostics)
+        self.last_gain = scores.gather(1, pick[:, None])[:, 0] - scores[:, 0]
+        return pick

@@ -25,6 +25,7 @@ from noisevalue.ema import EMA, unwrap
 from noisevalue.errors import CheckpointError, UserError
 from noisevalue.interfaces import NULL_TIMESTEP, TrainingContext
 from noisevalue.train import evaluate as ev
+from noisevalue.train import noise_stats as ns
 from noisevalue.train.batches import (
     STREAM_ORACLE,
     STREAM_SELECT,
@@ -106,6 +107,7 @@ class DiffusionTraining(Trainer):
                                         self.diffusion, train_set)
         self.window_loss, self.window_steps = 0.0, 0  # the training-loss log window, on the host
         self._reset_device_window()
+        self.noise_stats = ns.NoiseStats(self.latent_shape, self.diffusion.num_timesteps, info.device)
         if self.resume:
             self._restore()
         elif r.train.init_from:
@@ -142,6 +144,9 @@ class DiffusionTraining(Trainer):
         self.load(path, with_optimizer=True)
         if (path / f"{SAMPLER_GROUP}.safetensors").is_file():  # this run's own adaptive state
             self.timesteps.load_state_dict(ckpt.load_tensors(path, SAMPLER_GROUP))
+        if self.info.is_main and (path / f"{ns.GROUP}.safetensors").is_file():
+            # the sums over every process so far: rank 0 carries them, the others add from 0
+            self.noise_stats.load_state_dict(ckpt.load_tensors(path, ns.GROUP, self.info.device))
 
     def load(self, path: Path, with_optimizer: bool) -> None:
         meta = ckpt.read_meta(path)
@@ -194,6 +199,7 @@ class DiffusionTraining(Trainer):
         if self.num_classes:
             y_in = to_device(torch.where(drop[lo:hi], torch.full_like(y, self.num_classes), y), dev)
         candidates = to_device(draw_noise(r.seed, step, lo, hi, self.latent_shape, self.selector.k), dev)
+        gain = None
         if candidates.shape[1] == 1 and self.selector.pool == "sample":
             noise = candidates[:, 0]
         else:  # the selector sees the dropped label, as the rater did in meta-training
@@ -207,6 +213,8 @@ class DiffusionTraining(Trainer):
                 noise = candidates.flatten(0, 1)[pick]
             else:
                 noise = candidates[torch.arange(len(pick), device=dev), pick]
+            gain = getattr(self.selector, "last_gain", None)
+        self.noise_stats.add(noise, t, gain)
         t_cond = None
         if self.time_drop > 0:  # the time condition dropped to the null time (seeded, own stream)
             g = seeded_generator(r.seed, step, STREAM_TIME_DROP)
@@ -331,6 +339,7 @@ class DiffusionTraining(Trainer):
                     self.evaluate()
 
     def save_checkpoint(self) -> None:
+        noise = self.noise_stats.reduced(self.info)  # a collective: before rank 0 writes
         if self.info.is_main:
             opt_tensors, opt_meta = ckpt.optimizer_to_flat(self.optimizer.state_dict())
             meta = ckpt.CheckpointMeta(
@@ -347,6 +356,11 @@ class DiffusionTraining(Trainer):
             sampler_state = self.timesteps.state_dict()
             if sampler_state:
                 tensors[SAMPLER_GROUP] = sampler_state
+            tensors[ns.GROUP] = noise
+            if noise["scalars"][0].sum() > 0:  # no file from a run of 0 steps
+                # before the checkpoint: a kill between the two replays the steps and rewrites it
+                ckpt.atomic_write_text(self.run_dir / ns.FILE,
+                                       json.dumps({"step": self.step, **ns.summary(noise)}, indent=1) + "\n")
             ckpt.save_checkpoint(self.ckpt_dir, tensors, meta, *self.retention())
         barrier(self.info)
 
