@@ -38,8 +38,8 @@ from noisevalue.config import Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
 from noisevalue.experiments import stages
+from noisevalue.experiments.paired import mean_ci
 from noisevalue.experiments.rater_stats import spearman
-from noisevalue.experiments.tables import mean_ci
 from noisevalue.train.batches import seeded_generator, validation_split
 from noisevalue.train.run_log import read_scalar
 

@@ -8,12 +8,9 @@ digits feature distance, KID).
 With several seeds a cell is the mean and the half-width of its 95% confidence interval
 (Student t), and every row is compared with the reference row (vanilla training in the
 protocol) seed by seed: same seed = same data order, timesteps and candidate noises, so the
-paired difference removes the spread between seeds. For the last step the table gives the
-mean paired difference, its 95% interval, the p-value of the paired t-test and the minimum
-detectable effect: the smallest true difference that n seeds with the observed spread of
-the differences would detect with 80% power at p < 0.05. A difference below it that is not
-significant is "not detectable with these seeds", not "no effect". Rows without shared
-seeds fall back to Welch's t-test. With one seed the table says that nothing can be told.
+paired difference removes the spread between seeds (:mod:`.paired`). For the last step the
+table gives the mean paired difference, its 95% interval, the p-value of the paired t-test
+and the minimum detectable effect. Rows without shared seeds fall back to Welch's t-test. With one seed the table says that nothing can be told.
 """
 
 from __future__ import annotations
@@ -21,15 +18,20 @@ from __future__ import annotations
 import csv
 import io
 import math
-import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from noisevalue.checkpoint import atomic_file, atomic_write_text
+from noisevalue.experiments.paired import (
+    ALPHA,
+    POWER,
+    PairedDifference,
+    mean_ci,
+    p_value,
+    paired_difference,
+)
 
-ALPHA = 0.05
-POWER = 0.8
 PRIMARY = "heldout_loss"
 HIGHER_IS_BETTER: frozenset[str] = frozenset()  # every metric reported so far is lower-is-better
 
@@ -113,93 +115,6 @@ def tables_for(title: str, runs: Sequence[Run], reference: str | None,
         tables.append(ResultTable(title, metric, list(rows.values()), reference,
                                   lower_is_better=metric not in HIGHER_IS_BETTER, also_against=tuple(also_against)))
     return tables
-
-
-# ------------------------------------------------------------------------- statistics
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """(mean, half-width of the two-sided Student-t interval); the width is nan for n < 2."""
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, math.nan
-    from scipy import stats
-
-    sd = statistics.stdev(values)  # exact arithmetic: identical values give exactly 0
-    return mean, float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-
-
-def p_value(reference: dict[int, float], other: dict[int, float]) -> float | None:
-    """Two-sided p-value of a difference in means: paired over shared seeds when there are
-    at least two, else Welch's test; None when either side has fewer than two values."""
-    from scipy import stats
-
-    shared = sorted(reference.keys() & other.keys())
-    if len(shared) >= 2:
-        return paired_difference(reference, other).p  # type: ignore[union-attr]
-    if len(reference) >= 2 and len(other) >= 2:
-        return float(stats.ttest_ind(list(reference.values()), list(other.values()), equal_var=False).pvalue)
-    return None
-
-
-def minimum_detectable_effect(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
-    """The smallest true mean difference a two-sided paired t-test over ``n`` pairs, whose
-    differences have standard deviation ``sd``, detects with probability ``power`` at level
-    ``alpha``: the noncentral-t power function solved for its noncentrality, times sd/sqrt(n)."""
-    if n < 2:
-        return math.nan
-    if sd == 0:
-        return 0.0
-    from scipy import optimize, stats
-
-    df = n - 1
-    crit = float(stats.t.ppf(1 - alpha / 2, df))
-
-    def shortfall(nc: float) -> float:
-        # P(T > crit) + P(T < -crit); the lower tail as sf(crit; -nc), which stays finite
-        return float(stats.nct.sf(crit, df, nc) + stats.nct.sf(crit, df, -nc)) - power
-
-    hi = 1.0
-    while shortfall(hi) < 0:
-        hi *= 2
-    nc = optimize.brentq(shortfall, 0.0, hi, xtol=1e-12, rtol=1e-12)
-    return nc * sd / math.sqrt(n)
-
-
-@dataclass
-class PairedDifference:
-    """``other - reference`` over the shared seeds."""
-
-    n: int
-    mean: float
-    low: float  # 95% interval of the mean difference
-    high: float
-    p: float  # paired t-test, two-sided
-    mde: float  # minimum detectable effect at 80% power (same units as the metric)
-    reference_mean: float  # over the shared seeds
-
-
-def paired_difference(reference: dict[int, float], other: dict[int, float],
-                      alpha: float = ALPHA, power: float = POWER) -> PairedDifference | None:
-    """Mean, interval, p-value and detectable effect of ``other - reference`` over the seeds
-    both share; None with fewer than two."""
-    from scipy import stats
-
-    shared = sorted(reference.keys() & other.keys())
-    n = len(shared)
-    if n < 2:
-        return None
-    diffs = [other[s] - reference[s] for s in shared]
-    mean = statistics.fmean(diffs)
-    sd = statistics.stdev(diffs)
-    ref_mean = statistics.fmean(reference[s] for s in shared)
-    if sd == 0:  # identical differences: no spread to test against
-        return PairedDifference(n, mean, mean, mean, 1.0 if mean == 0 else 0.0, 0.0, ref_mean)
-    result = stats.ttest_1samp(diffs, 0.0)
-    ci = result.confidence_interval(1 - alpha)
-    return PairedDifference(n, mean, float(ci.low), float(ci.high), float(result.pvalue),
-                            minimum_detectable_effect(sd, n, alpha, power), ref_mean)
 
 
 # --------------------------------------------------------------------------- markdown
