@@ -1,5 +1,5 @@
-"""Comparison tables: one per metric, with the paired differences of :mod:`.paired` (whose
-own tests are in test_paired.py)."""
+"""Comparison tables: one per metric, the paired differences of a page corrected for
+multiplicity as one family (checked against statsmodels)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from noisevalue.experiments.paired import paired_difference
+from noisevalue.experiments.paired import p_value, paired_difference
 from noisevalue.experiments.tables import (
     ResultTable,
     Row,
@@ -16,7 +16,10 @@ from noisevalue.experiments.tables import (
     csv_text,
     markdown,
     metric_names,
+    page_family,
+    page_markdown,
     tables_for,
+    write_tables,
 )
 
 
@@ -47,3 +50,91 @@ def test_one_seed_says_nothing_can_be_told():
     table = ResultTable("t", "heldout_loss", [Row("vanilla", 0, {0: 1.0}, {2: {0: 0.9}}),
                                               Row("rater", 0, {0: 1.0}, {2: {0: 0.8}})], reference="vanilla")
     assert "One seed (0)" in markdown(table) and "Paired difference" not in markdown(table)
+
+
+# A page of 3 metrics x 5 rows against vanilla over 8 seeds, from fixed numbers: the rater
+# is far better on the held-out loss, oracle far worse, max_norm and min_norm slightly off.
+LABELS = ["rater", "random_rater", "oracle", "max_norm", "min_norm"]
+BASE = {"heldout_loss": 0.08, "fd_digits": 10.0, "kid_digits": 0.02}
+SHIFT = {"heldout_loss": [-3.0, 0.0, 0.9, 0.2, -0.3], "fd_digits": [0.1, 0.0, -0.2, 0.3, 0.0],
+         "kid_digits": [0.0, -0.1, 0.2, 0.0, 0.1]}  # per row, in % of the metric
+
+
+def page_runs() -> list[Run]:
+    runs = []
+    for seed in range(8):
+        for j, label in enumerate(["vanilla", *LABELS]):
+            row = {}
+            for metric, base in BASE.items():
+                v = base * (1 + (seed % 3) / 100)  # a spread between seeds that every row shares
+                if j:
+                    wobble = ((seed * 37 + j * 11) % 17 - 8) / 8  # in [-1, 1]: the pairs' spread
+                    v += base / 100 * (SHIFT[metric][j - 1] + 0.5 * wobble)
+                row[metric] = v
+            history = [{"step": 102, **row}, {"step": 104, **{k: 0.99 * x for k, x in row.items()}}]
+            runs.append(Run(label, seed, 100, {"step": 100, **BASE}, history))
+    return runs
+
+
+def test_the_tests_of_a_page_are_one_family(tmp_path):
+    from statsmodels.stats.multitest import multipletests
+
+    tables = tables_for("t", page_runs(), reference="vanilla")
+    paths = write_tables(tables, tmp_path, "compare")
+    assert [p.name for p in paths] == ["compare.md", "compare.csv", "compare.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths[2:])
+
+    # the family: all 15 tests at +4, p from the paired t-test of each row's values
+    raw = [paired_difference(t.rows[0].values[4], r.values[4]).p for t in tables for r in t.rows[1:]]
+    family = page_family(tables)
+    assert [c.p for c in family.tests] == raw and len(raw) == 15
+    holm, bh = list(multipletests(raw, method="holm")[1]), list(multipletests(raw, method="fdr_bh")[1])
+    # the construction has what the test is about: one significant after Holm, one only unadjusted
+    unadjusted_only = [i for i in range(15) if raw[i] < 0.05 < holm[i]]
+    assert unadjusted_only and min(holm) < 0.05
+
+    md = paths[0].read_text()
+    assert md.splitlines()[-1] == ("Holm and Benjamini-Hochberg over the 15 paired tests on this page: "
+                                   "3 metrics x 5 runs at +4.")
+    assert "| run | seeds | difference | 95% CI | relative | p | p (Holm) | p (BH) | MDE (80% power) | verdict |" in md
+    sections = {m: md[md.index(f"t: {m} "):] for m in BASE}
+    for i, c in enumerate(family.tests):
+        line = next(x for x in sections[c.table.metric].splitlines() if x.startswith(f"| {c.row.label} | 8 |"))
+        cells = [x.strip() for x in line.split("|")[1:-1]]
+        assert cells[5:8] == [f"{raw[i]:.3g}", f"{holm[i]:.3g}", f"{bh[i]:.3g}"]
+        if holm[i] < 0.05:
+            assert cells[9] == "significant after Holm, " + ("better" if c.paired.mean < 0 else "worse")
+        elif raw[i] < 0.05:
+            assert cells[9] == "not significant (p < 0.05 unadjusted only)"
+        else:
+            assert cells[9] == "not significant"
+    assert "significant after Holm, better" in sections["heldout_loss"].split("t: fd_digits")[0]
+
+    text = paths[1].read_bytes().decode()  # csv writes \r\n line ends
+    assert text == csv_text(tables) == csv_text(tables_for("t", page_runs(), reference="vanilla"))
+    rows = list(csv.DictReader(io.StringIO(text)))
+    last = [r for r in rows if r["seed"] == "mean" and r["step"] == "104" and r["run"] != "vanilla"]
+    assert [float(r["p_vs_reference"]) for r in last] == raw
+    assert [float(r["p_holm"]) for r in last] == pytest.approx(holm, abs=1e-12, rel=0)
+    assert [float(r["p_bh"]) for r in last] == pytest.approx(bh, abs=1e-12, rel=0)
+    assert {r["p_holm"] for r in rows if r["step"] != "104" or r["seed"] != "mean"} == {""}
+
+
+def test_welch_rows_and_every_reference_count_in_the_family():
+    ref = Row("vanilla", 0, {}, {2: {0: 1.0, 1: 1.2, 2: 0.9, 3: 1.1}})
+    rater = Row("rater", 0, {}, {2: {0: 0.8, 1: 1.1, 2: 0.7, 3: 0.95}})
+    other = Row("other", 0, {}, {2: {10: 1.3, 11: 1.6, 12: 1.2}})  # no shared seed: Welch
+    table = ResultTable("t", "fid", [ref, rater, other], reference="vanilla", also_against=("rater",))
+    family = page_family([table])
+    pairs = [(ref, rater), (ref, other), (rater, ref), (rater, other)]
+    assert [(c.reference.label, c.row.label) for c in family.tests] == [(a.label, b.label) for a, b in pairs]
+    raw = [p_value(a.values[2], b.values[2]) for a, b in pairs]
+    assert [c.p for c in family.tests] == raw
+    from statsmodels.stats.multitest import multipletests
+
+    assert family.holm == pytest.approx(list(multipletests(raw, method="holm")[1]), abs=1e-12, rel=0)
+    text = page_markdown([table])
+    assert text.splitlines()[-1] == ("Holm and Benjamini-Hochberg over the 4 tests (2 unpaired: Welch's) on this page: "
+                                     "1 metric x 2 runs x 2 references at +2.")
+    assert f"| other | unpaired | - | - | - | {raw[1]:.3g} | {family.holm[1]:.3g} | {family.bh[1]:.3g} |" in text
+    assert markdown(table) == text  # a table alone is a page of its own

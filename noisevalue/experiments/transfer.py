@@ -34,7 +34,7 @@ from noisevalue.experiments.tables import (
     ResultTable,
     Run,
     csv_text,
-    markdown,
+    page_markdown,
     plot,
     save_figure,
     tables_for,
@@ -386,7 +386,7 @@ def write_outputs(out: Path, recipe: Recipe, source: Source, matches: list[Match
         "(matching.md), without and with the rater. Each backbone's rows are tested against its own "
         "run without the rater.", "",
     ]
-    ckpt.atomic_write_text(md, "\n".join(head) + "\n" + "\n".join(markdown(t) for t in tables))
+    ckpt.atomic_write_text(md, page_markdown(tables, "\n".join(head) + "\n"))
 
     csv_path = out / "transfer.csv"
     ckpt.atomic_write_text(csv_path, csv_text(tables))
