@@ -1,14 +1,16 @@
 """Comparison tables: one per metric, the paired differences of a page corrected for
-multiplicity as one family (checked against statsmodels)."""
+multiplicity as one family (checked against statsmodels), and the forest plot's numbers."""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 
 import pytest
 
-from noisevalue.experiments.paired import p_value, paired_difference
+from noisevalue.experiments.figures import forest_panel
+from noisevalue.experiments.paired import p_value, paired_difference, welch_difference
 from noisevalue.experiments.tables import (
     ResultTable,
     Row,
@@ -81,7 +83,7 @@ def test_the_tests_of_a_page_are_one_family(tmp_path):
 
     tables = tables_for("t", page_runs(), reference="vanilla")
     paths = write_tables(tables, tmp_path, "compare")
-    assert [p.name for p in paths] == ["compare.md", "compare.csv", "compare.png"]
+    assert [p.name for p in paths] == ["compare.md", "compare.csv", "compare.png", "compare_curves.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths[2:])
 
     # the family: all 15 tests at +4, p from the paired t-test of each row's values
@@ -138,3 +140,38 @@ def test_welch_rows_and_every_reference_count_in_the_family():
                                      "1 metric x 2 runs x 2 references at +2.")
     assert f"| other | unpaired | - | - | - | {raw[1]:.3g} | {family.holm[1]:.3g} | {family.bh[1]:.3g} |" in text
     assert markdown(table) == text  # a table alone is a page of its own
+
+
+def test_the_forest_plot_shows_the_paired_differences():
+    tables = tables_for("t", page_runs(), reference="vanilla")
+    panel = forest_panel(tables[0])
+    assert panel is not None and panel.relative and panel.step == 4
+    assert panel.xlabel == "difference from vanilla at +4, % of its mean (negative is better)"
+    assert [r.label for r in panel.rows] == LABELS
+    for row, r in zip(panel.rows, tables[0].rows[1:], strict=True):
+        d = paired_difference(tables[0].rows[0].values[4], r.values[4])
+        assert (row.mean, row.low, row.high) == pytest.approx(
+            (100 * d.mean / d.reference_mean, 100 * d.low / d.reference_mean, 100 * d.high / d.reference_mean),
+            rel=1e-12)
+        assert row.low < row.mean < row.high
+
+
+def test_the_forest_plot_without_pairs_or_intervals():
+    one = ResultTable("t", "fid", [Row("vanilla", 0, {}, {2: {0: 4.0}}), Row("rater", 0, {}, {2: {0: 3.0}})],
+                      reference="vanilla")
+    panel = forest_panel(one)  # one seed: the point, no interval
+    assert panel is not None and panel.relative
+    assert panel.rows[0].mean == -25.0 and math.isnan(panel.rows[0].low) and math.isnan(panel.rows[0].high)
+
+    ref, other = {0: 1.0, 1: 1.2, 2: 0.9}, {10: 1.3, 11: 1.6, 12: 1.2}
+    rater = {0: 0.8, 1: 1.1, 2: 0.7}
+    mixed = ResultTable("t", "fid", [Row("vanilla", 0, {}, {2: ref}), Row("rater", 0, {}, {2: rater}),
+                                     Row("other", 0, {}, {2: other})], reference="vanilla")
+    panel = forest_panel(mixed)  # a row without shared seeds: all in the metric's units
+    assert panel is not None and not panel.relative
+    assert panel.xlabel == "difference from vanilla at +2 (negative is better)"
+    assert [r.label for r in panel.rows] == ["rater", "other (unpaired)"]
+    d = paired_difference(ref, rater)
+    assert (panel.rows[0].mean, panel.rows[0].low, panel.rows[0].high) == (d.mean, d.low, d.high)
+    assert (panel.rows[1].mean, panel.rows[1].low, panel.rows[1].high) == welch_difference(ref, other)
+    assert forest_panel(ResultTable("t", "fid", mixed.rows, reference=None)) is None

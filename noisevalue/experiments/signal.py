@@ -240,7 +240,7 @@ def plot_signal(path: Path, rows: list[dict], scorers: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from noisevalue.experiments.tables import save_figure
+    from noisevalue.experiments.figures import save_figure
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     centres = [(b + 0.5) / TIME_BINS for b in range(TIME_BINS)]

@@ -1,5 +1,6 @@
 """Result tables of continuation runs (the paper's Tables 1, 2 and 4), one per metric: the
-metric per row at each evaluation step after the start, as markdown, CSV and a PNG plot.
+metric per row at each evaluation step after the start, as markdown, CSV, a forest plot of
+the differences from the reference and a plot of the curves.
 
 The first metric is the primary one: the held-out denoising loss when the runs report it
 (a fixed, paired evaluation set: no sampling noise), then the sample-based ones (FID or the
@@ -24,7 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from noisevalue.checkpoint import atomic_file, atomic_write_text
+from noisevalue.checkpoint import atomic_write_text
+from noisevalue.experiments.figures import plot, plot_curves
 from noisevalue.experiments.paired import (
     ALPHA,
     POWER,
@@ -367,55 +369,16 @@ def csv_text(tables: Sequence[ResultTable]) -> str:
     return buf.getvalue()
 
 
-def write_tables(tables: Sequence[ResultTable], root: Path, stem: str, heading: str = "") -> tuple[Path, Path, Path]:
-    """``<stem>.md`` (a section per table, after ``heading``), ``<stem>.csv`` and
-    ``<stem>.png`` (a panel per table) under ``root``; returns their paths."""
+def write_tables(tables: Sequence[ResultTable], root: Path, stem: str,
+                 heading: str = "") -> tuple[Path, Path, Path, Path]:
+    """``<stem>.md`` (a section per table, after ``heading``), ``<stem>.csv``, ``<stem>.png``
+    (the forest plot of the differences from the reference) and ``<stem>_curves.png`` (the
+    metrics against steps) under ``root``; returns their paths."""
     root.mkdir(parents=True, exist_ok=True)
-    md, csv_path, png = root / f"{stem}.md", root / f"{stem}.csv", root / f"{stem}.png"
+    md, csv_path = root / f"{stem}.md", root / f"{stem}.csv"
+    png, curves = root / f"{stem}.png", root / f"{stem}_curves.png"
     atomic_write_text(md, page_markdown(tables, heading))
     atomic_write_text(csv_path, csv_text(tables))
     plot(tables, png)
-    return md, csv_path, png
-
-
-# ------------------------------------------------------------------------------- plot
-def plot(tables: Sequence[ResultTable], path: Path) -> None:
-    """One panel per table: mean and 95% interval per row against steps after the start."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = max(len(tables), 1)
-    cols = min(n, 3)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), dpi=110, squeeze=False)
-    for ax, table in zip(axes.flat, tables, strict=False):
-        for r in table.rows:
-            points = [(0, r.start)] if r.start else []
-            points += [(s, v) for s, v in sorted(r.values.items()) if v]
-            xs = [s for s, _ in points]
-            stats = [mean_ci(list(v.values())) for _, v in points]
-            ys = [m for m, _ in stats]
-            errs = [0.0 if math.isnan(h) else h for _, h in stats]
-            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=r.label)
-        ax.set_xlabel("steps after the start")
-        ax.set_ylabel(table.metric)
-        ax.set_title(table.title if len(table.title) < 60 else table.title[:57] + "...", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(tables):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_figure(fig: object, path: Path) -> None:
-    """Save a matplotlib figure atomically (a crash never leaves half a PNG) and close it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_file(path, suffix=path.suffix) as tmp:
-            fig.savefig(tmp)  # type: ignore[attr-defined]
-    finally:
-        plt.close(fig)  # type: ignore[arg-type]
+    plot_curves(tables, curves)
+    return md, csv_path, png, curves
