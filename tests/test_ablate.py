@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from noisevalue.checkpoint import read_meta, resolve_checkpoint
 from noisevalue.cli import app
-from noisevalue.experiments.tables import ResultTable, Row, markdown, mean_ci, p_value
+from noisevalue.experiments.paired import mean_ci, p_value
+from noisevalue.experiments.tables import ResultTable, Row, markdown
 from tests.conftest import TINY
 from tests.test_protocol import META
 
@@ -80,6 +81,9 @@ def test_ablate_over_seeds_reports_intervals_and_tests(tmp_path):
     md = (out / "ablate" / "ablation.md").read_text()
     assert "±" in md and "Paired difference from 'full rater (k=4)'" in md
     assert "Paired difference from 'vanilla (k=1)'" in md
+    # both references' tests are one family: every metric x 2 runs x 2 references
+    assert md.splitlines()[-1].endswith(" metrics x 2 runs x 2 references at +2.")
+    assert summary["p_holm"] != "" and float(summary["p_holm"]) >= float(summary["p_vs_reference"])
     assert md.index("heldout_loss") < md.index("fd_digits")  # the primary metric comes first
 
 
@@ -119,4 +123,4 @@ def test_markdown_marks_significance():
     text = markdown(ResultTable("t", "fid", [ref, other], reference="a"))
     assert "| a | 5.000 ± 0.000 | 4.100 ± 0.2484 |" in text
     p = stats.ttest_rel([6.0, 6.1, 6.3], [4.0, 4.1, 4.2]).pvalue
-    assert "| b | 3 | +2.033 | " in text and f"| {p:.3g} |" in text and "significant, worse" in text
+    assert "| b | 3 | +2.033 | " in text and f"| {p:.3g} |" in text and "significant after Holm, worse" in text

@@ -34,6 +34,10 @@ def test_compare_runs_selectors_and_loss_weightings_with_paired_seeds(tmp_path, 
     assert rater_stage["train.selector.params"]["checkpoint"] == str(root / "rater-seed1")
     md = (root / "compare.md").read_text()
     assert "Paired difference from 'vanilla'" in md and "| min_snr | 2 |" in md  # paired over both seeds
+    family = md.splitlines()[-1]  # every test of the page corrected together
+    assert family.startswith("Holm and Benjamini-Hochberg over the ") and " x 3 runs at +" in family
+    assert all((root / name).stat().st_size > 0 for name in ("compare.png", "compare_curves.png"))
+    assert "compare_curves.png" in first.output
     wall = (root / "compare_timings.md").read_text().split("Wall time of each continuation")[1]
     for label, kind in (("vanilla", "selector"), ("min_snr", "loss weighting"), ("rater", "selector")):
         line = next(r for r in wall.splitlines() if r.startswith(f"| {label} |"))

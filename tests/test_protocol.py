@@ -230,7 +230,7 @@ def test_protocol_end_to_end_with_skip_on_rerun(tmp_path, tiny_overrides):
     md = (root / "comparison.md").read_text()
     assert "| run | start (step 4) | +2 | +4 |" in md
     assert "One seed (0)" in md  # nothing is called significant on one seed
-    assert (root / "comparison.png").stat().st_size > 0
+    assert (root / "comparison.png").stat().st_size > 0 and (root / "comparison_curves.png").stat().st_size > 0
     for metric in ("heldout_loss", "fd_digits"):
         starts = {r["value"] for r in rows if r["step"] == "4" and r["metric"] == metric}
         assert len(starts) == 1  # every method continues from the same checkpoint

@@ -189,7 +189,8 @@ def test_transfer_end_to_end(transferred):
 
     out, result = transferred
     root = out / "transfer"
-    for name in ("transfer.md", "transfer.csv", "transfer.png", "matching.md", "matching.csv", "loss_curves.png"):
+    for name in ("transfer.md", "transfer.csv", "transfer.png", "transfer_curves.png", "matching.md", "matching.csv",
+                 "loss_curves.png"):
         assert (root / name).stat().st_size > 0, name
         assert str(root / name) in result.output
     # the matching, recomputed from the two logged curves

@@ -8,7 +8,7 @@ has the full rater as its reference row, and vanilla training for context.
 
     <output_dir>/pretrain/, rater/, select/rater/, select/vanilla/   shared with the protocol
     <output_dir>/ablate/<variant>/rater/, .../select/                per variant
-    <output_dir>/ablate/ablation.{md,csv,png}
+    <output_dir>/ablate/ablation.{md,csv,png}, ablation_curves.png
 """
 
 from __future__ import annotations

@@ -490,7 +490,7 @@ def plot_violins(path: Path, labels: list[str], groups: list[dict[str, np.ndarra
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from noisevalue.experiments.tables import save_figure
+    from noisevalue.experiments.figures import save_figure
 
     width = max(10.0, 0.45 * len(labels) * 2)
     fig, axes = plt.subplots(1, 2, figsize=(width, 4), dpi=120)

@@ -9,9 +9,11 @@ for ``select.steps`` steps with the same budget and the same paired seeds as van
 the protocol's folders (``select/<label>``), so what the protocol or an earlier compare
 trained is reused. NoiseRater is the method ``rater``: its stage (ii) runs first.
 
-Writes ``compare.md`` / ``.csv`` / ``.png``: per metric, the paired differences from vanilla
-with 95% intervals, p-values and the minimum detectable effect (see :mod:`.tables`); and
-``compare_timings.md``: the wall time of each method's continuation.
+Writes ``compare.md`` / ``.csv``: per metric, the paired differences from vanilla with 95%
+intervals, p-values (raw and adjusted over the page by Holm and Benjamini-Hochberg) and the
+minimum detectable effect (see :mod:`.tables`); ``compare.png``, their forest plot, and
+``compare_curves.png``, the metrics against steps; and ``compare_timings.md``: the wall
+time of each method's continuation.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def run_compare(recipe: Recipe, info: DistInfo, say: stages.Say, methods: Sequen
         f"seeds {recipe.continuation_seeds()}")
     runs, origin = continuations(recipe, info, say)
     root = Path(recipe.output_dir)
-    paths = [root / f"{STEM}.{ext}" for ext in ("md", "csv", "png")] + [root / WALL_TIMES]
+    paths = [root / f"{STEM}.{ext}" for ext in ("md", "csv", "png")] + [root / f"{STEM}_curves.png", root / WALL_TIMES]
     if info.is_main:
         tables = tables_for(f"continuation from step {origin}", runs, VANILLA)
         write_tables(tables, root, STEM)

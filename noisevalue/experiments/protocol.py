@@ -5,7 +5,7 @@
     <output_dir>/rater-untrained/   the same rater before its first outer step (a control)
     <output_dir>/select/<method>/   stage (iii): continuation from stage (i) per selection method
     <output_dir>/start-seed<N>/     the stage-(i) weights scored with seed N's sample noise
-    <output_dir>/comparison.{md,csv,png}
+    <output_dir>/comparison.{md,csv,png}, comparison_curves.png
 
 Every continuation starts from the same checkpoint with the same seed, so the methods differ
 only in how each sample's noise is chosen: they see the same images, timesteps and pool of k
@@ -15,7 +15,8 @@ rater of its own seed: the meta-trained one (``rater``) or its untrained initial
 (``random_rater``). With ``select.seeds`` listing several seeds, stages (ii) and (iii) run
 once per seed (folders ``<name>-seed<N>``) and the tables report the mean, a 95% confidence
 interval and, against vanilla training, the paired difference with its interval, p-value
-and minimum detectable effect, for every metric (the held-out loss first).
+(also adjusted over all the tests of the page) and minimum detectable effect, for every
+metric (the held-out loss first); ``comparison.png`` is their forest plot.
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ from noisevalue.config import Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
 from noisevalue.experiments import stages
+from noisevalue.experiments.paired import mean_ci
 from noisevalue.experiments.rater_stats import spearman
-from noisevalue.experiments.tables import mean_ci
 from noisevalue.train.batches import seeded_generator, validation_split
 from noisevalue.train.run_log import read_scalar
 
@@ -240,7 +240,7 @@ def plot_signal(path: Path, rows: list[dict], scorers: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from noisevalue.experiments.tables import save_figure
+    from noisevalue.experiments.figures import save_figure
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     centres = [(b + 0.5) / TIME_BINS for b in range(TIME_BINS)]

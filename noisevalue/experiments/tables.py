@@ -1,5 +1,6 @@
 """Result tables of continuation runs (the paper's Tables 1, 2 and 4), one per metric: the
-metric per row at each evaluation step after the start, as markdown, CSV and a PNG plot.
+metric per row at each evaluation step after the start, as markdown, CSV, a forest plot of
+the differences from the reference and a plot of the curves.
 
 The first metric is the primary one: the held-out denoising loss when the runs report it
 (a fixed, paired evaluation set: no sampling noise), then the sample-based ones (FID or the
@@ -7,13 +8,12 @@ digits feature distance, KID).
 
 With several seeds a cell is the mean and the half-width of its 95% confidence interval
 (Student t), and every row is compared with the reference row (vanilla training in the
-protocol) seed by seed: same seed = same data order, timesteps and candidate noises, so the
-paired difference removes the spread between seeds. For the last step the table gives the
-mean paired difference, its 95% interval, the p-value of the paired t-test and the minimum
-detectable effect: the smallest true difference that n seeds with the observed spread of
-the differences would detect with 80% power at p < 0.05. A difference below it that is not
-significant is "not detectable with these seeds", not "no effect". Rows without shared
-seeds fall back to Welch's t-test. With one seed the table says that nothing can be told.
+protocol) seed by seed (:mod:`.paired`). For the last step the table gives the mean paired
+difference, its 95% interval, the p-value of the paired t-test (Welch's for rows without
+shared seeds) and the minimum detectable effect. All the tests of one page (every metric,
+row and reference) are one family: their p-values are also given adjusted by Holm and by
+Benjamini-Hochberg over that family, and the verdict uses Holm's. With one seed the table
+says that nothing can be told.
 """
 
 from __future__ import annotations
@@ -21,15 +21,23 @@ from __future__ import annotations
 import csv
 import io
 import math
-import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from noisevalue.checkpoint import atomic_file, atomic_write_text
+from noisevalue.checkpoint import atomic_write_text
+from noisevalue.experiments.figures import plot, plot_curves
+from noisevalue.experiments.paired import (
+    ALPHA,
+    POWER,
+    PairedDifference,
+    benjamini_hochberg,
+    holm,
+    mean_ci,
+    p_value,
+    paired_difference,
+)
 
-ALPHA = 0.05
-POWER = 0.8
 PRIMARY = "heldout_loss"
 HIGHER_IS_BETTER: frozenset[str] = frozenset()  # every metric reported so far is lower-is-better
 
@@ -115,91 +123,98 @@ def tables_for(title: str, runs: Sequence[Run], reference: str | None,
     return tables
 
 
-# ------------------------------------------------------------------------- statistics
-def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """(mean, half-width of the two-sided Student-t interval); the width is nan for n < 2."""
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan
-    mean = statistics.fmean(values)
-    if n < 2:
-        return mean, math.nan
-    from scipy import stats
+# ------------------------------------------------------------------------- the family
+@dataclass
+class Comparison:
+    """One test: ``row`` against ``reference`` at the table's last step, ``paired`` over the
+    shared seeds when there are at least two; ``p`` is the paired t-test's, else Welch's, and
+    None when either side has fewer than two values."""
 
-    sd = statistics.stdev(values)  # exact arithmetic: identical values give exactly 0
-    return mean, float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-
-
-def p_value(reference: dict[int, float], other: dict[int, float]) -> float | None:
-    """Two-sided p-value of a difference in means: paired over shared seeds when there are
-    at least two, else Welch's test; None when either side has fewer than two values."""
-    from scipy import stats
-
-    shared = sorted(reference.keys() & other.keys())
-    if len(shared) >= 2:
-        return paired_difference(reference, other).p  # type: ignore[union-attr]
-    if len(reference) >= 2 and len(other) >= 2:
-        return float(stats.ttest_ind(list(reference.values()), list(other.values()), equal_var=False).pvalue)
-    return None
+    table: ResultTable
+    reference: Row
+    row: Row
+    step: int
+    paired: PairedDifference | None
+    p: float | None
 
 
-def minimum_detectable_effect(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
-    """The smallest true mean difference a two-sided paired t-test over ``n`` pairs, whose
-    differences have standard deviation ``sd``, detects with probability ``power`` at level
-    ``alpha``: the noncentral-t power function solved for its noncentrality, times sd/sqrt(n)."""
-    if n < 2:
-        return math.nan
-    if sd == 0:
-        return 0.0
-    from scipy import optimize, stats
-
-    df = n - 1
-    crit = float(stats.t.ppf(1 - alpha / 2, df))
-
-    def shortfall(nc: float) -> float:
-        # P(T > crit) + P(T < -crit); the lower tail as sf(crit; -nc), which stays finite
-        return float(stats.nct.sf(crit, df, nc) + stats.nct.sf(crit, df, -nc)) - power
-
-    hi = 1.0
-    while shortfall(hi) < 0:
-        hi *= 2
-    nc = optimize.brentq(shortfall, 0.0, hi, xtol=1e-12, rtol=1e-12)
-    return nc * sd / math.sqrt(n)
+def comparisons(table: ResultTable) -> list[Comparison]:
+    """The table's tests: every other row against the reference, then against each row of
+    ``also_against``, at the last step; none when the table has fewer than two seeds."""
+    if len(table.seeds) < 2 or not table.steps:
+        return []
+    last = table.steps[-1]
+    found = []
+    for label in (table.reference, *table.also_against):
+        ref = table.reference_row(label)
+        if ref is None:
+            continue
+        for r in table.rows:
+            if r is not ref:
+                a, b = ref.values.get(last, {}), r.values.get(last, {})
+                d = paired_difference(a, b)
+                found.append(Comparison(table, ref, r, last, d, d.p if d is not None else p_value(a, b)))
+    return found
 
 
 @dataclass
-class PairedDifference:
-    """``other - reference`` over the shared seeds."""
+class Family:
+    """The tests of one page (every table's :func:`comparisons` that has a p-value),
+    corrected for multiplicity together: Holm's adjusted p-values (family-wise error rate)
+    and Benjamini-Hochberg's (false discovery rate), in the order of ``tests``."""
 
-    n: int
-    mean: float
-    low: float  # 95% interval of the mean difference
-    high: float
-    p: float  # paired t-test, two-sided
-    mde: float  # minimum detectable effect at 80% power (same units as the metric)
-    reference_mean: float  # over the shared seeds
+    tests: list[Comparison]
+    holm: list[float]
+    bh: list[float]
 
-
-def paired_difference(reference: dict[int, float], other: dict[int, float],
-                      alpha: float = ALPHA, power: float = POWER) -> PairedDifference | None:
-    """Mean, interval, p-value and detectable effect of ``other - reference`` over the seeds
-    both share; None with fewer than two."""
-    from scipy import stats
-
-    shared = sorted(reference.keys() & other.keys())
-    n = len(shared)
-    if n < 2:
+    def adjusted(self, c: Comparison) -> tuple[float, float] | None:
+        """(Holm, BH) of a test of the family; None for one outside it (not testable)."""
+        for t, h, q in zip(self.tests, self.holm, self.bh, strict=True):
+            if t.table is c.table and t.reference is c.reference and t.row is c.row:
+                return h, q
         return None
-    diffs = [other[s] - reference[s] for s in shared]
-    mean = statistics.fmean(diffs)
-    sd = statistics.stdev(diffs)
-    ref_mean = statistics.fmean(reference[s] for s in shared)
-    if sd == 0:  # identical differences: no spread to test against
-        return PairedDifference(n, mean, mean, mean, 1.0 if mean == 0 else 0.0, 0.0, ref_mean)
-    result = stats.ttest_1samp(diffs, 0.0)
-    ci = result.confidence_interval(1 - alpha)
-    return PairedDifference(n, mean, float(ci.low), float(ci.high), float(result.pvalue),
-                            minimum_detectable_effect(sd, n, alpha, power), ref_mean)
+
+    def line(self) -> str:
+        """What was corrected, in one line."""
+        groups: list[tuple[ResultTable, int]] = []  # (table, tests against one reference)
+        for i, c in enumerate(self.tests):
+            previous = self.tests[i - 1] if i else None
+            if previous is not None and previous.table is c.table and previous.reference is c.reference:
+                groups[-1] = (c.table, groups[-1][1] + 1)
+            else:
+                groups.append((c.table, 1))
+        tables: list[ResultTable] = []
+        for t, _ in groups:
+            if not any(t is u for u in tables):
+                tables.append(t)
+        metrics = len({t.metric for t in tables})
+        what = _count(metrics, "metric")
+        if len(tables) != metrics:
+            what = f"{_count(len(tables), 'table')} ({what})"
+        runs = {k for _, k in groups}
+        references = {sum(1 for g in groups if g[0] is t) for t in tables}
+        if len(runs) == 1 and len(references) == 1:
+            what += f" x {_count(min(runs), 'run')}"
+            what += f" x {min(references)} references" if min(references) > 1 else ""
+        else:
+            what += f", {min(runs)}-{max(runs)} runs per table and reference"
+        steps = sorted({c.step for c in self.tests})
+        when = f"at +{steps[0]}" if len(steps) == 1 else "each at its table's last step"
+        welch = sum(c.paired is None for c in self.tests)
+        n = len(self.tests)
+        tests = _count(n, "paired test") if not welch else f"{_count(n, 'test')} ({welch} unpaired: Welch's)"
+        return f"Holm and Benjamini-Hochberg over the {tests} on this page: {what} {when}."
+
+
+def page_family(tables: Sequence[ResultTable]) -> Family:
+    """The family of a page holding ``tables``: the tests of all of them at once."""
+    tests = [c for t in tables for c in comparisons(t) if c.p is not None and not math.isnan(c.p)]
+    pvalues = [c.p for c in tests if c.p is not None]
+    return Family(tests, holm(pvalues), benjamini_hochberg(pvalues))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 # --------------------------------------------------------------------------- markdown
@@ -222,7 +237,19 @@ def _pct(x: float, ref: float) -> str:
     return "-" if ref == 0 or math.isnan(x) else f"{100 * x / ref:+.2f}%"
 
 
-def markdown(table: ResultTable) -> str:
+def page_markdown(tables: Sequence[ResultTable], heading: str = "") -> str:
+    """A page: ``heading``, a section per table, and the line saying over which tests the
+    p-values were adjusted (all of the page's: :func:`page_family`)."""
+    family = page_family(tables)
+    text = heading + "\n".join(markdown(t, family) for t in tables)
+    return text + (f"\n{family.line()}\n" if family.tests else "")
+
+
+def markdown(table: ResultTable, family: Family | None = None) -> str:
+    """One table's section. Its adjusted p-values come from the ``family`` of its page; when
+    None, the table is a page of its own and ends with the family's line."""
+    own = family is None
+    family = page_family([table]) if family is None else family
     steps = table.steps
     same_origin = len({r.origin for r in table.rows}) <= 1
     origin = table.rows[0].origin if table.rows else 0
@@ -236,48 +263,55 @@ def markdown(table: ResultTable) -> str:
         cells = [r.label] + ([str(r.origin)] if not same_origin else []) + [_cell(r.start)]
         cells += [_cell(r.values.get(s, {})) for s in steps]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *significance_lines(table)]
+    lines += ["", *significance_lines(table, family)]
+    if own and family.tests:
+        lines += ["", family.line()]
     return "\n".join(lines) + "\n"
 
 
-def significance_lines(table: ResultTable) -> list[str]:
+def significance_lines(table: ResultTable, family: Family) -> list[str]:
     seeds = table.seeds
     if len(seeds) < 2:
         return [f"One seed ({seeds[0] if seeds else '-'}): no confidence interval, and no difference "
                 "can be called significant; run several with select.seeds=[0,1,2]."]
     lines = [f"Seeds {seeds}; cells are mean ± half-width of the 95% confidence interval."]
-    for label in (table.reference, *table.also_against):
-        ref = table.reference_row(label)
-        if ref is not None and table.steps:
-            lines += difference_lines(table, ref)
+    tests = comparisons(table)
+    references: list[Row] = []
+    for c in tests:
+        if not any(c.reference is r for r in references):
+            references.append(c.reference)
+    for ref in references:
+        lines += difference_lines(table, [c for c in tests if c.reference is ref], family)
     return lines
 
 
-def difference_lines(table: ResultTable, ref: Row) -> list[str]:
-    last = table.steps[-1]
+def difference_lines(table: ResultTable, tests: list[Comparison], family: Family) -> list[str]:
+    """The paired-difference table of ``tests``, all against one reference row."""
+    ref, last = tests[0].reference, tests[0].step
     sign = "negative" if table.lower_is_better else "positive"
     lines = [
         "",
         f"Paired difference from '{ref.label}' at +{last} (run minus reference, per seed; {sign} is "
         f"better). MDE: the smallest true difference these seeds detect with {POWER:.0%} power at "
-        f"p < {ALPHA}, from the observed spread of the differences.",
+        f"p < {ALPHA}, from the observed spread of the differences. p (Holm), p (BH): p adjusted over "
+        f"all the tests of this page (see its last line); the verdict is Holm's at {ALPHA}.",
         "",
-        "| run | seeds | difference | 95% CI | relative | p | MDE (80% power) | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | seeds | difference | 95% CI | relative | p | p (Holm) | p (BH) | MDE (80% power) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in table.rows:
-        if r is ref:
-            continue
-        d = paired_difference(ref.values.get(last, {}), r.values.get(last, {}))
+    for c in tests:
+        adjusted = family.adjusted(c)
+        p = "n/a" if c.p is None else f"{c.p:.3g}"
+        holm_p, bh_p = ("n/a", "n/a") if adjusted is None else (f"{adjusted[0]:.3g}", f"{adjusted[1]:.3g}")
+        d = c.paired
         if d is None:
-            p = p_value(ref.values.get(last, {}), r.values.get(last, {}))
-            lines.append(f"| {r.label} | unpaired | - | - | - | {'n/a' if p is None else f'{p:.3g}'} | - | "
-                         f"{'not testable' if p is None else _verdict(p, None, table)} |")
+            lines.append(f"| {c.row.label} | unpaired | - | - | - | {p} | {holm_p} | {bh_p} | - | "
+                         f"{_verdict(c, adjusted, table)} |")
             continue
         lines.append(
-            f"| {r.label} | {d.n} | {_signed(d.mean)} | [{_signed(d.low)}, {_signed(d.high)}] | "
-            f"{_pct(d.mean, d.reference_mean)} | {d.p:.3g} | {_num(d.mde)} ({_pct(d.mde, d.reference_mean)[1:]}) | "
-            f"{_verdict(d.p, d, table)} |"
+            f"| {c.row.label} | {d.n} | {_signed(d.mean)} | [{_signed(d.low)}, {_signed(d.high)}] | "
+            f"{_pct(d.mean, d.reference_mean)} | {p} | {holm_p} | {bh_p} | "
+            f"{_num(d.mde)} ({_pct(d.mde, d.reference_mean)[1:]}) | {_verdict(c, adjusted, table)} |"
         )
     return lines
 
@@ -286,93 +320,65 @@ def _signed(x: float) -> str:
     return ("+" if x >= 0 else "") + _num(x)
 
 
-def _verdict(p: float, d: PairedDifference | None, table: ResultTable) -> str:
-    if p < ALPHA:
-        better = (d.mean < 0) == table.lower_is_better if d is not None else None
-        return "significant" + ("" if better is None else (", better" if better else ", worse"))
+def _verdict(c: Comparison, adjusted: tuple[float, float] | None, table: ResultTable) -> str:
+    if c.p is None or adjusted is None:
+        return "not testable"
+    if adjusted[0] < ALPHA:
+        better = None if c.paired is None else (c.paired.mean < 0) == table.lower_is_better
+        return "significant after Holm" + ("" if better is None else (", better" if better else ", worse"))
+    if c.p < ALPHA:
+        return f"not significant (p < {ALPHA} unadjusted only)"
     return "not significant"
 
 
 # -------------------------------------------------------------------------------- CSV
 CSV_FIELDS = ["run", "metric", "step", "seed", "value", "ci95", "p_vs_reference",
-              "diff_vs_reference", "diff_ci_low", "diff_ci_high", "mde80"]
+              "diff_vs_reference", "diff_ci_low", "diff_ci_high", "mde80", "p_holm", "p_bh"]
 
 
 def csv_text(tables: Sequence[ResultTable]) -> str:
     """One line per table, row, step and seed (the start as step +0), plus a summary line
     (seed ``mean``) per row and step with the 95% half-width and, against the reference,
-    the p-value, the mean paired difference, its 95% interval and the detectable effect."""
+    the p-value, the mean paired difference, its 95% interval and the detectable effect;
+    at the last step also the p-value adjusted by Holm and by Benjamini-Hochberg over the
+    family of the page holding ``tables`` (:func:`page_family`)."""
+    family = page_family(tables)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(CSV_FIELDS)
     for table in tables:
         ref = table.reference_row()
+        tests = {c.row.label: c for c in comparisons(table) if c.reference is ref}
         for r in table.rows:
             for rel, values in [(0, r.start), *sorted(r.values.items())]:
                 for seed, v in sorted(values.items()):
-                    w.writerow([r.label, table.metric, r.origin + rel, seed, v] + [""] * 6)
+                    w.writerow([r.label, table.metric, r.origin + rel, seed, v] + [""] * 8)
                 if len(values) > 1:
                     mean, half = mean_ci(list(values.values()))
-                    tail: list = [""] * 5
+                    tail: list = [""] * 7
                     if ref is not None and r is not ref and rel:
                         ref_values = ref.values.get(rel, {})
                         p = p_value(ref_values, values)
                         d = paired_difference(ref_values, values)
+                        c = tests.get(r.label)
+                        adjusted = family.adjusted(c) if c is not None and c.step == rel else None
                         tail = ["" if p is None else p] + (
-                            ["", "", "", ""] if d is None else [d.mean, d.low, d.high, d.mde])
+                            ["", "", "", ""] if d is None else [d.mean, d.low, d.high, d.mde]) + (
+                            ["", ""] if adjusted is None else list(adjusted))
                     w.writerow([r.label, table.metric, r.origin + rel, "mean", mean, half, *tail])
     return buf.getvalue()
 
 
-def write_tables(tables: Sequence[ResultTable], root: Path, stem: str, heading: str = "") -> tuple[Path, Path, Path]:
-    """``<stem>.md`` (a section per table, after ``heading``), ``<stem>.csv`` and
-    ``<stem>.png`` (a panel per table) under ``root``; returns their paths."""
+def write_tables(tables: Sequence[ResultTable], root: Path, stem: str,
+                 heading: str = "") -> tuple[Path, Path, Path, Path]:
+    """``<stem>.md`` (a section per table, after ``heading``), ``<stem>.csv``, ``<stem>.png``
+    (the forest plot of the differences from the reference) and ``<stem>_curves.png`` (the
+    metrics against steps) under ``root``; returns their paths."""
     root.mkdir(parents=True, exist_ok=True)
-    md, csv_path, png = root / f"{stem}.md", root / f"{stem}.csv", root / f"{stem}.png"
-    atomic_write_text(md, heading + "\n".join(markdown(t) for t in tables))
+    md, csv_path = root / f"{stem}.md", root / f"{stem}.csv"
+    png, curves = root / f"{stem}.png", root / f"{stem}_curves.png"
+    atomic_write_text(md, page_markdown(tables, heading))
     atomic_write_text(csv_path, csv_text(tables))
     plot(tables, png)
-    return md, csv_path, png
-
-
-# ------------------------------------------------------------------------------- plot
-def plot(tables: Sequence[ResultTable], path: Path) -> None:
-    """One panel per table: mean and 95% interval per row against steps after the start."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = max(len(tables), 1)
-    cols = min(n, 3)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), dpi=110, squeeze=False)
-    for ax, table in zip(axes.flat, tables, strict=False):
-        for r in table.rows:
-            points = [(0, r.start)] if r.start else []
-            points += [(s, v) for s, v in sorted(r.values.items()) if v]
-            xs = [s for s, _ in points]
-            stats = [mean_ci(list(v.values())) for _, v in points]
-            ys = [m for m, _ in stats]
-            errs = [0.0 if math.isnan(h) else h for _, h in stats]
-            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=r.label)
-        ax.set_xlabel("steps after the start")
-        ax.set_ylabel(table.metric)
-        ax.set_title(table.title if len(table.title) < 60 else table.title[:57] + "...", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(tables):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
-def save_figure(fig: object, path: Path) -> None:
-    """Save a matplotlib figure atomically (a crash never leaves half a PNG) and close it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        with atomic_file(path, suffix=path.suffix) as tmp:
-            fig.savefig(tmp)  # type: ignore[attr-defined]
-    finally:
-        plt.close(fig)  # type: ignore[arg-type]
+    plot_curves(tables, curves)
+    return md, csv_path, png, curves

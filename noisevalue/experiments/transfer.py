@@ -5,7 +5,8 @@
     <output_dir>/transfer/<backbone>/pretrain/         the target's own pretraining
     <output_dir>/transfer/<backbone>/vanilla[-seedN]/  continuation, i.i.d. noise (k=1)
     <output_dir>/transfer/<backbone>/rater[-seedN]/    continuation, frozen rater (transfer.selector)
-    <output_dir>/transfer/transfer.{md,csv,png}        the Table 4 comparison
+    <output_dir>/transfer/transfer.{md,csv,png}        the Table 4 comparison (png: a forest plot)
+    <output_dir>/transfer/transfer_curves.png          its metrics against steps
     <output_dir>/transfer/matching.{md,csv}            source level, matched step, checkpoint
     <output_dir>/transfer/loss_curves.png              the curves the matching read
 
@@ -30,15 +31,8 @@ from noisevalue.config import Component, Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import CheckpointError, ConfigError
 from noisevalue.experiments import matching, stages
-from noisevalue.experiments.tables import (
-    ResultTable,
-    Run,
-    csv_text,
-    markdown,
-    plot,
-    save_figure,
-    tables_for,
-)
+from noisevalue.experiments.figures import plot, plot_curves, save_figure
+from noisevalue.experiments.tables import ResultTable, Run, csv_text, page_markdown, tables_for
 from noisevalue.train.run_log import SCALARS, read_scalar
 
 LOSS_TAG = "train/loss"
@@ -386,17 +380,18 @@ def write_outputs(out: Path, recipe: Recipe, source: Source, matches: list[Match
         "(matching.md), without and with the rater. Each backbone's rows are tested against its own "
         "run without the rater.", "",
     ]
-    ckpt.atomic_write_text(md, "\n".join(head) + "\n" + "\n".join(markdown(t) for t in tables))
+    ckpt.atomic_write_text(md, page_markdown(tables, "\n".join(head) + "\n"))
 
     csv_path = out / "transfer.csv"
     ckpt.atomic_write_text(csv_path, csv_text(tables))
 
-    png = out / "transfer.png"
+    png, table_curves = out / "transfer.png", out / "transfer_curves.png"
     plot(tables, png)
+    plot_curves(tables, table_curves)
 
     curves = out / "loss_curves.png"
     plot_loss_curves(curves, source, matches, cfg.stability_window)
-    return [md, csv_path, png, match_md, match_csv, curves]
+    return [md, csv_path, png, table_curves, match_md, match_csv, curves]
 
 
 def plot_loss_curves(path: Path, source: Source, matches: list[Match], stability_window: int) -> None:
