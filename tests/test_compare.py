@@ -65,6 +65,17 @@ def test_compare_runs_selectors_and_loss_weightings_with_paired_seeds(tmp_path, 
     assert start("fd_digits", 0) != start("fd_digits", 1)
     assert start("heldout_loss", 0) == start("heldout_loss", 1) == pretrain["heldout_loss"]  # no seed in it
 
+    # what selection did to the noise: max-norm's pick of 4 is Beta(4, 1) in the PIT (mean
+    # 0.8, sd 0.02 over the 64 samples of two seeds), vanilla's uniform (mean 0.5, sd 0.036)
+    noise = list(csv.DictReader((root / "compare_noise.csv").open()))
+    pit = {r["run"]: float(r["pit_mean"]) for r in noise if r["bin"] == "all" and r["seed"] == "0"}
+    assert pit["max_norm"] > 0.65 > pit["vanilla"] > 0.35
+    per_seed = [json.loads((root / "select" / d / "noise_stats.json").read_text()) for d in ("max_norm", "max_norm-seed1")]
+    pooled = sum(s["all"]["pit_mean"] * s["all"]["count"] for s in per_seed) / sum(s["all"]["count"] for s in per_seed)
+    row = next(r for r in (root / "compare_noise.md").read_text().splitlines() if r.startswith("| max_norm |")
+               and r.count("|") == 13 and abs(float(r.split("|")[-2]) - pooled) < 1e-3)
+    assert row and per_seed[0]["all"]["count"] == 32  # 4 steps x 8 samples
+
     second = invoke(*args)  # everything reused, the same tables
     assert second.exit_code == 0 and "starting" not in second.output
     assert (root / "compare.md").read_text() == md

@@ -245,6 +245,11 @@ def test_protocol_end_to_end_with_skip_on_rerun(tmp_path, tiny_overrides):
     assert untrained.keys() == trained_start.keys()
     assert all(torch.equal(untrained[k], trained_start[k]) for k in untrained)
     assert any(not torch.equal(untrained[k], v) for k, v in rater_tensors(root / "rater", 2).items())
+    # the noise diagnostics: the oracle reports its first-order gain over candidate 0 (>= 0,
+    # the top-1 of the alignment), the others none; min-norm trains on smaller norms
+    noise = {r["run"]: r for r in csv.DictReader((root / "comparison_noise.csv").open()) if r["bin"] == "all"}
+    assert float(noise["oracle"]["gain"]) > 0 and noise["rater"]["gain"] == noise["vanilla"]["gain"] == ""
+    assert float(noise["min_norm"]["norm_ratio"]) < 1 < float(noise["max_norm"]["norm_ratio"])
     again = invoke(*args)
     assert again.exit_code == 0
     assert again.output.count("reused") == 9  # pretrain, two raters, six continuations

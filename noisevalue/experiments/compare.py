@@ -27,7 +27,8 @@ from noisevalue.config import Component, Recipe, method_kind, trial_build
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
 from noisevalue.experiments import stages
-from noisevalue.experiments.protocol import VANILLA, continuations, method_dir
+from noisevalue.experiments.noise_tables import write_noise_tables
+from noisevalue.experiments.protocol import VANILLA, continuations, method_dir, run_folders
 from noisevalue.experiments.tables import tables_for, write_tables
 
 STEM = "compare"
@@ -60,6 +61,8 @@ def run_compare(recipe: Recipe, info: DistInfo, say: stages.Say, methods: Sequen
     if info.is_main:
         tables = tables_for(f"continuation from step {origin}", runs, VANILLA)
         write_tables(tables, root, STEM)
+        paths += write_noise_tables(run_folders(recipe, runs), root, STEM, recipe.diffusion.num_timesteps,
+                                    recipe.select.steps)
         atomic_write_text(root / WALL_TIMES, wall_time_table(recipe, list(chosen)))
         say("compare: " + " ".join(str(p) for p in paths))
     barrier(info)

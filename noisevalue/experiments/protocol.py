@@ -26,6 +26,7 @@ from pathlib import Path
 from noisevalue.config import Component, Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.experiments import stages
+from noisevalue.experiments.noise_tables import write_noise_tables
 from noisevalue.experiments.tables import Run, primary_metric, tables_for, write_tables
 
 VANILLA = "vanilla"
@@ -91,6 +92,14 @@ def continuations(recipe: Recipe, info: DistInfo, say: stages.Say) -> tuple[list
     return runs, origin
 
 
+def run_folders(recipe: Recipe, runs: list[Run]) -> dict[str, dict[int, Path]]:
+    """label -> seed -> the continuation's folder, in the runs' order."""
+    folders: dict[str, dict[int, Path]] = {}
+    for run in runs:
+        folders.setdefault(run.label, {})[run.seed] = method_dir(recipe, run.label, run.seed)
+    return folders
+
+
 def method_dir(recipe: Recipe, label: str, seed: int) -> Path:
     """The continuation folder of method ``label`` for ``seed``."""
     return stages.seeded_dir(Path(recipe.output_dir) / "select" / label, seed, recipe)
@@ -103,7 +112,8 @@ def run_protocol(recipe: Recipe, info: DistInfo, say: stages.Say = print) -> dic
     reference = VANILLA if VANILLA in recipe.select.methods else None
     tables = tables_for(f"continuation from step {origin}", runs, reference)
     if info.is_main:
-        paths = write_tables(tables, root, "comparison")
+        paths = [*write_tables(tables, root, "comparison"), *write_noise_tables(
+            run_folders(recipe, runs), root, "comparison", recipe.diffusion.num_timesteps, recipe.select.steps)]
         say("comparison: " + " ".join(str(p) for p in paths))
     barrier(info)
     metric = primary_metric([row for r in runs for row in r.history]) or "loss"

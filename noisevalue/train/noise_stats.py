@@ -12,8 +12,8 @@ steps) the accumulator keeps, summed over the samples of the run:
   [0, 1] for Gaussian noise: mean 1/2, variance 1/12. A top-1-of-k pick by norm moves it to
   the Beta(k, 1) or Beta(1, k) law (mean k/(k+1) or 1/(k+1)), whatever ``d``;
 * per coordinate, the sum and the sum of squares of ``eps``: the per-coordinate variance
-  of the noise trained on (1 for Gaussian noise), summarised by its mean, min and max over
-  the coordinates;
+  of the noise trained on (unbiased, over the bin's samples; 1 for Gaussian noise),
+  summarised by its mean, min and max over the coordinates;
 * ``gain``: where the selector reports one (``NoiseSelector.last_gain``: the oracle's
   first-order gain of its pick over candidate 0, the alignment difference), its sum.
 
@@ -102,10 +102,12 @@ def summary(state: dict[str, torch.Tensor]) -> dict:
         count, norm, pit, pit_sq, gain, gain_count = (float(v) for v in s)
         if count == 0:
             return {"count": 0}
-        var = c2 / count - (c1 / count).square()
         out = {"count": int(count), "norm_ratio": norm / count, "pit_mean": pit / count,
-               "pit_var": pit_sq / count - (pit / count) ** 2, "coord_var_mean": float(var.mean()),
-               "coord_var_min": float(var.min()), "coord_var_max": float(var.max())}
+               "pit_var": pit_sq / count - (pit / count) ** 2}
+        if count > 1:  # the unbiased variance of each coordinate over the samples
+            var = (c2 - c1.square() / count) / (count - 1)
+            out.update(coord_var_mean=float(var.mean()), coord_var_min=float(var.min()),
+                       coord_var_max=float(var.max()))
         if gain_count:
             out["gain"] = gain / gain_count
         return out
