@@ -210,6 +210,11 @@ def compare(
         help="A method: a label of select.methods, or a registered selector or loss weighting "
         "(repeatable; default: all of select.methods). Vanilla is always the reference.",
     ),
+    budget: str | None = typer.Option(
+        None, "--budget", metavar="wall",
+        help="Also compare each method with vanilla trained for the same wall time (vanilla gets "
+        "the extra steps): compare_budget.{md,csv,png}.",
+    ),
     nproc_per_node: int = NprocOpt,
     nnodes: str = NnodesOpt,
     node_rank: int = NodeRankOpt,
@@ -219,9 +224,12 @@ def compare(
     """Training-side methods side by side from one stage-(i) checkpoint: the same budget and
     paired seeds, one table of differences from vanilla, and each method's wall time."""
     with user_errors():
-        from noisevalue.experiments.compare import compare_methods
+        from noisevalue.errors import ConfigError
+        from noisevalue.experiments.compare import BUDGETS, compare_methods
 
-        _experiment("compare", recipe, overrides, {"methods": list(methods or [])},
+        if budget is not None and budget not in BUDGETS:
+            raise ConfigError(f"--budget: expected one of {', '.join(BUDGETS)}, got {budget!r}")
+        _experiment("compare", recipe, overrides, {"methods": list(methods or []), "budget": budget},
                     launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id),
                     check=lambda parsed: compare_methods(parsed, list(methods or [])))
 

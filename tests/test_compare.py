@@ -90,3 +90,38 @@ def test_an_unknown_method_stops_before_anything_is_written(tmp_path, tiny_overr
     bad = invoke("compare", *tiny_overrides, "--method", "p2", "select.methods.p2={name: p2, params: {gamma: 0}}")
     assert bad.exit_code == 2 and "gamma must be a finite number > 0, got 0" in bad.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_budget_wall_sets_each_method_against_vanilla_trained_for_its_wall_time(tmp_path, tiny_overrides):
+    import statistics
+
+    args = ["compare", *tiny_overrides, "select.steps=4", "select.eval_every=4", "select.seeds=[0,1]",
+            "--method", "oracle", "--budget", "wall"]
+    result = invoke(*args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    root = tmp_path / "run"
+    def per_step(method):  # the median over both seeds' log windows of seconds per step of 8 images
+        lines = [json.loads(line) for d in (method, f"{method}-seed1")
+                 for line in (root / "select" / d / "timings.jsonl").read_text().splitlines()]
+        return statistics.median(8 / t["train/images_per_sec"] for t in lines if "train/images_per_sec" in t)
+
+    n = max(1, round(4 * per_step("oracle") / per_step("vanilla")))
+    assert n > 4  # the oracle's forward-mode pass over 4 candidates costs more than a step
+    rows = list(csv.DictReader((root / "compare_budget.csv").open()))
+    ref = f"vanilla, {n} steps (the wall time of oracle's 4)"
+    for seed, folder in ((0, f"vanilla-{n}steps"), (1, f"vanilla-{n}steps-seed1")):
+        history = json.loads((root / "select" / folder / "metrics.json").read_text())["history"]
+        trained = next(h for h in history if h["step"] == 4 + n)  # n steps from the step-4 checkpoint
+        shown = next(r for r in rows if r["run"] == ref and r["seed"] == str(seed) and r["metric"] == "heldout_loss")
+        assert float(shown["value"]) == trained["heldout_loss"] and shown["step"] == "8"
+        oracle = json.loads((root / "select" / ("oracle" if seed == 0 else "oracle-seed1") / "metrics.json").read_text())
+        got = next(r for r in rows if r["run"] == "oracle" and r["seed"] == str(seed) and r["metric"] == "heldout_loss")
+        assert float(got["value"]) == oracle["history"][-1]["heldout_loss"]
+    assert "oracle against vanilla on the same wall time" in (root / "compare_budget.md").read_text()
+
+
+def test_an_unknown_budget_stops_before_anything_is_written(tmp_path, tiny_overrides):
+    result = invoke("compare", *tiny_overrides, "--budget", "flop")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "noisevalue: error: --budget: expected one of wall, got 'flop'"
+    assert not (tmp_path / "run").exists()
