@@ -4,7 +4,7 @@ Built-in selectors are registered under the ``noisevalue.selectors`` entry-point
 ``random`` (vanilla i.i.d. noise), ``max_norm``, ``min_norm``, ``rater`` (top-1 of k by a
 frozen, meta-trained rater) and two controls: ``random_rater`` (top-1 by the same rater
 before training) and ``oracle`` (top-1 by the exact gradient alignment with the validation
-loss, an upper bound for small models).
+loss: greedy one-step alignment, a control for small models, not a bound).
 """
 
 from __future__ import annotations
