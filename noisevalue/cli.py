@@ -211,9 +211,9 @@ def compare(
         "(repeatable; default: all of select.methods). Vanilla is always the reference.",
     ),
     budget: str | None = typer.Option(
-        None, "--budget", metavar="wall",
-        help="Also compare each method with vanilla trained for the same wall time (vanilla gets "
-        "the extra steps): compare_budget.{md,csv,png}.",
+        None, "--budget", metavar="wall|flops",
+        help="Also compare each method with vanilla trained on the same compute, the method's wall "
+        "time or FLOPs (vanilla gets the extra steps): compare_budget.{md,csv,png}.",
     ),
     nproc_per_node: int = NprocOpt,
     nnodes: str = NnodesOpt,
@@ -225,7 +225,8 @@ def compare(
     paired seeds, one table of differences from vanilla, and each method's wall time."""
     with user_errors():
         from noisevalue.errors import ConfigError
-        from noisevalue.experiments.compare import BUDGETS, compare_methods
+        from noisevalue.experiments.budget import BUDGETS
+        from noisevalue.experiments.compare import compare_methods
 
         if budget is not None and budget not in BUDGETS:
             raise ConfigError(f"--budget: expected one of {', '.join(BUDGETS)}, got {budget!r}")

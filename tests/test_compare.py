@@ -108,7 +108,7 @@ def test_budget_wall_sets_each_method_against_vanilla_trained_for_its_wall_time(
     n = max(1, round(4 * per_step("oracle") / per_step("vanilla")))
     assert n > 4  # the oracle's forward-mode pass over 4 candidates costs more than a step
     rows = list(csv.DictReader((root / "compare_budget.csv").open()))
-    ref = f"vanilla, {n} steps (the wall time of oracle's 4)"
+    ref = f"vanilla, {n} steps (the wall of oracle's 4)"
     for seed, folder in ((0, f"vanilla-{n}steps"), (1, f"vanilla-{n}steps-seed1")):
         history = json.loads((root / "select" / folder / "metrics.json").read_text())["history"]
         trained = next(h for h in history if h["step"] == 4 + n)  # n steps from the step-4 checkpoint
@@ -117,11 +117,40 @@ def test_budget_wall_sets_each_method_against_vanilla_trained_for_its_wall_time(
         oracle = json.loads((root / "select" / ("oracle" if seed == 0 else "oracle-seed1") / "metrics.json").read_text())
         got = next(r for r in rows if r["run"] == "oracle" and r["seed"] == str(seed) and r["metric"] == "heldout_loss")
         assert float(got["value"]) == oracle["history"][-1]["heldout_loss"]
-    assert "oracle against vanilla on the same wall time" in (root / "compare_budget.md").read_text()
+    assert "oracle against vanilla on the same wall" in (root / "compare_budget.md").read_text()
+
+
+def test_budget_flops_counts_the_selection_on_top_of_the_training_step(tmp_path, tiny_overrides):
+    """A loss weighting costs what vanilla costs: its vanilla on the same FLOPs trains the same
+    4 steps, so it equals vanilla's own continuation exactly. The oracle's forward-mode pass
+    over 4 candidates costs several training steps."""
+    from noisevalue.config import Component, load_recipe
+    from noisevalue.experiments.budget import step_flops
+
+    args = ["compare", *tiny_overrides, "select.steps=4", "select.eval_every=4", "select.seeds=[0,1]",
+            "--method", "min_snr", "--method", "oracle", "--budget", "flops"]
+    result = invoke(*args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    root = tmp_path / "run"
+    recipe = load_recipe("digits", [*tiny_overrides, "select.steps=4"])
+    vanilla = step_flops(recipe, Component(name="random", params={"k": 1}), root / "pretrain")
+    oracle = step_flops(recipe, Component(name="oracle", params={"k": 4}), root / "pretrain")
+    n = round(4 * oracle / vanilla)
+    assert n > 8
+    rows = list(csv.DictReader((root / "compare_budget.csv").open()))
+    for seed in ("0", "1"):
+        def value(run):
+            return next(float(r["value"]) for r in rows if r["run"] == run and r["seed"] == seed
+                        and r["metric"] == "heldout_loss")
+
+        own = json.loads((root / "select" / ("vanilla" if seed == "0" else "vanilla-seed1") / "metrics.json").read_text())
+        assert value("vanilla, 4 steps (the flops of min_snr's 4)") == own["history"][-1]["heldout_loss"]
+        assert value(f"vanilla, {n} steps (the flops of oracle's 4)") != own["history"][-1]["heldout_loss"]
+    assert (root / "select" / f"vanilla-{n}steps-seed1" / "DONE").is_file()
 
 
 def test_an_unknown_budget_stops_before_anything_is_written(tmp_path, tiny_overrides):
     result = invoke("compare", *tiny_overrides, "--budget", "flop")
     assert result.exit_code == 2
-    assert result.stderr.strip() == "noisevalue: error: --budget: expected one of wall, got 'flop'"
+    assert result.stderr.strip() == "noisevalue: error: --budget: expected one of wall, flops, got 'flop'"
     assert not (tmp_path / "run").exists()

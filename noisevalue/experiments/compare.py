@@ -15,17 +15,12 @@ minimum detectable effect (see :mod:`.tables`); ``compare.png``, their forest pl
 ``compare_curves.png``, the metrics against steps; and ``compare_timings.md``: the wall
 time of each method's continuation.
 
-With ``--budget wall``, every method is also compared with vanilla given the same wall time:
-a method whose training steps took r times vanilla's (median seconds per step over the log
-windows of every seed, evaluations and checkpoints left out) is set against a
-vanilla continuation of ``round(r * select.steps)`` steps from the same checkpoint and seed
-(``select/vanilla-<N>steps``), in ``compare_budget.md`` / ``.csv`` / ``.png``: the
-compute-matched verdict beside the step-matched one.
+With ``--budget wall`` or ``--budget flops``, every method is also compared with vanilla given
+the same compute (:mod:`.budget`): ``compare_budget.md`` / ``.csv`` / ``.png``.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,8 +32,7 @@ from noisevalue.errors import ConfigError
 from noisevalue.experiments import stages
 from noisevalue.experiments.noise_tables import write_noise_tables
 from noisevalue.experiments.protocol import VANILLA, continuations, method_dir, run_folders
-from noisevalue.experiments.tables import Run, tables_for, write_tables
-from noisevalue.train.run_log import TIMINGS as TIMINGS_LOG
+from noisevalue.experiments.tables import tables_for, write_tables
 
 STEM = "compare"
 
@@ -59,9 +53,6 @@ def compare_methods(recipe: Recipe, names: Sequence[str]) -> dict[str, Component
     return chosen
 
 
-BUDGETS = ("wall",)
-
-
 def run_compare(recipe: Recipe, info: DistInfo, say: stages.Say, methods: Sequence[str] = (),
                 budget: str | None = None) -> list[Path]:
     chosen = compare_methods(recipe, methods)
@@ -80,67 +71,9 @@ def run_compare(recipe: Recipe, info: DistInfo, say: stages.Say, methods: Sequen
         say("compare: " + " ".join(str(p) for p in paths))
     barrier(info)
     if budget is not None:
-        paths += budget_matched(recipe, info, say, runs, origin, list(chosen))
-    return paths
+        from noisevalue.experiments.budget import budget_matched
 
-
-def step_seconds(recipe: Recipe, label: str) -> float | None:
-    """A method's seconds per training step: the median over its seeds' log windows (the
-    trainer's ``train/images_per_sec``), so that evaluations and checkpoints, which fall in
-    a few windows, do not count."""
-    per_step = []
-    for seed in recipe.continuation_seeds():
-        path = method_dir(recipe, label, seed) / TIMINGS_LOG
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                ips = json.loads(line).get("train/images_per_sec")
-                if ips:
-                    per_step.append(recipe.train.global_batch_size / ips)
-    return statistics.median(per_step) if per_step else None
-
-
-def budget_steps(recipe: Recipe, labels: list[str]) -> dict[str, int]:
-    """Per method, the steps vanilla trains in the wall time of the method's steps."""
-    base = step_seconds(recipe, VANILLA)
-    if not base:
-        raise ConfigError("compare --budget wall: vanilla's continuations logged no step time "
-                          f"({TIMINGS_LOG}): remove select/vanilla* to train them again")
-    steps = {}
-    for label in labels:
-        t = step_seconds(recipe, label) if label != VANILLA else None
-        if t is not None:
-            steps[label] = max(1, round(recipe.select.steps * t / base))
-    return steps
-
-
-def budget_matched(recipe: Recipe, info: DistInfo, say: stages.Say, runs: list[Run], origin: int,
-                   labels: list[str]) -> list[Path]:
-    """Each method against vanilla trained for the method's wall time (see the module)."""
-    steps = budget_steps(recipe, labels)
-    vanilla = recipe.select.methods[VANILLA]
-    pretrained = Path(recipe.output_dir) / "pretrain"
-    last = origin + recipe.select.steps
-    by_label: dict[str, list[Run]] = {}
-    for run in runs:
-        by_label.setdefault(run.label, []).append(run)
-    tables = []
-    for label, n in steps.items():
-        ref = f"vanilla, {n} steps (the wall time of {label}'s {recipe.select.steps})"
-        paired: list[Run] = []
-        for seed in recipe.continuation_seeds():
-            run_dir = stages.seeded_dir(Path(recipe.output_dir) / "select" / f"{VANILLA}-{n}steps", seed, recipe)
-            history = stages.continue_training(recipe, info, say, pretrained, run_dir, vanilla, n, seed=seed)
-            # shown at the method's last step: both rows end on the same wall-time budget
-            paired.append(Run(ref, seed, origin, None, [{**row, "step": last} for row in history
-                                                        if row["step"] == origin + n]))
-        paired += [Run(label, r.seed, origin, None, [h for h in r.history if h["step"] == last])
-                   for r in by_label[label]]
-        tables += tables_for(f"{label} against vanilla on the same wall time", paired, ref)
-    paths: list[Path] = []
-    if info.is_main and tables:
-        paths = list(write_tables(tables, Path(recipe.output_dir), f"{STEM}_budget"))
-        say("compare --budget wall: " + " ".join(str(p) for p in paths))
-    barrier(info)
+        paths += budget_matched(recipe, info, say, budget, runs, origin, list(chosen))
     return paths
 
 
