@@ -98,7 +98,7 @@ class DiffusionTraining(Trainer):
             _, self.val_idx = validation_split(self.data.num_items, r.meta.val_fraction, r.seed)
             self.val_order = GlobalOrder(len(self.val_idx), r.seed + 2)
             self.context = TrainingContext(model=model, diffusion=self.diffusion,
-                                           validation_batch=self._validation_batch)
+                                           validation_batch=self._validation_batch, optimizer=self.optimizer)
             self.selector.bind(self.context)
         pixels = self.encoder.pixel_space and hasattr(self.data, "images")
         train_set = _ImagesView(self.data.images) if pixels else None  # type: ignore[attr-defined]
@@ -119,6 +119,15 @@ class DiffusionTraining(Trainer):
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.order = GlobalOrder(self.data.num_items, r.seed)
         self.open_log()
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Train on with ``optimizer`` in place of the recipe's AdamW (over the same
+        parameters; what its state holds is the caller's choice): the ladder experiment's
+        plain SGD steps. The selector's context sees it too."""
+        self.optimizer = optimizer
+        self.fused = bool(optimizer.defaults.get("fused"))  # only a fused one reads found_inf
+        if self.context is not None:
+            self.context.optimizer = optimizer
 
     def _identity(self) -> ckpt.Identity:
         return ckpt.Identity(name=self.recipe.model.name, params=self.model_params)
