@@ -12,7 +12,11 @@ from torch import nn
 
 from noisevalue import checkpoint as ckpt
 from noisevalue.meta import Unrolled, make_problem, param_dict, unroll
-from noisevalue.selectors.oracle import OracleSelector, PreconditionedOracleSelector, alignment_scores
+from noisevalue.selectors.oracle import (
+    OracleSelector,
+    PreconditionedOracleSelector,
+    alignment_scores,
+)
 from noisevalue.train.meta_training import checkpoint_adam_state, cosine
 from tests.test_meta import CLASSES, SIZE, TinyNet, TinyRater, batches
 

@@ -17,7 +17,11 @@ from noisevalue.selectors.builtin import (
     RaterSelector,
     UntrainedRaterSelector,
 )
-from noisevalue.selectors.oracle import OracleSelector, PreconditionedOracleSelector, alignment_scores
+from noisevalue.selectors.oracle import (
+    OracleSelector,
+    PreconditionedOracleSelector,
+    alignment_scores,
+)
 
 __all__ = [
     "RandomSelector",
