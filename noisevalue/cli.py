@@ -341,6 +341,26 @@ def analyze(
 
 
 @app.command()
+def ladder(
+    recipe: str | None = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    nproc_per_node: int = NprocOpt,
+    nnodes: str = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    rdzv_endpoint: str | None = RdzvOpt,
+    rdzv_id: str = RdzvIdOpt,
+) -> None:
+    """Selection over horizons and optimizers: from the stage-(i) checkpoint, each method of
+    ladder.methods takes up to max(ladder.horizons) steps with each of ladder.optimizers, per
+    seed of ladder.seeds; the held-out loss after each horizon, paired against vanilla."""
+    with user_errors():
+        from noisevalue.experiments.ladder import check_ladder
+
+        _experiment("ladder", recipe, overrides, {},
+                    launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id), check=check_ladder)
+
+
+@app.command()
 def cache(
     recipe: str | None = RecipeArg,
     overrides: list[str] | None = OverridesArg,

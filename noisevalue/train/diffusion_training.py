@@ -82,7 +82,7 @@ class DiffusionTraining(Trainer):
         # on CUDA the fused AdamW: one kernel, and it skips a non-finite step by itself
         # (found_inf), so no step waits for the host to decide
         self.fused = info.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=r.train.lr,
             betas=r.train.betas,
