@@ -182,7 +182,8 @@ def _experiment(
     job_dir = Path(parsed.output_dir) / command
     typer.echo(
         f"noisevalue {command}: recipe '{parsed.name}' -> {job_dir}  (model {parsed.model.name}, "
-        f"seeds {parsed.continuation_seeds()}, processes {world_size(launch)})"
+        f"seeds {parsed.ladder.seeds if command == 'ladder' else parsed.continuation_seeds()}, "
+        f"processes {world_size(launch)})"
     )
     if single_process(launch):
         from noisevalue.experiments.commands import run_experiment
