@@ -182,7 +182,8 @@ def _experiment(
     job_dir = Path(parsed.output_dir) / command
     typer.echo(
         f"noisevalue {command}: recipe '{parsed.name}' -> {job_dir}  (model {parsed.model.name}, "
-        f"seeds {parsed.continuation_seeds()}, processes {world_size(launch)})"
+        f"seeds {parsed.ladder.seeds if command == 'ladder' else parsed.continuation_seeds()}, "
+        f"processes {world_size(launch)})"
     )
     if single_process(launch):
         from noisevalue.experiments.commands import run_experiment
@@ -347,6 +348,26 @@ def analyze(
                     {"checkpoints": list(checkpoints) if checkpoints else None, "steps": list(steps) if steps else None,
                      "signal": signal},
                     launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id), check=check)
+
+
+@app.command()
+def ladder(
+    recipe: str | None = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    nproc_per_node: int = NprocOpt,
+    nnodes: str = NnodesOpt,
+    node_rank: int = NodeRankOpt,
+    rdzv_endpoint: str | None = RdzvOpt,
+    rdzv_id: str = RdzvIdOpt,
+) -> None:
+    """Selection over horizons and optimizers: from the stage-(i) checkpoint, each method of
+    ladder.methods takes up to max(ladder.horizons) steps with each of ladder.optimizers, per
+    seed of ladder.seeds; the held-out loss after each horizon, paired against vanilla."""
+    with user_errors():
+        from noisevalue.experiments.ladder import check_ladder
+
+        _experiment("ladder", recipe, overrides, {},
+                    launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id), check=check_ladder)
 
 
 @app.command()

@@ -8,6 +8,7 @@ error naming its path) -> :func:`check_components` (names exist, parameters acce
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -296,6 +297,63 @@ class AnalyzeConfig(_Strict):
         return self
 
 
+class LadderOptimizer(_Strict):
+    """An optimizer of ``noisevalue ladder``: ``sgd`` is plain SGD (no momentum, no weight
+    decay: the meta inner loop's); ``adamw`` is the trainer's AdamW (``train.betas``,
+    ``adam_eps``, ``weight_decay``) continued from the checkpoint's saved state, ``lr`` in
+    place of the saved one."""
+
+    name: Literal["sgd", "adamw"]
+    lr: float = Field(gt=0)
+
+
+def _ladder_optimizers() -> dict[str, LadderOptimizer]:
+    return {
+        "sgd-lr0.01": LadderOptimizer(name="sgd", lr=0.01),  # the meta inner loop's step
+        "adamw-lr1e-3": LadderOptimizer(name="adamw", lr=1e-3),  # the digits trainer's
+        "adamw-lr1e-4": LadderOptimizer(name="adamw", lr=1e-4),  # the paper's
+    }
+
+
+def _ladder_methods() -> dict[str, Component]:
+    return {
+        "vanilla": Component(name="random", params={"k": 1}),  # candidate 0 of every pool
+        "oracle": Component(name="oracle", params={"k": 4}),
+        "oracle_precond": Component(name="oracle_precond", params={"k": 4}),
+        "rater": Component(name="rater", params={"k": 4}),
+        "random_rater": Component(name="random_rater", params={"k": 4}),
+        "min_norm": Component(name="min_norm", params={"k": 4}),
+    }
+
+
+_LABEL = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a label that is also a folder name
+
+
+class LadderConfig(_Strict):
+    """``noisevalue ladder``: short continuations of the stage-(i) checkpoint per optimizer,
+    selection method and seed, the held-out loss at each horizon (docs/ladder.md)."""
+
+    seeds: list[int] = Field(default_factory=lambda: list(range(10)), min_length=2)
+    horizons: list[int] = Field(default_factory=lambda: [1, 2, 5, 20, 80, 160], min_length=1)
+    optimizers: dict[str, LadderOptimizer] = Field(default_factory=_ladder_optimizers, min_length=1)
+    # selectors by label; "vanilla" (the reference of every difference) is required
+    methods: dict[str, Component] = Field(default_factory=_ladder_methods)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LadderConfig:
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: {self.seeds} lists a seed twice")
+        if any(h < 1 for h in self.horizons) or self.horizons != sorted(set(self.horizons)):
+            raise ValueError(f"horizons: {self.horizons}: steps >= 1, increasing, each once")
+        if "vanilla" not in self.methods:
+            raise ValueError("methods: 'vanilla' is missing (the reference every method is compared with)")
+        for what, labels in (("optimizers", self.optimizers), ("methods", self.methods)):
+            bad = [label for label in labels if not re.match(_LABEL, label)]
+            if bad:
+                raise ValueError(f"{what}: label {bad[0]!r} is not a folder name (letters, digits, _ . -)")
+        return self
+
+
 class SampleConfig(_Strict):
     num_steps: int = Field(default=50, gt=0)
     eta: float = Field(default=0.0, ge=0)
@@ -339,6 +397,7 @@ class Recipe(_Strict):
     ablate: AblateConfig = Field(default_factory=AblateConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
+    ladder: LadderConfig = Field(default_factory=LadderConfig)
 
     def continuation_seeds(self) -> list[int]:
         return list(dict.fromkeys(self.select.seeds or [self.seed]))

@@ -138,13 +138,17 @@ class TrainingContext:
     step). ``diffusion``: the forward process (``q_sample``, ``per_sample_loss``).
     ``validation_batch(n)``: ``(x0, y, t, noise)`` for ``n`` held-out samples (the meta
     validation split), drawn from a generator seeded by the run's seed and the current
-    ``step``, so a resumed run sees the same batches.
+    ``step``, so a resumed run sees the same batches. ``optimizer``: the optimizer that
+    applies the step the selector chooses noise for, its state as it is before that step
+    (read it, never step it): a selector that ranks in the optimizer's own metric
+    (``oracle_precond``) reads its second moments.
     """
 
     model: nn.Module
     diffusion: Any
     validation_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]]
     step: int = 0
+    optimizer: torch.optim.Optimizer | None = None
 
 
 class NoiseSelector(ABC):

@@ -18,7 +18,7 @@ from noisevalue.train.preflight import check_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*ROOT.glob("docs/*.md"), ROOT / "README.md", *ROOT.glob("noisevalue/builtin_recipes/*.yaml")])
-RECIPE_COMMANDS = ("run", "ablate", "transfer", "analyze", "compare", "cache")
+RECIPE_COMMANDS = ("run", "ablate", "transfer", "analyze", "compare", "cache", "ladder")
 VALUED = {"--method", "--remove", "--to", "--rater", "--checkpoint", "--checkpoints", "--step", "--steps",
           "--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id", "--allow-changes"}
 FLAGS = {"--noise-only", "--signal", "--resume", "--files", "--no-files"}

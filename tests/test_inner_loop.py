@@ -12,7 +12,11 @@ from torch import nn
 
 from noisevalue import checkpoint as ckpt
 from noisevalue.meta import Unrolled, make_problem, param_dict, unroll
-from noisevalue.selectors.oracle import OracleSelector, alignment_scores
+from noisevalue.selectors.oracle import (
+    OracleSelector,
+    PreconditionedOracleSelector,
+    alignment_scores,
+)
 from noisevalue.train.meta_training import checkpoint_adam_state, cosine
 from tests.test_meta import CLASSES, SIZE, TinyNet, TinyRater, batches
 
@@ -178,6 +182,64 @@ def test_oracle_score_equals_explicit_per_candidate_gradient_dot_products(diffus
     selector = OracleSelector(k=k, val_batch_size=3)
     selector.bind(TrainingContext(model=net, diffusion=diffusion, validation_batch=lambda n: validation))
     assert torch.equal(selector.select(batch.x0, batch.y, batch.t, batch.noise), got.argmax(dim=1))
+
+
+def test_oracle_precond_scores_are_the_alignment_in_adams_metric(diffusion):
+    """oracle_precond scores <P grad L_val, grad l_k>, P = 1 / (sqrt(v_hat) + eps) from the
+    optimizer's state: the oracle itself under SGD, the oracle times one number when v is
+    one constant, and per-sample gradients (torch.func) dotted by hand for a given v."""
+    from torch.func import functional_call, grad, vmap
+
+    from noisevalue.interfaces import TrainingContext
+
+    torch.manual_seed(0)
+    net = TinyNet().double()
+    inner, val = batches(4, 1, b=3, k=5)
+    batch = inner[0]
+    validation = (val.x0, val.y, val.t, val.noise)
+    oracle = alignment_scores(net, diffusion, batch.x0, batch.y, batch.t, batch.noise, validation)
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def scores(optimizer):
+        selector = PreconditionedOracleSelector(k=5, val_batch_size=3)
+        selector.bind(TrainingContext(model=net, diffusion=diffusion, validation_batch=lambda n: validation,
+                                      optimizer=optimizer))
+        return selector.scores(batch.x0, batch.y, batch.t, batch.noise)
+
+    assert torch.equal(scores(torch.optim.SGD(params, lr=0.01)), oracle)
+    beta2, eps, step, c = 0.99, 1e-8, 3, 0.04
+    adam = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, beta2), eps=eps)
+    for p in params:
+        adam.state[p] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(p),
+                         "exp_avg_sq": torch.full_like(p, c)}
+    scale = 1 / (math.sqrt(c / (1 - beta2**step)) + eps)
+    torch.testing.assert_close(scores(adam), oracle * scale, rtol=1e-12, atol=0)
+
+    g = torch.Generator().manual_seed(3)
+    for p in params:  # second moments spread over four decades: the ranking can change
+        adam.state[p]["exp_avg_sq"] = 10 ** (-4 * torch.rand(p.shape, generator=g, dtype=p.dtype)) * 1e-2
+    got = scores(adam)
+    named = {n: p.detach() for n, p in net.named_parameters() if p.requires_grad}
+
+    def loss(th, x0, y, t, noise):
+        def eps_fn(x, tt, yy):
+            return functional_call(net, th, (x, tt, yy))
+
+        return diffusion.per_sample_loss(eps_fn, x0, t, y, noise).mean()
+
+    b, k = batch.noise.shape[:2]
+    one = lambda th, x0, y, t, noise: loss(th, x0[None], y[None], t[None], noise[None])  # noqa: E731
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0, 0, 0))(
+        named, batch.x0.repeat_interleave(k, 0), batch.y.repeat_interleave(k, 0), batch.t.repeat_interleave(k, 0),
+        batch.noise.flatten(0, 1))
+    g_val = grad(loss)(named, *validation)
+    expected = torch.zeros(b * k, dtype=F64)
+    for n, p in net.named_parameters():
+        v_hat = adam.state[p]["exp_avg_sq"] / (1 - beta2**step)
+        precond = 1 / (v_hat.sqrt() + eps)
+        expected += (per_sample[n] * (precond * g_val[n])).flatten(1).sum(1)
+    torch.testing.assert_close(got, expected.view(b, k), rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert not torch.allclose(got / got.abs().max(), oracle / oracle.abs().max(), atol=1e-2)  # not the oracle's
 
 
 def test_one_step_cosine_is_one_for_a_tiny_sgd_step(diffusion):

@@ -23,7 +23,7 @@ def run_workflow(recipe: Recipe, run_dir: str | Path, info: DistInfo, resume: bo
 
 
 def run_experiment(command: str, recipe: Recipe, info: DistInfo, options: dict[str, Any]) -> list[Path]:
-    """Run one experiment command (``ablate``, ``transfer``, ``compare``, ``analyze``); returns the paths
+    """Run one experiment command (``ablate``, ``transfer``, ``compare``, ``analyze``, ``ladder``); returns the paths
     of its tables and figures."""
     say = print if info.is_main else (lambda *_: None)
     if command == "ablate":
@@ -42,4 +42,8 @@ def run_experiment(command: str, recipe: Recipe, info: DistInfo, options: dict[s
         from noisevalue.experiments.analyze import run_analyze
 
         return run_analyze(recipe, info, say, **options)
+    if command == "ladder":
+        from noisevalue.experiments.ladder import run_ladder
+
+        return run_ladder(recipe, info, say, **options)
     raise ValueError(f"unknown experiment command '{command}'")

@@ -4,7 +4,9 @@ Built-in selectors are registered under the ``noisevalue.selectors`` entry-point
 ``random`` (vanilla i.i.d. noise), ``max_norm``, ``min_norm``, ``rater`` (top-1 of k by a
 frozen, meta-trained rater) and two controls: ``random_rater`` (top-1 by the same rater
 before training) and ``oracle`` (top-1 by the exact gradient alignment with the validation
-loss: greedy one-step alignment, a control for small models, not a bound).
+loss: greedy one-step alignment, a control for small models, not a bound), with
+``oracle_precond`` its variant in the metric of the optimizer that takes the step (Adam's
+diagonal preconditioner).
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from noisevalue.selectors.builtin import (
     RaterSelector,
     UntrainedRaterSelector,
 )
-from noisevalue.selectors.oracle import OracleSelector, alignment_scores
+from noisevalue.selectors.oracle import (
+    OracleSelector,
+    PreconditionedOracleSelector,
+    alignment_scores,
+)
 
 __all__ = [
     "RandomSelector",
@@ -25,5 +31,6 @@ __all__ = [
     "RaterSelector",
     "UntrainedRaterSelector",
     "OracleSelector",
+    "PreconditionedOracleSelector",
     "alignment_scores",
 ]

@@ -83,7 +83,7 @@ class DiffusionTraining(Trainer):
         # on CUDA the fused AdamW: one kernel, and it skips a non-finite step by itself
         # (found_inf), so no step waits for the host to decide
         self.fused = info.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=r.train.lr,
             betas=r.train.betas,
@@ -99,7 +99,7 @@ class DiffusionTraining(Trainer):
             _, self.val_idx = validation_split(self.data.num_items, r.meta.val_fraction, r.seed)
             self.val_order = GlobalOrder(len(self.val_idx), r.seed + 2)
             self.context = TrainingContext(model=model, diffusion=self.diffusion,
-                                           validation_batch=self._validation_batch)
+                                           validation_batch=self._validation_batch, optimizer=self.optimizer)
             self.selector.bind(self.context)
         pixels = self.encoder.pixel_space and hasattr(self.data, "images")
         train_set = _ImagesView(self.data.images) if pixels else None  # type: ignore[attr-defined]
@@ -121,6 +121,15 @@ class DiffusionTraining(Trainer):
             self.model = torch.compile(self.model)  # type: ignore[assignment]
         self.order = GlobalOrder(self.data.num_items, r.seed)
         self.open_log()
+
+    def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Train on with ``optimizer`` in place of the recipe's AdamW (over the same
+        parameters; what its state holds is the caller's choice): the ladder experiment's
+        plain SGD steps. The selector's context sees it too."""
+        self.optimizer = optimizer
+        self.fused = bool(optimizer.defaults.get("fused"))  # only a fused one reads found_inf
+        if self.context is not None:
+            self.context.optimizer = optimizer
 
     def _identity(self) -> ckpt.Identity:
         return ckpt.Identity(name=self.recipe.model.name, params=self.model_params)

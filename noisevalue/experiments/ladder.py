@@ -1,0 +1,335 @@
+"""``noisevalue ladder``: does a selection method help one optimizer step, a few, or many?
+
+From the protocol's one stage-(i) checkpoint (``<output_dir>/pretrain``) every method of
+``ladder.methods`` takes ``max(ladder.horizons)`` training steps with each optimizer of
+``ladder.optimizers``, for each seed of ``ladder.seeds``; the held-out loss of the raw
+weights is scored after each horizon H, and that of the EMA weights after the last. The
+steps are the trainer's own (:meth:`DiffusionTraining.train_step`): seed s draws the same
+data, timesteps and candidate pool at step t for every method and optimizer, and vanilla
+(``random`` with k=1) trains on candidate 0 of that pool. The raters (``rater``,
+``random_rater``) are the protocol's stage-(ii) folders of each seed, reused when there.
+
+Optimizers: ``sgd`` is plain SGD (no momentum or weight decay), the step the rater's inner
+loop and the oracle's alignment assume; ``adamw`` continues the checkpoint's saved AdamW
+state with its own ``lr``. The held-out loss is the trainer's (``eval.loss_draws`` fixed
+draws of the held-out set), so differences between methods carry no evaluation noise.
+
+    <output_dir>/ladder/cells/<optimizer>/<method>/seed<N>.json   one run: loss per H
+    <output_dir>/ladder/ladder.md    per optimizer x H: paired difference from vanilla
+    <output_dir>/ladder/ladder.csv   one line per (optimizer, method, seed, H)
+    <output_dir>/ladder/ladder.png   per optimizer: the differences against H
+
+A finished cell is reused (its JSON records the settings it ran with; other settings stop
+the command); an interrupted one is run again from the checkpoint, so a resume loses at
+most one cell. Tables and figure are rebuilt from the cells: a rerun writes the same bytes.
+How to read the outcomes: docs/ladder.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noisevalue import checkpoint as ckpt
+from noisevalue.config import Component, LadderOptimizer, Recipe, method_kind, trial_build
+from noisevalue.distributed import DistInfo, barrier, broadcast_object
+from noisevalue.errors import ConfigError
+from noisevalue.experiments import stages
+from noisevalue.experiments.tables import mean_ci, paired_difference, save_figure
+from noisevalue.train.diffusion_training import DiffusionTraining
+
+LADDER_DIR = "ladder"
+CELLS = "cells"
+REFERENCE = "vanilla"
+STEM = "ladder"
+HELDOUT = "heldout_loss"
+
+
+def check_ladder(recipe: Recipe) -> None:
+    """The ladder's settings beyond the schema: every method a selector that builds, a rater
+    section for those that need one, a held-out loss to score. Before anything is created."""
+    for label, comp in recipe.ladder.methods.items():
+        where = f"ladder.methods.{label}"
+        kind = method_kind(where, comp)
+        if kind != "selector":
+            raise ConfigError(f"{where}.name: '{comp.name}' is a {kind.replace('_', ' ')}; "
+                              "the ladder compares how the noise is chosen (selectors)")
+        trial_build(where, kind, comp)
+        if stages.needed_rater(comp) is not None and recipe.rater is None:
+            raise ConfigError(f"{where}: '{comp.name}' needs a rater; the recipe has no 'rater' section")
+    if not recipe.eval.loss_draws:
+        raise ConfigError("eval.loss_draws: 0 turns the held-out loss off; the ladder scores it (set it > 0)")
+
+
+def cell_path(root: Path, optimizer: str, method: str, seed: int) -> Path:
+    return root / CELLS / optimizer / method / f"seed{seed}.json"
+
+
+def run_ladder(recipe: Recipe, info: DistInfo, say: stages.Say) -> list[Path]:
+    from noisevalue.experiments.protocol import seed_rater, untrained_rater
+    from noisevalue.train.progress import StepProgress
+
+    check_ladder(recipe)
+    lad = recipe.ladder
+    root = Path(recipe.output_dir) / LADDER_DIR
+    pretrained = stages.pretrain(recipe, info, say)
+    origin = ckpt.read_meta(ckpt.resolve_checkpoint(pretrained)).step
+    needs = {stages.needed_rater(c) for c in lad.methods.values()} - {None}
+    total = len(lad.seeds) * len(lad.optimizers) * len(lad.methods)
+    say(f"ladder: {len(lad.methods)} methods x {len(lad.optimizers)} optimizers x {len(lad.seeds)} seeds, "
+        f"{max(lad.horizons)} steps each from step {origin}; held-out loss after {lad.horizons} steps")
+    with StepProgress("ladder cells", total, enabled=info.is_main, print_every=1) as bar:
+        for seed in lad.seeds:
+            raters: dict[str, Path] = {}
+            if "trained" in needs:
+                raters["trained"] = seed_rater(recipe, info, say, pretrained, seed)
+            if "untrained" in needs:
+                raters["untrained"] = untrained_rater(recipe, info, say, pretrained, seed)
+            for opt_label, opt in lad.optimizers.items():
+                for label, comp in lad.methods.items():
+                    path = cell_path(root, opt_label, label, seed)
+                    cell = cell_recipe(recipe, pretrained, stages.with_rater(comp, raters), opt, seed, path.parent)
+                    settings = cell_settings(cell, opt, lad.horizons)
+                    if not broadcast_object(reusable(path, settings), info):
+                        result = run_cell(cell, info, opt, lad.horizons)
+                        if info.is_main:
+                            ckpt.atomic_write_text(path, json.dumps({**result, "settings": settings}, indent=1,
+                                                                    sort_keys=True))
+                            last = result["raw"][str(max(lad.horizons))]
+                            say(f"ladder: {opt_label} {label} seed {seed}: held-out loss {last:.6g} after "
+                                f"{max(lad.horizons)} steps ({result['wall_s']:.0f} s)")
+                        barrier(info)
+                    bar.advance()
+    paths = [root / f"{STEM}.{ext}" for ext in ("md", "csv", "png")]
+    if info.is_main:
+        cells = load_cells(root, recipe)
+        ckpt.atomic_write_text(paths[0], markdown(recipe, cells, origin))
+        ckpt.atomic_write_text(paths[1], csv_text(recipe, cells))
+        plot(recipe, cells, paths[2])
+        say("ladder: " + " ".join(str(p) for p in paths))
+    barrier(info)
+    return paths
+
+
+# ------------------------------------------------------------------------------ a cell
+def cell_recipe(recipe: Recipe, pretrained: Path, method: Component, opt: LadderOptimizer, seed: int,
+                run_dir: Path) -> Recipe:
+    """The continuation recipe of one cell: ``method`` choosing the noise, from the stage-(i)
+    checkpoint, with ``seed``'s draws; the held-out loss is its only evaluation."""
+    origin = ckpt.read_meta(ckpt.resolve_checkpoint(pretrained)).step
+    train = stages.replace(recipe.train, steps=origin + max(recipe.ladder.horizons), init_from=str(pretrained),
+                           selector=method, lr=opt.lr)
+    return stages.replace(
+        stages.stage_recipe(recipe, run_dir, workflow="pretrain", seed=seed),
+        train=train, eval=stages.replace(recipe.eval, evaluators=[], every=None, baselines=False),
+    )
+
+
+def cell_settings(cell: Recipe, opt: LadderOptimizer, horizons: list[int]) -> dict[str, Any]:
+    """What decides a cell's numbers: its continuation's result-relevant settings (those a
+    stage records), the optimizer and the horizons."""
+    return {**stages.stage_settings(cell), "ladder.optimizer": opt.model_dump(mode="json"),
+            "ladder.horizons": list(horizons)}
+
+
+def reusable(path: Path, settings: dict[str, Any]) -> bool:
+    """True when the cell is done with these settings; other settings stop the command."""
+    if not path.is_file():
+        return False
+    old = json.loads(path.read_text()).get("settings", {})
+    changed = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
+    if changed:
+        k = changed[0]
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise ConfigError(f"ladder cell '{path}' ran with {k}={old.get(k)!r}, the recipe now says "
+                          f"{settings.get(k)!r}{more}; remove the folder '{path.parents[2]}' to rerun the ladder, "
+                          "or set output_dir=... for a new run")
+    return True
+
+
+class _Steps(DiffusionTraining):
+    """The trainer, set up from the checkpoint, whose steps the ladder takes one by one; it
+    writes nothing (no log, no checkpoint)."""
+
+    def open_log(self) -> None:
+        pass
+
+
+def run_cell(cell: Recipe, info: DistInfo, opt: LadderOptimizer, horizons: list[int]) -> dict[str, Any]:
+    """One cell's steps: the raw weights' held-out loss at 0 and each horizon, the EMA's at
+    the last, the steps not applied (non-finite) and the wall time."""
+    from noisevalue.ema import unwrap
+
+    start = time.perf_counter()
+    trainer = _Steps(cell, Path(cell.output_dir), info)
+    try:
+        trainer.setup()
+        model = unwrap(trainer.model)
+        if opt.name == "sgd":  # the checkpoint's AdamW state is not used
+            trainer.set_optimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                                  lr=opt.lr, momentum=0.0, weight_decay=0.0))
+        origin = trainer.step
+        raw = {"0": heldout(trainer, model)}
+        for h in range(1, max(horizons) + 1):
+            trainer.train_step(origin + h - 1)
+            trainer.step = origin + h
+            if h in horizons:
+                raw[str(h)] = heldout(trainer, model)
+        # the steps the trainer did not apply (non-finite), counted on the device as its loop does
+        skipped = int(trainer._bad_steps)
+        result = {"raw": raw, "ema": heldout(trainer, ema_weights(trainer)), "skipped_steps": skipped}
+    finally:
+        trainer.cleanup()
+    return {**result, "wall_s": time.perf_counter() - start}
+
+
+def ema_weights(trainer: DiffusionTraining) -> torch.nn.Module:
+    """A copy of the model holding the EMA weights (whatever ``sample.use_ema`` says)."""
+    import copy
+
+    from noisevalue.ema import unwrap
+
+    model = copy.deepcopy(unwrap(trainer.model))
+    model.load_state_dict(trainer.ema.state_dict())
+    return model.eval()
+
+
+def heldout(trainer: DiffusionTraining, model: torch.nn.Module) -> float:
+    """The trainer's held-out loss of ``model``, scored in eval mode."""
+    assert trainer.evaluation.heldout is not None  # check_ladder: eval.loss_draws > 0
+    was_training = model.training
+    model.eval()
+    try:
+        return trainer.evaluation.heldout(model, trainer.diffusion)
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------- outputs
+Cells = dict[tuple[str, str], dict[int, dict[str, Any]]]  # (optimizer, method) -> seed -> cell
+
+
+def load_cells(root: Path, recipe: Recipe) -> Cells:
+    lad = recipe.ladder
+    return {(o, m): {s: json.loads(cell_path(root, o, m, s).read_text()) for s in lad.seeds}
+            for o in lad.optimizers for m in lad.methods}
+
+
+def columns(recipe: Recipe) -> list[tuple[str, str, int]]:
+    """(header, weights, H) of the tables' columns: the raw weights at each horizon, then
+    the EMA at the last."""
+    hs = recipe.ladder.horizons
+    return [(f"+{h}", "raw", h) for h in hs] + [(f"EMA +{hs[-1]}", "ema", hs[-1])]
+
+
+def value(cell: dict[str, Any], weights: str, h: int) -> float:
+    return float(cell["ema"]) if weights == "ema" else float(cell["raw"][str(h)])
+
+
+def _g(x: float) -> str:
+    return f"{x:.5g}"
+
+
+def _d(x: float) -> str:
+    """A difference: signed, three significant digits."""
+    return f"{x:+.3g}"
+
+
+def markdown(recipe: Recipe, cells: Cells, origin: int) -> str:
+    lad = recipe.ladder
+    cols = columns(recipe)
+    lines = [
+        f"# Ladder: continuations of the stage-(i) checkpoint (step {origin})", "",
+        f"Seeds {lad.seeds}. Held-out loss ({recipe.eval.loss_draws} fixed draws per held-out image) of the "
+        "raw weights after H steps, and of the EMA after the last. Rows: the paired difference from vanilla "
+        "(method minus vanilla, per seed; negative is better): mean [95% interval], p (paired t-test); "
+        "bold: p < 0.05. Vanilla's row: its loss, mean ± half-width of the 95% interval.", "",
+    ]
+    for opt_label, opt in lad.optimizers.items():
+        ref = cells[(opt_label, REFERENCE)]
+        lines += [f"## {opt_label}: {opt.name}, lr {opt.lr:g}", "",
+                  "| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        row = []
+        for _, weights, h in cols:
+            mean, half = mean_ci([value(c, weights, h) for c in ref.values()])
+            row.append(_g(mean) if math.isnan(half) else f"{_g(mean)} ± {half:.2g}")
+        start = mean_ci([float(c["raw"]["0"]) for c in ref.values()])[0]
+        lines.append(f"| {REFERENCE} (loss; start {_g(start)}) | " + " | ".join(row) + " |")
+        for label in lad.methods:
+            if label == REFERENCE:
+                continue
+            row = []
+            for _, weights, h in cols:
+                d = paired_difference({s: value(c, weights, h) for s, c in ref.items()},
+                                      {s: value(c, weights, h) for s, c in cells[(opt_label, label)].items()})
+                if d is None:
+                    row.append("-")
+                    continue
+                text = f"{_d(d.mean)} [{_d(d.low)}, {_d(d.high)}] p {d.p:.2g}"
+                row.append(f"**{text}**" if d.p < 0.05 else text)
+            lines.append(f"| {label} | " + " | ".join(row) + " |")
+        skipped = sum(c.get("skipped_steps", 0) for (o, _), by in cells.items() if o == opt_label for c in by.values())
+        if skipped:
+            lines += ["", f"{skipped} step(s) with a non-finite loss or gradient were not applied."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def csv_text(recipe: Recipe, cells: Cells) -> str:
+    """One line per (optimizer, method, seed, H): the raw weights' held-out loss, vanilla's
+    for the same seed and H, and the EMA's at the last H."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["optimizer", "method", "seed", "steps", HELDOUT, "vanilla_" + HELDOUT, "ema_" + HELDOUT])
+    last = recipe.ladder.horizons[-1]
+    for (opt_label, label), by_seed in cells.items():
+        for seed, cell in by_seed.items():
+            for h in recipe.ladder.horizons:
+                ref = cells[(opt_label, REFERENCE)][seed]
+                w.writerow([opt_label, label, seed, h, repr(value(cell, "raw", h)), repr(value(ref, "raw", h)),
+                            repr(float(cell["ema"])) if h == last else ""])
+    return out.getvalue()
+
+
+def plot(recipe: Recipe, cells: Cells, path: Path) -> None:
+    """Per optimizer: the paired difference from vanilla (raw weights) against H, with its
+    95% interval, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lad = recipe.ladder
+    n = len(lad.optimizers)
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), dpi=110, squeeze=False)
+    for ax, opt_label in zip(axes.flat, lad.optimizers, strict=True):
+        ref = cells[(opt_label, REFERENCE)]
+        for label in lad.methods:
+            if label == REFERENCE:
+                continue
+            xs, ys, lo, hi = [], [], [], []
+            for h in lad.horizons:
+                d = paired_difference({s: value(c, "raw", h) for s, c in ref.items()},
+                                      {s: value(c, "raw", h) for s, c in cells[(opt_label, label)].items()})
+                if d is not None:
+                    xs.append(h)
+                    ys.append(d.mean)
+                    lo.append(d.mean - d.low)
+                    hi.append(d.high - d.mean)
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=label)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("steps H from the stage-(i) checkpoint")
+        ax.set_ylabel("held-out loss minus vanilla's")
+        ax.set_title(f"{opt_label} ({len(lad.seeds)} seeds, 95% intervals)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
