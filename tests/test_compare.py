@@ -139,7 +139,7 @@ def test_budget_flops_counts_the_selection_on_top_of_the_training_step(tmp_path,
     assert n > 8
     rows = list(csv.DictReader((root / "compare_budget.csv").open()))
     for seed in ("0", "1"):
-        def value(run):
+        def value(run, seed=seed):
             return next(float(r["value"]) for r in rows if r["run"] == run and r["seed"] == seed
                         and r["metric"] == "heldout_loss")
 
