@@ -8,9 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from noisevalue import registry
 from noisevalue.cli import app
-from noisevalue.selectors.oracle import PreconditionedOracleSelector
 
 runner = CliRunner()
 
@@ -25,14 +23,6 @@ LADDER = [
     " oracle_precond: {name: oracle_precond, params: {k: 3, val_batch_size: 4}},"
     " random_rater: {name: random_rater, params: {k: 3}}, min_norm: {name: min_norm, params: {k: 3}}}",
 ]
-
-
-@pytest.fixture(autouse=True)
-def precond_registered():
-    """oracle_precond by its registry name, also where noisevalue's installed metadata
-    predates its entry point (an editable install from before it was added)."""
-    if "oracle_precond" not in registry.names("selector"):
-        registry.register("selector", "oracle_precond", distribution="noisevalue")(PreconditionedOracleSelector)
 
 
 def invoke(*args):

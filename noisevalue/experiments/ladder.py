@@ -42,7 +42,8 @@ from noisevalue.config import Component, LadderOptimizer, Recipe, method_kind, t
 from noisevalue.distributed import DistInfo, barrier, broadcast_object
 from noisevalue.errors import ConfigError
 from noisevalue.experiments import stages
-from noisevalue.experiments.tables import mean_ci, paired_difference, save_figure
+from noisevalue.experiments.figures import save_figure
+from noisevalue.experiments.paired import mean_ci, paired_difference
 from noisevalue.train.diffusion_training import DiffusionTraining
 
 LADDER_DIR = "ladder"
