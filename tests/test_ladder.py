@@ -3,6 +3,10 @@ checkpoint, scored after each horizon."""
 
 import csv
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,6 +115,18 @@ def test_ladder_steps_scores_and_reuses_its_cells(tmp_path, tiny_overrides):
     changed = invoke("ladder", *tiny_overrides, *RATER, *LADDER, "ladder.optimizers.sgd.lr=0.02")
     assert changed.exit_code == 2 and changed.stderr.strip().count("\n") == 0
     assert "ran with ladder.optimizer={'lr': 0.01" in changed.stderr
+
+    # two processes share the cells out (each a run of one process): the same numbers
+    shutil.rmtree(root)  # the stage-(i) checkpoint and the raters stay, reused
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "noisevalue.cli", "ladder", *tiny_overrides, *RATER, *LADDER,
+                           "--nproc-per-node", "2"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "20 to run, 10 here and the rest on 1 more processes" in proc.stdout
+    assert (root / "ladder.csv").read_bytes() == outputs["ladder.csv"]
+    for (opt, method, seed), cell in cells.items():
+        again = json.loads((root / "cells" / opt / method / f"seed{seed}.json").read_text())
+        assert (again["raw"], again["ema"]) == (cell["raw"], cell["ema"]), (opt, method, seed)
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -39,7 +39,7 @@ import torch
 
 from noisevalue import checkpoint as ckpt
 from noisevalue.config import Component, LadderOptimizer, Recipe, method_kind, trial_build
-from noisevalue.distributed import DistInfo, barrier, broadcast_object
+from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
 from noisevalue.experiments import stages
 from noisevalue.experiments.figures import save_figure
@@ -86,28 +86,34 @@ def run_ladder(recipe: Recipe, info: DistInfo, say: stages.Say) -> list[Path]:
     total = len(lad.seeds) * len(lad.optimizers) * len(lad.methods)
     say(f"ladder: {len(lad.methods)} methods x {len(lad.optimizers)} optimizers x {len(lad.seeds)} seeds, "
         f"{max(lad.horizons)} steps each from step {origin}; held-out loss after {lad.horizons} steps")
-    with StepProgress("ladder cells", total, enabled=info.is_main, print_every=1) as bar:
-        for seed in lad.seeds:
-            raters: dict[str, Path] = {}
-            if "trained" in needs:
-                raters["trained"] = seed_rater(recipe, info, say, pretrained, seed)
-            if "untrained" in needs:
-                raters["untrained"] = untrained_rater(recipe, info, say, pretrained, seed)
-            for opt_label, opt in lad.optimizers.items():
-                for label, comp in lad.methods.items():
-                    path = cell_path(root, opt_label, label, seed)
-                    cell = cell_recipe(recipe, pretrained, stages.with_rater(comp, raters), opt, seed, path.parent)
-                    settings = cell_settings(cell, opt, lad.horizons)
-                    if not broadcast_object(reusable(path, settings), info):
-                        result = run_cell(cell, info, opt, lad.horizons)
-                        if info.is_main:
-                            ckpt.atomic_write_text(path, json.dumps({**result, "settings": settings}, indent=1,
-                                                                    sort_keys=True))
-                            last = result["raw"][str(max(lad.horizons))]
-                            say(f"ladder: {opt_label} {label} seed {seed}: held-out loss {last:.6g} after "
-                                f"{max(lad.horizons)} steps ({result['wall_s']:.0f} s)")
-                        barrier(info)
-                    bar.advance()
+    todo = []
+    for seed in lad.seeds:  # the raters first: each is a stage of every process
+        raters: dict[str, Path] = {}
+        if "trained" in needs:
+            raters["trained"] = seed_rater(recipe, info, say, pretrained, seed)
+        if "untrained" in needs:
+            raters["untrained"] = untrained_rater(recipe, info, say, pretrained, seed)
+        for opt_label, opt in lad.optimizers.items():
+            for label, comp in lad.methods.items():
+                path = cell_path(root, opt_label, label, seed)
+                cell = cell_recipe(recipe, pretrained, stages.with_rater(comp, raters), opt, seed, path.parent)
+                settings = cell_settings(cell, opt, lad.horizons)
+                if not reusable(path, settings):
+                    todo.append((path, cell, opt, settings, f"{opt_label} {label} seed {seed}"))
+    barrier(info)  # every process listed the same cells before any is written
+    # the cells are independent runs of one process: dealt out round-robin to the processes
+    mine = todo[info.rank::info.world_size]
+    alone = DistInfo(device=info.device)
+    say(f"ladder: {total - len(todo)} of {total} cells done before; {len(todo)} to run"
+        + (f", {len(mine)} here and the rest on {info.world_size - 1} more processes" if info.distributed else ""))
+    with StepProgress("ladder cells", len(mine), enabled=info.is_main, print_every=1) as bar:
+        for path, cell, opt, settings, name in mine:
+            result = run_cell(cell, alone, opt, lad.horizons)
+            ckpt.atomic_write_text(path, json.dumps({**result, "settings": settings}, indent=1, sort_keys=True))
+            last = result["raw"][str(max(lad.horizons))]
+            say(f"ladder: {name}: held-out loss {last:.6g} after {max(lad.horizons)} steps ({result['wall_s']:.0f} s)")
+            bar.advance()
+    barrier(info)
     paths = [root / f"{STEM}.{ext}" for ext in ("md", "csv", "png")]
     if info.is_main:
         cells = load_cells(root, recipe)
