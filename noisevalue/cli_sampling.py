@@ -134,7 +134,7 @@ def evaluate(
     ),
     metric: str | None = typer.Option(
         None, "--metric",
-        help="fid or fd_digits: the fid evaluator's feature space (default: the run's; else fd_digits for "
+        help="fid, fd_digits or fd_digits32: the fid evaluator's feature space (default: the run's; else fd_digits for "
         "8x8 1-channel images, fid otherwise).",
     ),
     weights: Path | None = typer.Option(None, "--weights", help="InceptionV3 FID weights file (for fid)."),

@@ -21,7 +21,7 @@ def test_dotlist_overrides_and_deletion():
     assert "learn_sigma" not in r.model.params
 
 
-@pytest.mark.parametrize("name", ["digits", "imagenet_cond", "imagenet_uncond", "ffhq_uncond"])
+@pytest.mark.parametrize("name", ["digits", "digits32", "imagenet_cond", "imagenet_uncond", "ffhq_uncond"])
 def test_builtin_recipes_validate(name):
     r = load_recipe(name)
     check_components(r)

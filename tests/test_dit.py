@@ -34,7 +34,7 @@ PUBLISHED = {
     "DiT-L/2": (458.1, 0.05),
     "DiT-XL/2": (675.13, 0.005),
 }
-ALL_NAMES = [*ARCHS, "DiT-Tiny/2"]
+ALL_NAMES = [*ARCHS, "DiT-Tiny/2", "DiT-Tiny-B/2", "DiT-Tiny/8", "DiT-Tiny-B/8"]
 
 
 def factory(name: str):

@@ -39,6 +39,9 @@ CONFIGS: dict[str, tuple[int, int, int, int]] = {
 }
 CONFIGS["DiT-Tiny/2"] = (4, 128, 4, 2)
 CONFIGS["DiT-Tiny-B/2"] = (4, 192, 6, 2)  # 1.5x wider: the digits default's transfer target
+# DiT-Tiny/2's and DiT-Tiny-B/2's 16 tokens at 32x32: the digits32 recipe and its transfer target
+CONFIGS["DiT-Tiny/8"] = (4, 128, 4, 8)
+CONFIGS["DiT-Tiny-B/8"] = (4, 192, 6, 8)
 
 
 def dit_config(name: str) -> dict[str, int]:
@@ -380,3 +383,5 @@ DiT_XL_8 = _factory("DiT-XL/8")
 # A CPU-sized model; its defaults fit 8x8 single-channel digits with 10 classes.
 DiT_Tiny_2 = _factory("DiT-Tiny/2", size=8, channels=1, classes=10)
 DiT_Tiny_B_2 = _factory("DiT-Tiny-B/2", size=8, channels=1, classes=10)
+DiT_Tiny_8 = _factory("DiT-Tiny/8", size=32, channels=1, classes=10)
+DiT_Tiny_B_8 = _factory("DiT-Tiny-B/8", size=32, channels=1, classes=10)

@@ -21,12 +21,14 @@ Feature spaces (``features``):
   training split (:mod:`noisevalue.evaluators.digit_features`; no download). Reported as
   ``"fd_digits"``: a Fréchet distance in a different feature space is *not* an FID and
   must not be compared with published FIDs.
+* ``"digits32"`` -- the same classifier trained on the ``digits32`` recipe's jittered 32x32
+  digits, reported as ``"fd_digits32"`` (not comparable with ``"fd_digits"`` either).
 * ``feature_extractor=module`` (programmatic use): any ``nn.Module`` mapping float images
   in ``[0, 1]`` to ``[n, d]`` features and exposing ``num_features = d``. Reported as
   ``metric_name`` (default ``"fd_custom"``).
 
 ``kid=True`` also reports the Kernel Inception Distance in the same feature space (``"kid"``,
-``"kid_digits"``, ``"kid_custom"``) from the very features the Fréchet distance used (a
+``"kid_digits"``, ``"kid_digits32"``, ``"kid_custom"``) from the very features the Fréchet distance used (a
 forward hook on torchmetrics' extractor, so nothing is extracted twice): the unbiased
 estimate of the squared MMD with torchmetrics' cubic polynomial kernel, over all reference
 and generated features at once (no random subsets, so it is deterministic, and the two sets
@@ -71,7 +73,7 @@ _HOW_TO_GET_WEIGHTS = (
     f"download {INCEPTION_WEIGHTS_FILE} (the pt_inception-2015-12-05 FID weights) from "
     f"{INCEPTION_WEIGHTS_URL} and set this key to the file (or features: digits for 8x8 digits)"
 )
-FEATURE_SPACES = ("inception", "digits")
+FEATURE_SPACES = ("inception", "digits", "digits32")
 
 
 def _float64(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -134,7 +136,8 @@ class FIDEvaluator(Evaluator):
     """Fréchet distance between generated and reference images in a feature space.
 
     Args:
-        features: ``"inception"`` (FID, needs ``weights_path``) or ``"digits"``.
+        features: ``"inception"`` (FID, needs ``weights_path``), ``"digits"`` or
+            ``"digits32"``.
         weights_path: local InceptionV3 FID weights file (``features="inception"``).
         antialias: antialiased resize to 299x299 (torchmetrics >= 1.8 only); keep False
             to match TF-FID / ADM numbers.
@@ -142,10 +145,11 @@ class FIDEvaluator(Evaluator):
             statistics; ``prepare`` then does not read its images.
         batch_size: images per feature-extractor call.
         device: where features are extracted.
-        cache_dir: where the digit-feature weights are cached (``features="digits"``).
+        cache_dir: where the digit-feature weights are cached (``features="digits"``,
+            ``"digits32"``).
         feature_extractor: a custom feature ``nn.Module`` (overrides ``features``).
         metric_name: key of the result; defaults to ``"fid"``, ``"fd_digits"``,
-            ``"fd_custom"`` by feature space.
+            ``"fd_digits32"``, ``"fd_custom"`` by feature space.
         kid: also report the KID (needs reference images, not ``reference_stats``).
     """
 
@@ -201,7 +205,7 @@ class FIDEvaluator(Evaluator):
             if feature_extractor is None:
                 from noisevalue.evaluators.digit_features import DigitFeatureExtractor
 
-                feature_extractor = DigitFeatureExtractor(cache_dir=cache_dir)
+                feature_extractor = DigitFeatureExtractor(_digit_config(self.features), cache_dir=cache_dir)
             if not isinstance(getattr(feature_extractor, "num_features", None), int):
                 raise ConfigError("a custom feature_extractor must expose num_features (int)")
             options.update(feature=feature_extractor, normalize=True)  # float images pass through
@@ -316,10 +320,8 @@ class FIDEvaluator(Evaluator):
                 self._weights_digest = state_digest(_tensors_only(self._weights_path))
             key: dict[str, Any] = {"features": "inception", "antialias": self.antialias,
                                    "weights_sha256": self._weights_digest}
-        elif self.features == "digits":
-            from noisevalue.evaluators.digit_features import DigitFeatureConfig
-
-            key = {"features": "digits", "digit_features": DigitFeatureConfig().key()}
+        elif self.features in ("digits", "digits32"):
+            key = {"features": self.features, "digit_features": _digit_config(self.features).key()}
         else:
             return None
         if self.reference_stats is not None:
@@ -453,6 +455,13 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     within_r = (total(real, real) - diagonal(real)) / (m * (m - 1))
     within_f = (total(fake, fake) - diagonal(fake)) / (n * (n - 1))
     return float(within_r + within_f - 2 * total(real, fake) / (m * n))
+
+
+def _digit_config(features: str) -> Any:
+    """The digit classifier of feature space ``digits`` (8x8) or ``digits32``."""
+    from noisevalue.evaluators.digit_features import DIGITS32, DigitFeatureConfig
+
+    return DIGITS32 if features == "digits32" else DigitFeatureConfig()
 
 
 def _tensors_only(path: str) -> dict[str, torch.Tensor]:

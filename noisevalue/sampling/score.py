@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 EVAL_FILE = "eval.json"
-METRICS = {"fid": "inception", "fd_digits": "digits"}  # --metric -> the fid evaluator's features
+METRICS = {"fid": "inception", "fd_digits": "digits", "fd_digits32": "digits32"}  # --metric -> the fid evaluator's features
 _FID_TRAINING_ONLY = ("reference_stats", "kid", "metric_name")
 _PLACEMENT = ("device", "batch_size", "cache_dir")
 
@@ -96,7 +96,7 @@ def build_evaluator(
 ) -> ChosenEvaluator:
     """Evaluator ``name`` (default ``fid``) from the registry, with ``params`` (e.g. a recipe
     evaluator's). ``metric``, ``weights`` and ``antialias`` are the shortcuts of the
-    built-in ``fid``: its feature space (``fid``/``fd_digits``), Inception weights and resize."""
+    built-in ``fid``: its feature space (``fid``/``fd_digits``/``fd_digits32``), Inception weights and resize."""
     name = name or "fid"
     params = dict(params or {})
     if name == "fid":
