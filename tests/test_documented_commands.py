@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*ROOT.glob("docs/*.md"), ROOT / "README.md", *ROOT.glob("noisevalue/builtin_recipes/*.yaml")])
 RECIPE_COMMANDS = ("run", "ablate", "transfer", "analyze", "compare", "cache", "ladder")
 VALUED = {"--method", "--remove", "--to", "--rater", "--checkpoint", "--checkpoints", "--step", "--steps",
-          "--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id", "--allow-changes"}
+          "--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id", "--allow-changes", "--budget"}
 FLAGS = {"--noise-only", "--signal", "--resume", "--files", "--no-files"}
 
 
