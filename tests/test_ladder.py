@@ -103,6 +103,28 @@ def test_ladder_steps_scores_and_reuses_its_cells(tmp_path, tiny_overrides):
     diff = cells["sgd", "min_norm", 0]["raw"]["1"] - cells["sgd", "vanilla", 0]["raw"]["1"]
     diff = (diff + cells["sgd", "min_norm", 1]["raw"]["1"] - cells["sgd", "vanilla", 1]["raw"]["1"]) / 2
     assert line.split("|")[2].strip().strip("*").startswith(f"{diff:+.3g} [")
+    # p and Holm's p over the page's 24 paired tests (2 optimizers x 4 methods x 3 columns)
+    from scipy import stats
+    from statsmodels.stats.multitest import multipletests
+
+    keys, raw = [], []
+    for opt in ("sgd", "adamw"):
+        for method in ("oracle", "oracle_precond", "random_rater", "min_norm"):
+            for col in ("1", "2", "ema"):
+                def loss(m, seed, col=col, opt=opt):
+                    cell = cells[opt, m, seed]
+                    return cell["ema"] if col == "ema" else cell["raw"][col]
+
+                diffs = [loss(method, seed) - loss("vanilla", seed) for seed in (0, 1)]
+                keys.append((opt, method, col))
+                raw.append(float(stats.ttest_1samp(diffs, 0.0).pvalue))
+    holm = dict(zip(keys, multipletests(raw, method="holm")[1], strict=True))
+    assert "Holm over the 24 paired tests of this page" in md
+    sgd_table = md.split("## sgd")[1].split("## adamw")[0]
+    cells_md = next(x for x in sgd_table.splitlines() if x.startswith("| min_norm |")).split("|")[2:5]
+    for col, text in zip(("1", "2", "ema"), cells_md, strict=True):
+        p_raw = raw[keys.index(("sgd", "min_norm", col))]
+        assert f"p {p_raw:.2g} ({holm['sgd', 'min_norm', col]:.2g})" in text
     outputs = {name: (root / name).read_bytes() for name in ("ladder.md", "ladder.csv", "ladder.png")}
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("seed*.json")}
 

@@ -43,7 +43,7 @@ from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
 from noisevalue.experiments import stages
 from noisevalue.experiments.figures import save_figure
-from noisevalue.experiments.paired import mean_ci, paired_difference
+from noisevalue.experiments.paired import holm, mean_ci, paired_difference
 from noisevalue.train.diffusion_training import DiffusionTraining
 
 LADDER_DIR = "ladder"
@@ -252,12 +252,21 @@ def _d(x: float) -> str:
 def markdown(recipe: Recipe, cells: Cells, origin: int) -> str:
     lad = recipe.ladder
     cols = columns(recipe)
+    methods = [label for label in lad.methods if label != REFERENCE]
+    # every paired test of the page first: Holm's correction is over all of them
+    tests = {(o, label, i): paired_difference({s: value(c, w, h) for s, c in cells[(o, REFERENCE)].items()},
+                                               {s: value(c, w, h) for s, c in cells[(o, label)].items()})
+             for o in lad.optimizers for label in methods for i, (_, w, h) in enumerate(cols)}
+    keys = [k for k, d in tests.items() if d is not None]
+    adjusted = dict(zip(keys, holm([tests[k].p for k in keys]), strict=True))  # type: ignore[union-attr]
     lines = [
         f"# Ladder: continuations of the stage-(i) checkpoint (step {origin})", "",
         f"Seeds {lad.seeds}. Held-out loss ({recipe.eval.loss_draws} fixed draws per held-out image) of the "
         "raw weights after H steps, and of the EMA after the last. Rows: the paired difference from vanilla "
-        "(method minus vanilla, per seed; negative is better): mean [95% interval], p (paired t-test); "
-        "bold: p < 0.05. Vanilla's row: its loss, mean ± half-width of the 95% interval.", "",
+        "(method minus vanilla, per seed; negative is better): mean [95% interval], p (paired t-test) and, "
+        f"in brackets, p adjusted by Holm over the {len(keys)} paired tests of this page "
+        f"({len(lad.optimizers)} optimizers x {len(methods)} methods x {len(cols)} columns); bold: Holm's "
+        "p < 0.05. Vanilla's row: its loss, mean ± half-width of the 95% interval.", "",
     ]
     for opt_label, opt in lad.optimizers.items():
         ref = cells[(opt_label, REFERENCE)]
@@ -269,18 +278,16 @@ def markdown(recipe: Recipe, cells: Cells, origin: int) -> str:
             row.append(_g(mean) if math.isnan(half) else f"{_g(mean)} ± {half:.2g}")
         start = mean_ci([float(c["raw"]["0"]) for c in ref.values()])[0]
         lines.append(f"| {REFERENCE} (loss; start {_g(start)}) | " + " | ".join(row) + " |")
-        for label in lad.methods:
-            if label == REFERENCE:
-                continue
+        for label in methods:
             row = []
-            for _, weights, h in cols:
-                d = paired_difference({s: value(c, weights, h) for s, c in ref.items()},
-                                      {s: value(c, weights, h) for s, c in cells[(opt_label, label)].items()})
+            for i in range(len(cols)):
+                d = tests[(opt_label, label, i)]
                 if d is None:
                     row.append("-")
                     continue
-                text = f"{_d(d.mean)} [{_d(d.low)}, {_d(d.high)}] p {d.p:.2g}"
-                row.append(f"**{text}**" if d.p < 0.05 else text)
+                p_holm = adjusted[(opt_label, label, i)]
+                text = f"{_d(d.mean)} [{_d(d.low)}, {_d(d.high)}] p {d.p:.2g} ({p_holm:.2g})"
+                row.append(f"**{text}**" if p_holm < 0.05 else text)
             lines.append(f"| {label} | " + " | ".join(row) + " |")
         skipped = sum(c.get("skipped_steps", 0) for (o, _), by in cells.items() if o == opt_label for c in by.values())
         if skipped:
