@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from noisevalue.checkpoint import read_meta, resolve_checkpoint
 from noisevalue.cli import app
 from noisevalue.experiments.paired import mean_ci, p_value
-from noisevalue.experiments.tables import ResultTable, Row, markdown
+from noisevalue.experiments.results import ResultTable, Row
+from noisevalue.experiments.tables import markdown
 from tests.conftest import TINY
 from tests.test_protocol import META
 

@@ -11,10 +11,8 @@ import pytest
 
 from noisevalue.experiments.figures import forest_panel
 from noisevalue.experiments.paired import p_value, paired_difference, welch_difference
+from noisevalue.experiments.results import ResultTable, Row, Run
 from noisevalue.experiments.tables import (
-    ResultTable,
-    Row,
-    Run,
     csv_text,
     markdown,
     metric_names,

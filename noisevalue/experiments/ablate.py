@@ -22,7 +22,8 @@ from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
 from noisevalue.experiments import stages
 from noisevalue.experiments.protocol import VANILLA, seed_rater, seed_start, start_row
-from noisevalue.experiments.tables import Run, tables_for, write_tables
+from noisevalue.experiments.results import Run
+from noisevalue.experiments.tables import tables_for, write_tables
 
 FULL = "full rater"
 

@@ -35,7 +35,8 @@ from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
 from noisevalue.experiments import stages
 from noisevalue.experiments.protocol import VANILLA, method_dir
-from noisevalue.experiments.tables import Run, tables_for, write_tables
+from noisevalue.experiments.results import Run
+from noisevalue.experiments.tables import tables_for, write_tables
 from noisevalue.interfaces import TrainingContext
 from noisevalue.train.run_log import TIMINGS as TIMINGS_LOG
 

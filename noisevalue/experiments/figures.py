@@ -8,13 +8,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from noisevalue.checkpoint import atomic_file
 from noisevalue.experiments.paired import mean_ci, paired_difference, welch_difference
-
-if TYPE_CHECKING:  # tables imports this module
-    from noisevalue.experiments.tables import ResultTable
+from noisevalue.experiments.results import ResultTable
 
 
 @dataclass

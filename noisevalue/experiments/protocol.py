@@ -27,7 +27,8 @@ from noisevalue.config import Component, Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.experiments import stages
 from noisevalue.experiments.noise_tables import write_noise_tables
-from noisevalue.experiments.tables import Run, primary_metric, tables_for, write_tables
+from noisevalue.experiments.results import Run
+from noisevalue.experiments.tables import primary_metric, tables_for, write_tables
 
 VANILLA = "vanilla"
 UNTRAINED_DIR = "rater-untrained"

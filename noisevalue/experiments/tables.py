@@ -22,7 +22,7 @@ import csv
 import io
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from noisevalue.checkpoint import atomic_write_text
@@ -37,59 +37,10 @@ from noisevalue.experiments.paired import (
     p_value,
     paired_difference,
 )
+from noisevalue.experiments.results import ResultTable, Row, Run
 
 PRIMARY = "heldout_loss"
 HIGHER_IS_BETTER: frozenset[str] = frozenset()  # every metric reported so far is lower-is-better
-
-
-@dataclass
-class Row:
-    """One row: its start (step, value per seed) and values per step after the start and seed."""
-
-    label: str
-    origin: int
-    start: dict[int, float] = field(default_factory=dict)
-    values: dict[int, dict[int, float]] = field(default_factory=dict)  # +step -> seed -> value
-
-    def add(self, seed: int, rows: list[dict], metric: str) -> None:
-        """Add one run's evaluation rows (``{"step": ..., metric: ...}``, absolute steps)."""
-        for h in rows:
-            if h.get(metric) is not None:
-                self.values.setdefault(h["step"] - self.origin, {})[seed] = float(h[metric])
-
-
-@dataclass
-class ResultTable:
-    title: str
-    metric: str
-    rows: list[Row]
-    reference: str | None = None  # label of the row the others are tested against
-    lower_is_better: bool = True
-    also_against: tuple[str, ...] = ()  # more rows to give paired differences from (markdown)
-
-    @property
-    def steps(self) -> list[int]:
-        return sorted({s for r in self.rows for s in r.values})
-
-    @property
-    def seeds(self) -> list[int]:
-        return sorted({seed for r in self.rows for v in r.values.values() for seed in v})
-
-    def reference_row(self, label: str | None = None) -> Row | None:
-        label = self.reference if label is None else label
-        return next((r for r in self.rows if r.label == label), None)
-
-
-@dataclass
-class Run:
-    """One continuation for the tables: its row label, seed, starting evaluation (or None)
-    and the evaluation rows after the start."""
-
-    label: str
-    seed: int
-    origin: int
-    start: dict | None
-    history: list[dict]
 
 
 def metric_names(evaluations: Iterable[dict]) -> list[str]:

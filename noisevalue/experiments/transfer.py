@@ -32,7 +32,8 @@ from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import CheckpointError, ConfigError
 from noisevalue.experiments import matching, stages
 from noisevalue.experiments.figures import plot, plot_curves, save_figure
-from noisevalue.experiments.tables import ResultTable, Run, csv_text, page_markdown, tables_for
+from noisevalue.experiments.results import ResultTable, Run
+from noisevalue.experiments.tables import csv_text, page_markdown, tables_for
 from noisevalue.train.run_log import SCALARS, read_scalar
 
 LOSS_TAG = "train/loss"
