@@ -34,8 +34,8 @@ def invoke(*args):
 
 
 def hand_sgd_step_loss(overrides, seed):
-    """Held-out loss after one plain SGD step (lr 0.01) from the stage-(i) checkpoint on
-    candidate 0 of the step's pool, written out from the trainer's draws."""
+    """Held-out loss of the stage-(i) checkpoint, and after one plain SGD step (lr 0.01)
+    from it on candidate 0 of the step's pool, written out from the trainer's draws."""
     from noisevalue import checkpoint as ckpt
     from noisevalue.config import load_recipe
     from noisevalue.diffusion import Diffusion
@@ -58,14 +58,16 @@ def hand_sgd_step_loss(overrides, seed):
     x0, y = data.fetch(GlobalOrder(data.num_items, seed).batch(step, batch), flip)
     y = torch.where(drop, torch.full_like(y, data.num_classes), y)
     noise = draw_noise(seed, step, 0, batch, data.latent_shape, 1)[:, 0]
+    heldout = HeldoutLoss(recipe, run_reference(recipe).dataset(), encoder, data.num_classes, info)
+    before = heldout(model.eval(), diffusion)
+    model.train()
     loss = diffusion.per_sample_loss(model, x0, t, y, noise).mean()
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
     with torch.no_grad():
         for p, g in zip(params, grads, strict=True):
             p -= 0.01 * g
-    heldout = HeldoutLoss(recipe, run_reference(recipe).dataset(), encoder, data.num_classes, info)
-    return heldout(model.eval(), diffusion)
+    return before, heldout(model.eval(), diffusion)
 
 
 def test_ladder_steps_scores_and_reuses_its_cells(tmp_path, tiny_overrides):
@@ -80,14 +82,17 @@ def test_ladder_steps_scores_and_reuses_its_cells(tmp_path, tiny_overrides):
                 cells[opt, method, seed] = json.loads((root / "cells" / opt / method / f"seed{seed}.json").read_text())
     # vanilla's first SGD step is one plain SGD step on candidate 0, as written out by hand
     for seed in (0, 1):
-        expected = hand_sgd_step_loss([*tiny_overrides, *RATER], seed)
+        before, expected = hand_sgd_step_loss([*tiny_overrides, *RATER], seed)
         assert cells["sgd", "vanilla", seed]["raw"]["1"] == pytest.approx(expected, abs=1e-6)
-    start = cells["sgd", "vanilla", 0]["raw"]["0"]
-    assert all(c["raw"]["0"] == start for c in cells.values())  # one checkpoint for every cell
+    # one checkpoint for every cell: its held-out loss, scored once
+    assert all(c["raw"]["0"] == pytest.approx(before, abs=1e-7) for c in cells.values()), (before, {k: c["raw"]["0"] for k, c in cells.items()})
     assert cells["sgd", "vanilla", 0]["raw"]["1"] != cells["sgd", "vanilla", 1]["raw"]["1"]  # seeds differ
     for seed in (0, 1):
-        # under SGD the preconditioned oracle is the oracle: the same picks, the same weights
+        # under SGD the preconditioned oracle is the oracle (the same picks: test_inner_loop):
+        # its cell is the oracle's, marked so
         assert cells["sgd", "oracle_precond", seed]["raw"] == cells["sgd", "oracle", seed]["raw"]
+        assert cells["sgd", "oracle_precond", seed]["same_as"] == "oracle"
+        assert "same_as" not in cells["adamw", "oracle_precond", seed]
         assert cells["adamw", "oracle_precond", seed]["raw"] != cells["adamw", "oracle", seed]["raw"]
         assert cells["sgd", "min_norm", seed]["raw"]["1"] != cells["sgd", "vanilla", seed]["raw"]["1"]
         assert cells["adamw", "vanilla", seed]["raw"]["2"] != cells["sgd", "vanilla", seed]["raw"]["2"]
@@ -99,6 +104,7 @@ def test_ladder_steps_scores_and_reuses_its_cells(tmp_path, tiny_overrides):
     assert float(row["ema_heldout_loss"]) == cells["adamw", "min_norm", 1]["ema"]
     md = (root / "ladder.md").read_text()
     assert "## sgd: sgd, lr 0.01" in md and "| method | +1 | +2 | EMA +2 |" in md
+    assert md.count("oracle_precond: the cells of oracle (the same picks by construction under sgd).") == 1
     line = next(x for x in md.splitlines() if x.startswith("| min_norm |"))
     diff = cells["sgd", "min_norm", 0]["raw"]["1"] - cells["sgd", "vanilla", 0]["raw"]["1"]
     diff = (diff + cells["sgd", "min_norm", 1]["raw"]["1"] - cells["sgd", "vanilla", 1]["raw"]["1"]) / 2
@@ -144,7 +150,7 @@ def test_ladder_steps_scores_and_reuses_its_cells(tmp_path, tiny_overrides):
     proc = subprocess.run([sys.executable, "-m", "noisevalue.cli", "ladder", *tiny_overrides, *RATER, *LADDER,
                            "--nproc-per-node", "2"], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "20 to run, 10 here and the rest on 1 more processes" in proc.stdout
+    assert "18 to run, 9 here and the rest on 1 more processes" in proc.stdout
     assert (root / "ladder.csv").read_bytes() == outputs["ladder.csv"]
     for (opt, method, seed), cell in cells.items():
         again = json.loads((root / "cells" / opt / method / f"seed{seed}.json").read_text())

@@ -19,6 +19,10 @@ draws of the held-out set), so differences between methods carry no evaluation n
     <output_dir>/ladder/ladder.csv   one line per (optimizer, method, seed, H)
     <output_dir>/ladder/ladder.png   per optimizer: the differences against H
 
+Two shortcuts that change no number: the checkpoint's held-out loss (H = 0) is scored once
+per process, and under plain SGD ``oracle_precond`` is ``oracle`` (:func:`same_run`), so its
+cell is written as a copy of the oracle's (marked ``same_as``).
+
 A finished cell is reused (its JSON records the settings it ran with; other settings stop
 the command); an interrupted one is run again from the checkpoint, so a resume loses at
 most one cell. Tables and figure are rebuilt from the cells: a rerun writes the same bytes.
@@ -86,7 +90,7 @@ def run_ladder(recipe: Recipe, info: DistInfo, say: stages.Say) -> list[Path]:
     total = len(lad.seeds) * len(lad.optimizers) * len(lad.methods)
     say(f"ladder: {len(lad.methods)} methods x {len(lad.optimizers)} optimizers x {len(lad.seeds)} seeds, "
         f"{max(lad.horizons)} steps each from step {origin}; held-out loss after {lad.horizons} steps")
-    todo = []
+    todo, copies = [], []
     for seed in lad.seeds:  # the raters first: each is a stage of every process
         raters: dict[str, Path] = {}
         if "trained" in needs:
@@ -98,21 +102,35 @@ def run_ladder(recipe: Recipe, info: DistInfo, say: stages.Say) -> list[Path]:
                 path = cell_path(root, opt_label, label, seed)
                 cell = cell_recipe(recipe, pretrained, stages.with_rater(comp, raters), opt, seed, path.parent)
                 settings = cell_settings(cell, opt, lad.horizons)
-                if not reusable(path, settings):
+                if reusable(path, settings):
+                    continue
+                twin = same_run(lad.methods, label, opt)
+                if twin is None:
                     todo.append((path, cell, opt, settings, f"{opt_label} {label} seed {seed}"))
+                else:
+                    copies.append((path, cell_path(root, opt_label, twin, seed), twin, settings))
     barrier(info)  # every process listed the same cells before any is written
     # the cells are independent runs of one process: dealt out round-robin to the processes
     mine = todo[info.rank::info.world_size]
     alone = DistInfo(device=info.device)
-    say(f"ladder: {total - len(todo)} of {total} cells done before; {len(todo)} to run"
-        + (f", {len(mine)} here and the rest on {info.world_size - 1} more processes" if info.distributed else ""))
+    say(f"ladder: {total - len(todo) - len(copies)} of {total} cells done before; {len(todo)} to run"
+        + (f", {len(mine)} here and the rest on {info.world_size - 1} more processes" if info.distributed else "")
+        + (f"; {len(copies)} copied from the cell that is theirs by construction" if copies else ""))
+    start = None  # the checkpoint's held-out loss (H = 0): the same for every cell, scored once
     with StepProgress("ladder cells", len(mine), enabled=info.is_main, print_every=1) as bar:
         for path, cell, opt, settings, name in mine:
-            result = run_cell(cell, alone, opt, lad.horizons)
+            result = run_cell(cell, alone, opt, lad.horizons, start)
+            start = result["raw"]["0"]
             ckpt.atomic_write_text(path, json.dumps({**result, "settings": settings}, indent=1, sort_keys=True))
             last = result["raw"][str(max(lad.horizons))]
             say(f"ladder: {name}: held-out loss {last:.6g} after {max(lad.horizons)} steps ({result['wall_s']:.0f} s)")
             bar.advance()
+    barrier(info)
+    if info.is_main:  # the cells that are another's by construction, once that one is written
+        for path, twin_path, twin, settings in copies:
+            twin_cell = json.loads(twin_path.read_text())
+            ckpt.atomic_write_text(path, json.dumps({**twin_cell, "same_as": twin, "settings": settings},
+                                                    indent=1, sort_keys=True))
     barrier(info)
     paths = [root / f"{STEM}.{ext}" for ext in ("md", "csv", "png")]
     if info.is_main:
@@ -161,6 +179,17 @@ def reusable(path: Path, settings: dict[str, Any]) -> bool:
     return True
 
 
+def same_run(methods: dict[str, Component], label: str, opt: LadderOptimizer) -> str | None:
+    """The method whose cell is ``label``'s by construction under ``opt``, or None: under
+    plain SGD the preconditioned oracle's metric is the identity, so ``oracle_precond`` picks
+    what ``oracle`` with the same parameters picks (tested in the selectors' tests) and its
+    cell is a copy of that one."""
+    comp = methods[label]
+    if opt.name != "sgd" or comp.name != "oracle_precond":
+        return None
+    return next((other for other, c in methods.items() if c.name == "oracle" and c.params == comp.params), None)
+
+
 class _Steps(DiffusionTraining):
     """The trainer, set up from the checkpoint, whose steps the ladder takes one by one; it
     writes nothing (no log, no checkpoint)."""
@@ -169,12 +198,14 @@ class _Steps(DiffusionTraining):
         pass
 
 
-def run_cell(cell: Recipe, info: DistInfo, opt: LadderOptimizer, horizons: list[int]) -> dict[str, Any]:
+def run_cell(cell: Recipe, info: DistInfo, opt: LadderOptimizer, horizons: list[int],
+             start: float | None = None) -> dict[str, Any]:
     """One cell's steps: the raw weights' held-out loss at 0 and each horizon, the EMA's at
-    the last, the steps not applied (non-finite) and the wall time."""
+    the last, the steps not applied (non-finite) and the wall time. ``start``: the
+    checkpoint's held-out loss when already scored (every cell starts from it)."""
     from noisevalue.ema import unwrap
 
-    start = time.perf_counter()
+    clock = time.perf_counter()
     trainer = _Steps(cell, Path(cell.output_dir), info)
     try:
         trainer.setup()
@@ -183,7 +214,7 @@ def run_cell(cell: Recipe, info: DistInfo, opt: LadderOptimizer, horizons: list[
             trainer.set_optimizer(torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                                   lr=opt.lr, momentum=0.0, weight_decay=0.0))
         origin = trainer.step
-        raw = {"0": heldout(trainer, model)}
+        raw = {"0": heldout(trainer, model) if start is None else start}
         for h in range(1, max(horizons) + 1):
             trainer.train_step(origin + h - 1)
             trainer.step = origin + h
@@ -194,7 +225,7 @@ def run_cell(cell: Recipe, info: DistInfo, opt: LadderOptimizer, horizons: list[
         result = {"raw": raw, "ema": heldout(trainer, ema_weights(trainer)), "skipped_steps": skipped}
     finally:
         trainer.cleanup()
-    return {**result, "wall_s": time.perf_counter() - start}
+    return {**result, "wall_s": time.perf_counter() - clock}
 
 
 def ema_weights(trainer: DiffusionTraining) -> torch.nn.Module:
@@ -289,6 +320,11 @@ def markdown(recipe: Recipe, cells: Cells, origin: int) -> str:
                 text = f"{_d(d.mean)} [{_d(d.low)}, {_d(d.high)}] p {d.p:.2g} ({p_holm:.2g})"
                 row.append(f"**{text}**" if p_holm < 0.05 else text)
             lines.append(f"| {label} | " + " | ".join(row) + " |")
+        twins = sorted({(label, c["same_as"]) for (o, label), by in cells.items() if o == opt_label
+                        for c in by.values() if "same_as" in c})
+        if twins:
+            lines += [""] + [f"{label}: the cells of {twin} (the same picks by construction under {opt.name})."
+                             for label, twin in twins]
         skipped = sum(c.get("skipped_steps", 0) for (o, _), by in cells.items() if o == opt_label for c in by.values())
         if skipped:
             lines += ["", f"{skipped} step(s) with a non-finite loss or gradient were not applied."]
