@@ -247,11 +247,27 @@ def test_more_seeds_add_continuations_only(transferred):
     out, _ = transferred
     result = invoke("transfer", *TINY, f"output_dir={out}", "select.seeds=[0,1]")
     assert result.exit_code == 0, result.output
-    assert result.output.count("reused") == 5 and result.output.count("starting") == 2
+    # seed 1: its start scored with its own sample noise (a 0-step continuation), two continuations
+    assert result.output.count("reused") == 5 and result.output.count("starting") == 3
     target = out / "transfer" / "DiT-Tiny-B_2"
     assert (target / "vanilla-seed1" / "DONE").is_file() and (target / "rater-seed1" / "DONE").is_file()
     rows = read_csv(out / "transfer" / "transfer.csv")
     assert {r["seed"] for r in rows} == {"0", "1", "mean"}
+    (m,) = read_csv(out / "transfer" / "matching.csv")
+    chosen = int(m["checkpoint_step"])
+    assert json.loads((target / "start-seed1" / "stage.json").read_text())["seed"] == 1
+    seed1 = json.loads((target / "start-seed1" / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in seed1] == [chosen]
+    own = next(h for h in json.loads((target / "pretrain" / "metrics.json").read_text())["history"]
+               if h["step"] == chosen)
+
+    def start(metric, seed):
+        return next(float(r["value"]) for r in rows
+                    if (r["metric"], r["seed"], int(r["step"])) == (metric, str(seed), chosen))
+
+    assert start("fd_digits", 0) == own["fd_digits"] and start("fd_digits", 1) == seed1[0]["fd_digits"]
+    assert start("fd_digits", 0) != start("fd_digits", 1)  # other sample noise
+    assert start("heldout_loss", 1) == start("heldout_loss", 0)  # no seed in it
     assert "Seeds [0, 1]" in (out / "transfer" / "transfer.md").read_text()
 
 

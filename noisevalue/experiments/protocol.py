@@ -32,7 +32,6 @@ from noisevalue.experiments.tables import primary_metric, tables_for, write_tabl
 
 VANILLA = "vanilla"
 UNTRAINED_DIR = "rater-untrained"
-START_DIR = "start"
 
 
 def start_row(run_dir: Path) -> dict:
@@ -48,10 +47,8 @@ def seed_start(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained: Path
     held-out loss does not depend on the seed."""
     if seed == recipe.seed:
         return start_row(pretrained)
-    run_dir = stages.seeded_dir(Path(recipe.output_dir) / START_DIR, seed, recipe)
-    stages.continue_training(recipe, info, say, pretrained, run_dir, Component(name="random", params={"k": 1}),
-                             0, seed=seed)
-    return start_row(run_dir)
+    return stages.scored_start(recipe, info, say, pretrained,
+                               stages.seeded_dir(Path(recipe.output_dir) / stages.START_DIR, seed, recipe), seed)
 
 
 def seed_rater(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained: Path, seed: int,

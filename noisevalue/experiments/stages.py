@@ -243,6 +243,19 @@ def continue_training(
     return evaluations(run_dir, after=origin)
 
 
+START_DIR = "start"  # where a 0-step continuation scores a start (``start-seed<N>``)
+
+
+def scored_start(recipe: Recipe, info: DistInfo, say: Say, checkpoint: str | Path, run_dir: Path,
+                 seed: int) -> dict:
+    """The weights of ``checkpoint`` scored with ``seed``'s sample noise and reference
+    subset, so that the seed's continuations from it differ from it by training alone: a
+    continuation of 0 steps in ``run_dir``. Returns its evaluation row."""
+    continue_training(recipe, info, say, checkpoint, run_dir, Component(name="random", params={"k": 1}), 0,
+                      seed=seed)
+    return evaluations(run_dir)[-1]
+
+
 def evaluations(run_dir: Path, after: int = -1) -> list[dict]:
     """The evaluation rows (``{"step": ..., metric: value}``) of a run after step ``after``."""
     path = Path(run_dir) / "metrics.json"

@@ -5,6 +5,7 @@
     <output_dir>/transfer/<backbone>/pretrain/         the target's own pretraining
     <output_dir>/transfer/<backbone>/vanilla[-seedN]/  continuation, i.i.d. noise (k=1)
     <output_dir>/transfer/<backbone>/rater[-seedN]/    continuation, frozen rater (transfer.selector)
+    <output_dir>/transfer/<backbone>/start-seed<N>/    the matched checkpoint scored with seed N's noise
     <output_dir>/transfer/transfer.{md,csv,png}        the Table 4 comparison (png: a forest plot)
     <output_dir>/transfer/transfer_curves.png          its metrics against steps
     <output_dir>/transfer/matching.{md,csv}            source level, matched step, checkpoint
@@ -116,9 +117,11 @@ def run_transfer(
         RATER: stages.with_rater(cfg.selector, {"trained": source.rater}),
     }
     histories: dict[tuple[int, str, int], list[dict]] = {}
+    starts: dict[tuple[int, int], dict | None] = {}
     for n, m in enumerate(matches):
         target_recipe = stages.replace(recipe, model=target_model(recipe, m.target))
         for seed in recipe.continuation_seeds():
+            starts[n, seed] = seed_start(target_recipe, info, say, m, seed)
             for kind, selector in selectors.items():
                 run_dir = stages.seeded_dir(m.folder / kind, seed, recipe)
                 histories[n, kind, seed] = stages.continue_training(
@@ -128,10 +131,9 @@ def run_transfer(
     # 5. tables and figures: per target, one table per metric (held-out loss first)
     tables: list[ResultTable] = []
     for n, m in enumerate(matches):
-        start = _start_row(m.folder / "pretrain", m.checkpoint_step)
         base = f"{m.label} (from step {m.checkpoint_step})"
         labels = {VANILLA: base, RATER: f"{base} + rater (k={stages.candidates(cfg.selector)})"}
-        runs = [Run(labels[kind], seed, m.checkpoint_step, start, histories[n, kind, seed])
+        runs = [Run(labels[kind], seed, m.checkpoint_step, starts[n, seed], histories[n, kind, seed])
                 for kind in selectors for seed in recipe.continuation_seeds()]
         tables += tables_for(f"{m.label} with the frozen rater of {source.backbone} at step {source.step}",
                              runs, reference=base)
@@ -306,8 +308,19 @@ def extend_if_longer(recipe: Recipe, info: DistInfo, say: stages.Say, run_dir: P
     barrier(info)
 
 
+def seed_start(target_recipe: Recipe, info: DistInfo, say: stages.Say, m: Match, seed: int) -> dict | None:
+    """The start column of a target's continuations for ``seed``: the matched checkpoint
+    scored with that seed's sample noise. For the recipe's own seed, the target pretraining's
+    evaluation at that checkpoint (the same weights and seed), when it made one there; for
+    another seed, a continuation of 0 steps (``<target>/start-seed<N>``)."""
+    if seed == target_recipe.seed:
+        return _pretraining_row(m.folder / "pretrain", m.checkpoint_step)
+    run_dir = stages.seeded_dir(m.folder / stages.START_DIR, seed, target_recipe)
+    return stages.scored_start(target_recipe, info, say, m.checkpoint, run_dir, seed)
+
+
 # ---------------------------------------------------------------------------- outputs
-def _start_row(run_dir: Path, step: int) -> dict | None:
+def _pretraining_row(run_dir: Path, step: int) -> dict | None:
     """The target pretraining's evaluation at the chosen checkpoint, if it made one there."""
     if not (run_dir / "metrics.json").is_file():
         return None
