@@ -338,6 +338,9 @@ class LadderConfig(_Strict):
     optimizers: dict[str, LadderOptimizer] = Field(default_factory=_ladder_optimizers, min_length=1)
     # selectors by label; "vanilla" (the reference of every difference) is required
     methods: dict[str, Component] = Field(default_factory=_ladder_methods)
+    # more paired differences, method minus another method: by default the trained rater
+    # against its untrained self (dropped when either is not among the methods)
+    also_against: dict[str, str] = Field(default_factory=lambda: {"rater": "random_rater"})
 
     @model_validator(mode="after")
     def _consistent(self) -> LadderConfig:
@@ -351,6 +354,16 @@ class LadderConfig(_Strict):
             bad = [label for label in labels if not re.match(_LABEL, label)]
             if bad:
                 raise ValueError(f"{what}: label {bad[0]!r} is not a folder name (letters, digits, _ . -)")
+        given = "also_against" in self.model_fields_set
+        for method, other in list(self.also_against.items()):
+            missing = next((label for label in (method, other) if label not in self.methods), None)
+            if not given:
+                if missing is not None:
+                    del self.also_against[method]
+            elif missing is not None:
+                raise ValueError(f"also_against: '{missing}' is not one of the methods {sorted(self.methods)}")
+            elif method == other:
+                raise ValueError(f"also_against: '{method}' against itself")
         return self
 
 

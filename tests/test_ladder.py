@@ -26,6 +26,7 @@ LADDER = [
     "ladder.methods={vanilla: {name: random, params: {k: 1}}, oracle: {name: oracle, params: {k: 3, val_batch_size: 4}},"
     " oracle_precond: {name: oracle_precond, params: {k: 3, val_batch_size: 4}},"
     " random_rater: {name: random_rater, params: {k: 3}}, min_norm: {name: min_norm, params: {k: 3}}}",
+    "ladder.also_against={min_norm: random_rater}",
 ]
 
 
@@ -109,28 +110,34 @@ def test_ladder_steps_scores_and_reuses_its_cells(tmp_path, tiny_overrides):
     diff = cells["sgd", "min_norm", 0]["raw"]["1"] - cells["sgd", "vanilla", 0]["raw"]["1"]
     diff = (diff + cells["sgd", "min_norm", 1]["raw"]["1"] - cells["sgd", "vanilla", 1]["raw"]["1"]) / 2
     assert line.split("|")[2].strip().strip("*").startswith(f"{diff:+.3g} [")
-    # p and Holm's p over the page's 24 paired tests (2 optimizers x 4 methods x 3 columns)
+    # p and Holm's p over the page's 30 paired tests: 2 optimizers x (4 methods against vanilla
+    # + min_norm against random_rater) x 3 columns
     from scipy import stats
     from statsmodels.stats.multitest import multipletests
 
     keys, raw = [], []
+    pairs = [(m, "vanilla") for m in ("oracle", "oracle_precond", "random_rater", "min_norm")]
     for opt in ("sgd", "adamw"):
-        for method in ("oracle", "oracle_precond", "random_rater", "min_norm"):
+        for method, ref in [*pairs, ("min_norm", "random_rater")]:
             for col in ("1", "2", "ema"):
                 def loss(m, seed, col=col, opt=opt):
                     cell = cells[opt, m, seed]
                     return cell["ema"] if col == "ema" else cell["raw"][col]
 
-                diffs = [loss(method, seed) - loss("vanilla", seed) for seed in (0, 1)]
-                keys.append((opt, method, col))
+                diffs = [loss(method, seed) - loss(ref, seed) for seed in (0, 1)]
+                keys.append((opt, method, ref, col))
                 raw.append(float(stats.ttest_1samp(diffs, 0.0).pvalue))
     holm = dict(zip(keys, multipletests(raw, method="holm")[1], strict=True))
-    assert "Holm over the 24 paired tests of this page" in md
+    assert "Holm over the 30 paired tests of this page" in md
     sgd_table = md.split("## sgd")[1].split("## adamw")[0]
-    cells_md = next(x for x in sgd_table.splitlines() if x.startswith("| min_norm |")).split("|")[2:5]
-    for col, text in zip(("1", "2", "ema"), cells_md, strict=True):
-        p_raw = raw[keys.index(("sgd", "min_norm", col))]
-        assert f"p {p_raw:.2g} ({holm['sgd', 'min_norm', col]:.2g})" in text
+    for start, ref in (("| min_norm |", "vanilla"), ("| min_norm minus random_rater |", "random_rater")):
+        cells_md = next(x for x in sgd_table.splitlines() if x.startswith(start)).split("|")[2:5]
+        for col, text in zip(("1", "2", "ema"), cells_md, strict=True):
+            p_raw = raw[keys.index(("sgd", "min_norm", ref, col))]
+            assert f"p {p_raw:.2g} ({holm['sgd', 'min_norm', ref, col]:.2g})" in text
+    diff = sum(cells["sgd", "min_norm", s]["raw"]["1"] - cells["sgd", "random_rater", s]["raw"]["1"] for s in (0, 1)) / 2
+    line = next(x for x in sgd_table.splitlines() if x.startswith("| min_norm minus random_rater |"))
+    assert line.split("|")[2].strip().strip("*").startswith(f"{diff:+.3g} [")
     outputs = {name: (root / name).read_bytes() for name in ("ladder.md", "ladder.csv", "ladder.png")}
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("seed*.json")}
 
@@ -163,6 +170,7 @@ def test_ladder_steps_scores_and_reuses_its_cells(tmp_path, tiny_overrides):
     ("ladder.horizons=[2,1]", "horizons: [2, 1]: steps >= 1, increasing, each once"),
     ("ladder.optimizers.sgd={name: sgd, lr: 0}", "ladder.optimizers.sgd.lr: Input should be greater than 0"),
     ("eval.loss_draws=0", "eval.loss_draws: 0 turns the held-out loss off"),
+    ("ladder.also_against={min_norm: nope}", "also_against: 'nope' is not one of the methods"),
 ])
 def test_a_bad_ladder_setting_stops_with_one_line_before_anything_is_written(tmp_path, tiny_overrides, override,
                                                                                message):
@@ -171,3 +179,13 @@ def test_a_bad_ladder_setting_stops_with_one_line_before_anything_is_written(tmp
     err = result.stderr.strip()
     assert err.count("\n") == 0 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_default_difference_between_methods_is_the_rater_against_its_untrained_self():
+    from noisevalue.config import LadderConfig
+
+    assert LadderConfig().also_against == {"rater": "random_rater"}
+    # dropped with a method it names when not asked for; refused when asked for
+    assert LadderConfig(methods={"vanilla": {"name": "random"}, "rater": {"name": "rater"}}).also_against == {}
+    with pytest.raises(ValueError, match="also_against: 'rater' against itself"):
+        LadderConfig(also_against={"rater": "rater"})

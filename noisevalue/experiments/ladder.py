@@ -284,42 +284,53 @@ def markdown(recipe: Recipe, cells: Cells, origin: int) -> str:
     lad = recipe.ladder
     cols = columns(recipe)
     methods = [label for label in lad.methods if label != REFERENCE]
+    pairs = [(label, REFERENCE) for label in methods] + list(lad.also_against.items())
     # every paired test of the page first: Holm's correction is over all of them
-    tests = {(o, label, i): paired_difference({s: value(c, w, h) for s, c in cells[(o, REFERENCE)].items()},
-                                               {s: value(c, w, h) for s, c in cells[(o, label)].items()})
-             for o in lad.optimizers for label in methods for i, (_, w, h) in enumerate(cols)}
+    tests = {(o, label, ref, i): paired_difference({s: value(c, w, h) for s, c in cells[(o, ref)].items()},
+                                                    {s: value(c, w, h) for s, c in cells[(o, label)].items()})
+             for o in lad.optimizers for label, ref in pairs for i, (_, w, h) in enumerate(cols)}
     keys = [k for k, d in tests.items() if d is not None]
     adjusted = dict(zip(keys, holm([tests[k].p for k in keys]), strict=True))  # type: ignore[union-attr]
+    more = len(lad.also_against)
+    family = f"{len(lad.optimizers)} optimizers x ({len(methods)} methods" + (
+        f" + {more} difference{'s' if more > 1 else ''} between methods" if more else "") + f") x {len(cols)} columns"
     lines = [
         f"# Ladder: continuations of the stage-(i) checkpoint (step {origin})", "",
         f"Seeds {lad.seeds}. Held-out loss ({recipe.eval.loss_draws} fixed draws per held-out image) of the "
         "raw weights after H steps, and of the EMA after the last. Rows: the paired difference from vanilla "
         "(method minus vanilla, per seed; negative is better): mean [95% interval], p (paired t-test) and, "
-        f"in brackets, p adjusted by Holm over the {len(keys)} paired tests of this page "
-        f"({len(lad.optimizers)} optimizers x {len(methods)} methods x {len(cols)} columns); bold: Holm's "
-        "p < 0.05. Vanilla's row: its loss, mean ± half-width of the 95% interval.", "",
+        f"in brackets, p adjusted by Holm over the {len(keys)} paired tests of this page ({family}); bold: "
+        "Holm's p < 0.05. Vanilla's row: its loss, mean ± half-width of the 95% interval.", "",
     ]
+
+    def row(opt_label: str, label: str, ref: str) -> str:
+        out = []
+        for i in range(len(cols)):
+            d = tests[(opt_label, label, ref, i)]
+            if d is None:
+                out.append("-")
+                continue
+            p_holm = adjusted[(opt_label, label, ref, i)]
+            text = f"{_d(d.mean)} [{_d(d.low)}, {_d(d.high)}] p {d.p:.2g} ({p_holm:.2g})"
+            out.append(f"**{text}**" if p_holm < 0.05 else text)
+        return " | ".join(out)
+
+    header = " | ".join(c[0] for c in cols) + " |"
     for opt_label, opt in lad.optimizers.items():
-        ref = cells[(opt_label, REFERENCE)]
-        lines += [f"## {opt_label}: {opt.name}, lr {opt.lr:g}", "",
-                  "| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        row = []
+        ref_cells = cells[(opt_label, REFERENCE)]
+        lines += [f"## {opt_label}: {opt.name}, lr {opt.lr:g}", "", "| method | " + header,
+                  "|---" * (len(cols) + 1) + "|"]
+        loss = []
         for _, weights, h in cols:
-            mean, half = mean_ci([value(c, weights, h) for c in ref.values()])
-            row.append(_g(mean) if math.isnan(half) else f"{_g(mean)} ± {half:.2g}")
-        start = mean_ci([float(c["raw"]["0"]) for c in ref.values()])[0]
-        lines.append(f"| {REFERENCE} (loss; start {_g(start)}) | " + " | ".join(row) + " |")
-        for label in methods:
-            row = []
-            for i in range(len(cols)):
-                d = tests[(opt_label, label, i)]
-                if d is None:
-                    row.append("-")
-                    continue
-                p_holm = adjusted[(opt_label, label, i)]
-                text = f"{_d(d.mean)} [{_d(d.low)}, {_d(d.high)}] p {d.p:.2g} ({p_holm:.2g})"
-                row.append(f"**{text}**" if p_holm < 0.05 else text)
-            lines.append(f"| {label} | " + " | ".join(row) + " |")
+            mean, half = mean_ci([value(c, weights, h) for c in ref_cells.values()])
+            loss.append(_g(mean) if math.isnan(half) else f"{_g(mean)} ± {half:.2g}")
+        start = mean_ci([float(c["raw"]["0"]) for c in ref_cells.values()])[0]
+        lines.append(f"| {REFERENCE} (loss; start {_g(start)}) | " + " | ".join(loss) + " |")
+        lines += [f"| {label} | {row(opt_label, label, REFERENCE)} |" for label in methods]
+        if lad.also_against:
+            lines += ["", "| difference between methods | " + header, "|---" * (len(cols) + 1) + "|"]
+            lines += [f"| {label} minus {other} | {row(opt_label, label, other)} |"
+                      for label, other in lad.also_against.items()]
         twins = sorted({(label, c["same_as"]) for (o, label), by in cells.items() if o == opt_label
                         for c in by.values() if "same_as" in c})
         if twins:
