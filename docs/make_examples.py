@@ -81,6 +81,8 @@ def protocol() -> None:
 
 {(RUN / "comparison.md").read_text()}
 {figure(RUN / "comparison.png", "comparison.png")}
+
+{(RUN / "comparison_noise.md").read_text()}
 """)
 
 
@@ -94,6 +96,8 @@ def powered() -> None:
 
 {(RUN / "comparison.md").read_text()}
 {figure(RUN / "comparison.png", "comparison_seeds.png")}
+
+{(RUN / "comparison_noise.md").read_text()}
 """)
 
 
