@@ -129,8 +129,8 @@ def run_ladder(recipe: Recipe, info: DistInfo, say: stages.Say) -> list[Path]:
     if info.is_main:  # the cells that are another's by construction, once that one is written
         for path, twin_path, twin, settings in copies:
             twin_cell = json.loads(twin_path.read_text())
-            ckpt.atomic_write_text(path, json.dumps({**twin_cell, "same_as": twin, "settings": settings},
-                                                    indent=1, sort_keys=True))
+            copy = {**twin_cell, "same_as": twin, "settings": settings, "wall_s": 0.0}  # nothing ran
+            ckpt.atomic_write_text(path, json.dumps(copy, indent=1, sort_keys=True))
     barrier(info)
     paths = [root / f"{STEM}.{ext}" for ext in ("md", "csv", "png")]
     if info.is_main:

@@ -47,8 +47,7 @@ def seed_start(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained: Path
     held-out loss does not depend on the seed."""
     if seed == recipe.seed:
         return start_row(pretrained)
-    return stages.scored_start(recipe, info, say, pretrained,
-                               stages.seeded_dir(Path(recipe.output_dir) / stages.START_DIR, seed, recipe), seed)
+    return stages.scored_start(recipe, info, say, pretrained, Path(recipe.output_dir), seed)
 
 
 def seed_rater(recipe: Recipe, info: DistInfo, say: stages.Say, pretrained: Path, seed: int,

@@ -246,11 +246,12 @@ def continue_training(
 START_DIR = "start"  # where a 0-step continuation scores a start (``start-seed<N>``)
 
 
-def scored_start(recipe: Recipe, info: DistInfo, say: Say, checkpoint: str | Path, run_dir: Path,
+def scored_start(recipe: Recipe, info: DistInfo, say: Say, checkpoint: str | Path, folder: Path,
                  seed: int) -> dict:
     """The weights of ``checkpoint`` scored with ``seed``'s sample noise and reference
     subset, so that the seed's continuations from it differ from it by training alone: a
-    continuation of 0 steps in ``run_dir``. Returns its evaluation row."""
+    continuation of 0 steps in ``folder/start[-seed<N>]``. Returns its evaluation row."""
+    run_dir = seeded_dir(folder / START_DIR, seed, recipe)
     continue_training(recipe, info, say, checkpoint, run_dir, Component(name="random", params={"k": 1}), 0,
                       seed=seed)
     return evaluations(run_dir)[-1]

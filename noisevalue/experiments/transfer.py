@@ -315,8 +315,7 @@ def seed_start(target_recipe: Recipe, info: DistInfo, say: stages.Say, m: Match,
     another seed, a continuation of 0 steps (``<target>/start-seed<N>``)."""
     if seed == target_recipe.seed:
         return _pretraining_row(m.folder / "pretrain", m.checkpoint_step)
-    run_dir = stages.seeded_dir(m.folder / stages.START_DIR, seed, target_recipe)
-    return stages.scored_start(target_recipe, info, say, m.checkpoint, run_dir, seed)
+    return stages.scored_start(target_recipe, info, say, m.checkpoint, m.folder, seed)
 
 
 # ---------------------------------------------------------------------------- outputs
