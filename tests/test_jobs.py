@@ -31,6 +31,25 @@ def test_a_rank_reports_a_bad_folder_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and RESOLVED_RECIPE in err
 
 
+def test_a_worker_leaves_with_its_exit_code_and_all_its_output(tmp_path):
+    """A worker ends without interpreter teardown (``jobs.leave``); what it printed to pipes
+    and logged to a file must still arrive, and its exit code must be kept."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "worker.log"
+    script = ("import logging, sys\n"
+              f"logging.basicConfig(filename={str(log)!r}, level=logging.INFO)\n"
+              "logging.info('logged')\n"
+              "print('out', end='')\n"
+              "print('err', end='', file=sys.stderr)\n"
+              "from noisevalue.jobs import leave\n"
+              "leave(3)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "out", "err")
+    assert log.read_text().strip() == "INFO:root:logged"
+
+
 def test_the_trainer_base_always_cleans_up(tmp_path):
     calls = []
 
