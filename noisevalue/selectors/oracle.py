@@ -120,11 +120,16 @@ class OracleSelector(NoiseSelector):
         self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
     ) -> torch.Tensor:
         if self.context is None:
-            raise RuntimeError("the oracle selector needs the trainer's context: call bind() first")
+            raise RuntimeError(f"the {self.registered_as} selector needs the trainer's context: call bind() first")
+        metric = self.metric(self.context)
         validation = self.context.validation_batch(self.val_batch_size)
-        return alignment_scores(
-            self.context.model, self.context.diffusion, x0, y, t, candidates, validation, self.chunk_size
-        )
+        return alignment_scores(self.context.model, self.context.diffusion, x0, y, t, candidates, validation,
+                                self.chunk_size, metric)
+
+    def metric(self, context: TrainingContext) -> dict[str, torch.Tensor] | None:
+        """The diagonal metric the alignment is measured in (None: the Euclidean one of an
+        SGD step)."""
+        return None
 
     def select(
         self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor,
@@ -175,13 +180,7 @@ class PreconditionedOracleSelector(OracleSelector):
 
     registered_as = "oracle_precond"
 
-    def scores(
-        self, x0: torch.Tensor, y: torch.Tensor | None, t: torch.Tensor, candidates: torch.Tensor
-    ) -> torch.Tensor:
-        if self.context is None or self.context.optimizer is None:
-            raise RuntimeError("the oracle_precond selector needs the trainer's context with its optimizer: "
-                               "call bind() first")
-        validation = self.context.validation_batch(self.val_batch_size)
-        metric = step_metric(self.context.model, self.context.optimizer)
-        return alignment_scores(self.context.model, self.context.diffusion, x0, y, t, candidates, validation,
-                                self.chunk_size, metric)
+    def metric(self, context: TrainingContext) -> dict[str, torch.Tensor] | None:
+        if context.optimizer is None:
+            raise RuntimeError("the oracle_precond selector needs the trainer's context with its optimizer")
+        return step_metric(context.model, context.optimizer)
