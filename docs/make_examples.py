@@ -3,6 +3,7 @@
     python docs/make_examples.py                 # all commands, outputs under runs/digits
     python docs/make_examples.py analyze eval    # only some (ablate-seeds: ablate over 3 seeds)
     python docs/make_examples.py protocol powered signal   # the NoiseRater page
+    python docs/make_examples.py powered32       # digits32 over 20 seeds, under runs/digits32
 
 Each command runs exactly as a user would type it (stages already on disk are reused). The
 tables are pasted into ``docs/<command>.md`` between ``<!-- example: NAME -->`` and
@@ -21,7 +22,8 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 FIGURES = DOCS / "figures"
 RUN = Path("runs/digits")
-COMMANDS = ("protocol", "powered", "signal", "ablate", "ablate-seeds", "transfer", "analyze", "sample", "eval",
+RUN32 = Path("runs/digits32")
+COMMANDS = ("protocol", "powered", "powered32", "signal", "ablate", "ablate-seeds", "transfer", "analyze", "sample", "eval",
             "compare")
 # the methods of `compare` (the neighbour plugins must be installed: pip install ./plugins/*)
 COMPARE_METHODS = ("rater", "max_norm", "min_norm", "min_snr", "p2", "immiscible", "immiscible_knn", "infonoise")
@@ -65,9 +67,10 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def reused(*stages: str) -> str:
-    """Which shared stages were on disk before the command ran (read before running it)."""
-    done = [s for s in stages if (RUN / s / "DONE").is_file()]
+def reused(*stages: str, run: Path | None = None) -> str:
+    """Which shared stages of ``run`` (the default's: RUN) were on disk before the command
+    ran (read before running it)."""
+    done = [s for s in stages if ((run or RUN) / s / "DONE").is_file()]
     if not done:
         return "from scratch"
     return "with " + " and ".join(done) + " already done"
@@ -98,6 +101,21 @@ def powered() -> None:
 {figure(RUN / "comparison.png", "comparison_seeds.png")}
 
 {(RUN / "comparison_noise.md").read_text()}
+""")
+
+
+def powered32() -> None:
+    """The digits32 protocol over the same 20 seeds."""
+    seeds = "select.seeds=[" + ",".join(str(s) for s in POWERED_SEEDS) + "]"
+    before = reused("pretrain", "rater", run=RUN32)
+    _, t = noisevalue("run", "digits32", seeds)
+    paste("noiserater.md", "powered32", f"""
+`noisevalue run digits32 '{seeds}'` ({minutes(t)} on 2 CPU cores, {before}):
+
+{(RUN32 / "comparison.md").read_text()}
+{figure(RUN32 / "comparison.png", "comparison_digits32_seeds.png")}
+
+{(RUN32 / "comparison_noise.md").read_text()}
 """)
 
 
@@ -236,7 +254,7 @@ def main(argv: list[str]) -> None:
     if unknown:
         sys.exit(f"unknown command {unknown[0]}; choose from {', '.join(COMMANDS)}")
     for name in chosen:
-        {"protocol": protocol, "powered": powered, "signal": signal, "ablate": ablate,
+        {"protocol": protocol, "powered": powered, "powered32": powered32, "signal": signal, "ablate": ablate,
          "ablate-seeds": ablate_seeds, "transfer": transfer, "analyze": analyze, "sample": sample,
          "eval": eval_, "compare": compare}[name]()
 

@@ -30,6 +30,34 @@ def test_a_stage_refuses_other_settings_but_not_other_speeds(tmp_path):
         stages.check_stage_settings(stage(tmp_path, "train.selector={name: random, params: {k: 2}}"))
 
 
+def test_a_run_folder_named_another_way_reuses_its_stages(tmp_path, monkeypatch):
+    """A stage records the folders it starts from as written; the same folder named
+    relatively, absolutely or through a link is the same setting, another folder is not."""
+    (tmp_path / "run" / "pretrain").mkdir(parents=True)
+    (tmp_path / "other" / "pretrain").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+
+    def rater_stage(run: str):
+        recipe = load_recipe(None, [*TINY, f"output_dir={run}"])
+        return stages.stage_recipe(recipe, Path(run) / "rater", workflow="meta_train")
+
+    def with_pretrained(run: str):
+        recipe = rater_stage(run)
+        return stages.replace(recipe, meta=stages.replace(recipe.meta, pretrained=f"{run}/pretrain"))
+
+    first = with_pretrained("run")
+    (tmp_path / "run" / "rater").mkdir()
+    (tmp_path / "run" / "rater" / stages.STAGE_SETTINGS).write_text(json.dumps(stages.stage_settings(first)))
+    assert stages.stage_settings(first)["meta.pretrained"] == "run/pretrain"
+    for spelling in (str(tmp_path / "run"), "link", "./run"):
+        again = with_pretrained(spelling)
+        stages.check_stage_settings(stages.replace(again, output_dir="run/rater"))
+    moved = stages.replace(with_pretrained("other"), output_dir="run/rater")
+    with pytest.raises(ConfigError, match=r"meta\.pretrained='run/pretrain'"):
+        stages.check_stage_settings(moved)
+
+
 def test_seeded_dir_names(tmp_path):
     recipe = stage(tmp_path)
     assert stages.seeded_dir(tmp_path / "rater", 0, recipe) == tmp_path / "rater"

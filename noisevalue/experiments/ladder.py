@@ -169,7 +169,7 @@ def reusable(path: Path, settings: dict[str, Any]) -> bool:
     if not path.is_file():
         return False
     old = json.loads(path.read_text()).get("settings", {})
-    changed = sorted(k for k in old.keys() | settings.keys() if old.get(k) != settings.get(k))
+    changed = stages.differing(old, settings)
     if changed:
         k = changed[0]
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""

@@ -16,6 +16,7 @@ Shared layout under a recipe's ``output_dir`` (what every command reuses):
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -120,7 +121,7 @@ def check_stage_settings(recipe: Recipe) -> None:
     defaults = _default_settings(recipe)
     # a setting added to noisevalue after the stage ran is absent from its file: at its
     # default it changes nothing, so older stages stay reusable
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, defaults.get(k)) != new.get(k))
+    changed = differing(old, new, defaults)
     if changed:
         k = changed[0]
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
@@ -128,6 +129,32 @@ def check_stage_settings(recipe: Recipe) -> None:
             f"stage '{recipe.output_dir}' ran with {k}={old.get(k)!r}, the recipe now says "
             f"{new.get(k)!r}{more}; remove that folder to rerun it, or set output_dir=... for a new run"
         )
+
+
+def differing(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None) -> list[str]:
+    """The keys, sorted, whose recorded value ``old`` differs from ``new``. A key absent from
+    ``old`` counts at its value in ``defaults``; one existing file or folder named two ways
+    (relatively, absolutely, through a link) is the same value."""
+    defaults = defaults or {}
+    return sorted(k for k in old.keys() | new.keys() if not _same(old.get(k, defaults.get(k)), new.get(k)))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal settings, where two spellings of one existing file or folder are equal (a run
+    folder named relatively, absolutely, or through a link: its stages record the paths of
+    the stages they start from as they were written)."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str):
+        try:
+            return os.path.samefile(a, b)
+        except OSError:  # either does not exist (or is not a path at all)
+            return False
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return False
 
 
 def write_stage_recipe(recipe: Recipe) -> None:
