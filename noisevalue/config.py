@@ -434,14 +434,16 @@ def _read_yaml(source: str | Path | None) -> tuple[Any, str]:
     if source is None:
         source = DEFAULT_RECIPE
     path = Path(source)
-    if not path.exists() and str(source) in builtin_recipe_names():
+    # a file of that name wins; a folder (a run's, say) does not hide a built-in recipe
+    if not path.is_file() and str(source) in builtin_recipe_names():
         text = resources.files(BUILTIN_RECIPES).joinpath(f"{source}.yaml").read_text()
         label = f"<built-in recipe '{source}'>"
     elif path.is_file():
         text, label = path.read_text(), str(path)
     else:
         known = ", ".join(builtin_recipe_names())
-        raise ConfigError(f"recipe '{source}': no such file (built-in recipes: {known})")
+        what = "a folder, not a recipe file" if path.is_dir() else "no such file"
+        raise ConfigError(f"recipe '{source}': {what} (a YAML file, or a built-in recipe: {known})")
     try:
         cfg = OmegaConf.create(text)
     except Exception as exc:

@@ -66,9 +66,18 @@ def test_unknown_component_parameter():
         check_components(r)
 
 
-def test_missing_recipe_file_and_bad_override():
+def test_missing_recipe_file_and_bad_override(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="no such file"):
         load_recipe("nope.yaml")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits32").mkdir()  # a run folder named like a built-in recipe does not hide it
+    assert load_recipe("digits32").name == "digits32"
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ConfigError, match=r"recipe 'runs': a folder, not a recipe file \(a YAML file, or a built-in"):
+        load_recipe("runs")
+    (tmp_path / "digits").write_text("name: mine\n")  # a file of that name wins
+    with pytest.raises(ConfigError):
+        load_recipe("digits")
     with pytest.raises(ConfigError, match="expected key=value"):
         load_recipe("digits", ["train.steps"])
     with pytest.raises(ConfigError, match="not in the recipe"):
