@@ -91,31 +91,26 @@ def protocol() -> None:
 
 def powered() -> None:
     """The default protocol over 20 seeds; seed 0's stages are the default run's."""
-    seeds = "select.seeds=[" + ",".join(str(s) for s in POWERED_SEEDS) + "]"
-    before = reused("pretrain", "rater")
-    _, t = noisevalue("run", seeds)
-    paste("noiserater.md", "powered", f"""
-`noisevalue run '{seeds}'` ({minutes(t)} on 2 CPU cores, {before}):
-
-{(RUN / "comparison.md").read_text()}
-{figure(RUN / "comparison.png", "comparison_seeds.png")}
-
-{(RUN / "comparison_noise.md").read_text()}
-""")
+    _powered(RUN, (), "powered", "comparison_seeds.png")
 
 
 def powered32() -> None:
     """The digits32 protocol over the same 20 seeds."""
+    _powered(RUN32, ("digits32",), "powered32", "comparison_digits32_seeds.png")
+
+
+def _powered(run: Path, recipe: tuple[str, ...], name: str, figure_name: str) -> None:
+    """A recipe's protocol over :data:`POWERED_SEEDS`, its tables pasted as example ``name``."""
     seeds = "select.seeds=[" + ",".join(str(s) for s in POWERED_SEEDS) + "]"
-    before = reused("pretrain", "rater", run=RUN32)
-    _, t = noisevalue("run", "digits32", seeds)
-    paste("noiserater.md", "powered32", f"""
-`noisevalue run digits32 '{seeds}'` ({minutes(t)} on 2 CPU cores, {before}):
+    before = reused("pretrain", "rater", run=run)
+    _, t = noisevalue("run", *recipe, seeds)
+    paste("noiserater.md", name, f"""
+`noisevalue run {"".join(r + " " for r in recipe)}'{seeds}'` ({minutes(t)} on 2 CPU cores, {before}):
 
-{(RUN32 / "comparison.md").read_text()}
-{figure(RUN32 / "comparison.png", "comparison_digits32_seeds.png")}
+{(run / "comparison.md").read_text()}
+{figure(run / "comparison.png", figure_name)}
 
-{(RUN32 / "comparison_noise.md").read_text()}
+{(run / "comparison_noise.md").read_text()}
 """)
 
 
