@@ -285,6 +285,8 @@ def test_registry_builds_every_config():
         "class_dropout_prob",
         "learn_sigma",
         "mlp_ratio",
+        "time_freq_shift",
+        "mlp_norm_eps",
     ]
     for name in ALL_NAMES:
         assert list(inspect.signature(registry.get("backbone", name)).parameters) == expected

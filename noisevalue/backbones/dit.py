@@ -9,6 +9,11 @@ Two deliberate differences in behaviour:
 * ``forward_with_cfg`` guides *all* epsilon channels (the reference guides only the
   first three).
 
+``time_freq_shift`` and ``mlp_norm_eps`` exist to compute exactly what diffusers'
+``DiTTransformer2DModel`` computes (its timestep frequencies divide by ``half - 1``, its
+MLP LayerNorm's eps is a config field); the defaults are the reference code's
+(:mod:`noisevalue.backbones.dit_formats` converts between the layouts).
+
 ``num_classes=0`` builds an unconditional model without any label embedder.
 Second derivatives need the math SDPA kernel (``sdpa_kernel(SDPBackend.MATH)``; the fused
 CPU attention kernel has no double backward) or :func:`noisevalue.attention.blocked_sdpa`.
@@ -100,7 +105,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of the (possibly fractional) timestep, then a SiLU MLP."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size),
@@ -108,11 +113,13 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size),
         )
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000, freq_shift: int = 0) -> torch.Tensor:
+        """``[cos(t f_i), sin(t f_i)]`` with ``f_i = max_period ** (-i / (dim // 2 - freq_shift))``."""
         half = dim // 2
-        exponents = torch.arange(half, dtype=torch.float32, device=t.device) / half
+        exponents = torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
         freqs = torch.exp(-math.log(max_period) * exponents)
         args = t[:, None].float() * freqs[None]
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -121,7 +128,7 @@ class TimestepEmbedder(nn.Module):
         return embedding
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
         return self.mlp(t_freq.to(_linear(self.mlp, 0).weight.dtype))
 
 
@@ -143,11 +150,11 @@ class LabelEmbedder(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block whose LayerNorms are modulated (shift, scale, gate) by ``c``."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(
             in_features=hidden_size,
             hidden_features=int(hidden_size * mlp_ratio),
@@ -181,7 +188,8 @@ class FinalLayer(nn.Module):
 class DiT(Backbone):
     """Diffusion transformer predicting ``eps`` (and, with ``learn_sigma``, the variance
     interpolation ``v``) as ``[N, out_channels, H, W]``; the first ``in_channels`` output
-    channels are epsilon. ``config_name`` (keyword) only labels the model."""
+    channels are epsilon. ``config_name`` (keyword) only labels the model; ``time_freq_shift``
+    and ``mlp_norm_eps`` (keywords) select diffusers' numerics (module docstring)."""
 
     def __init__(
         self,
@@ -197,6 +205,8 @@ class DiT(Backbone):
         learn_sigma: bool = True,
         *,
         config_name: str | None = None,
+        time_freq_shift: int = 0,
+        mlp_norm_eps: float = 1e-6,
     ):
         super().__init__()
         if config_name is None:
@@ -206,6 +216,10 @@ class DiT(Backbone):
         problem = shape_problem(input_size, patch_size, in_channels, depth, hidden_size, num_heads, num_classes)
         if problem is None and not 0 <= class_dropout_prob < 1:
             problem = f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}"
+        if problem is None and time_freq_shift not in (0, 1):
+            problem = f"time_freq_shift must be 0 (the reference DiT) or 1 (diffusers), got {time_freq_shift!r}"
+        if problem is None and not (isinstance(mlp_norm_eps, int | float) and mlp_norm_eps > 0):
+            problem = f"mlp_norm_eps must be a number > 0, got {mlp_norm_eps!r}"
         if problem is not None:
             raise ConfigError(f"model: {problem} of {config_name}")
 
@@ -217,16 +231,17 @@ class DiT(Backbone):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
+        self.mlp_ratio = mlp_ratio
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=time_freq_shift)
         self.y_embedder = (
             LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         )
         num_patches = self.x_embedder.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)]
+            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, mlp_norm_eps=mlp_norm_eps) for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
@@ -346,6 +361,8 @@ def _factory(
         class_dropout_prob: float = 0.1,
         learn_sigma: bool = True,
         mlp_ratio: float = 4.0,
+        time_freq_shift: int = 0,
+        mlp_norm_eps: float = 1e-6,
     ) -> DiT:
         return DiT(
             input_size=input_size,
@@ -359,6 +376,8 @@ def _factory(
             num_classes=num_classes,
             learn_sigma=learn_sigma,
             config_name=name,
+            time_freq_shift=time_freq_shift,
+            mlp_norm_eps=mlp_norm_eps,
         )
 
     factory.__name__ = factory.__qualname__ = name.replace("-", "_").replace("/", "_")

@@ -19,10 +19,11 @@ import torch
 
 from noisevalue import checkpoint as ckpt
 from noisevalue import faults, registry
+from noisevalue.backbones.dit_formats import ForeignWeights, numerics_problem, read_foreign
 from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import all_reduce_mean, all_reduce_sum, barrier
 from noisevalue.ema import EMA, unwrap
-from noisevalue.errors import CheckpointError, UserError
+from noisevalue.errors import CheckpointError, ConfigError, UserError
 from noisevalue.interfaces import NULL_TIMESTEP, TrainingContext
 from noisevalue.train import evaluate as ev
 from noisevalue.train import noise_stats as ns
@@ -108,12 +109,16 @@ class DiffusionTraining(Trainer):
         self.window_loss, self.window_steps = 0.0, 0  # the training-loss log window, on the host
         self._reset_device_window()
         self.noise_stats = ns.NoiseStats(self.latent_shape, self.diffusion.num_timesteps, info.device)
+        foreign = read_foreign(r.train.init_from) if r.train.init_from else None
         if self.resume:
             self._restore()
+        elif foreign is not None:
+            self.load_foreign(foreign)
         elif r.train.init_from:
             self.load(ckpt.resolve_checkpoint(r.train.init_from), with_optimizer=True)
         # evaluations are counted from where this run started (a continuation's origin)
-        self.origin = ckpt.read_meta(ckpt.resolve_checkpoint(r.train.init_from)).step if r.train.init_from else 0
+        continued = r.train.init_from if foreign is None else None
+        self.origin = ckpt.read_meta(ckpt.resolve_checkpoint(continued)).step if continued else 0
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -183,6 +188,17 @@ class DiffusionTraining(Trainer):
                 self.window_loss = float(meta.log_window["loss_sum"])
                 self.window_steps = int(meta.log_window["steps"])
             self.skipped = meta.skipped or 0
+
+    def load_foreign(self, weights: ForeignWeights) -> None:
+        """Start from weights made outside noisevalue (an official DiT file, a diffusers
+        folder): the model and its EMA take them; the optimizer starts fresh, at step 0."""
+        where = f"train.init_from '{self.recipe.train.init_from}'"
+        model = unwrap(self.model)
+        problem = numerics_problem(model, weights)
+        if problem is not None:
+            raise ConfigError(f"{where}: {problem}")
+        ckpt.load_state_into(model, weights.state, where)
+        self.ema.load_state_dict(model.state_dict())
 
     # ------------------------------------------------------------------ training
     def _autocast(self) -> contextlib.AbstractContextManager:

@@ -22,11 +22,12 @@ import torch
 
 from noisevalue import checkpoint as ckpt
 from noisevalue import registry
+from noisevalue.backbones.dit_formats import ForeignWeights, numerics_problem, read_foreign
 from noisevalue.config import Recipe
 from noisevalue.distributed import pick_device
 from noisevalue.errors import CheckpointError, ConfigError, DataError, UserError
 from noisevalue.train.batches import local_batch_size, validation_split
-from noisevalue.train.build import backbone_params, build_evaluators
+from noisevalue.train.build import backbone_params, build_backbone, build_evaluators
 
 #: items of each dataset opened before a run (the first, the last and a seeded sample)
 SAMPLED_ITEMS = 16
@@ -236,7 +237,10 @@ def check_guidance(recipe: Recipe, model: Any, num_classes: int) -> None:
 def check_named_checkpoints(recipe: Recipe, shape: tuple[int, int, int] | None, num_classes: int) -> None:
     """Checkpoints the recipe names (not those its own stages will write) exist, are of the
     right kind and match the data (when its ``shape`` is known)."""
-    if recipe.train.init_from and recipe.workflow != "meta_train":
+    weights = read_foreign(recipe.train.init_from) if recipe.train.init_from else None
+    if weights is not None:
+        check_foreign_weights(recipe, weights, shape, num_classes)
+    elif recipe.train.init_from and recipe.workflow != "meta_train":
         found, meta = check_diffusion_checkpoint(recipe.train.init_from, "train.init_from", shape, num_classes)
         if recipe.workflow == "pretrain" and shape is not None:
             require_backbone(found, meta, _identity(recipe, shape, num_classes))
@@ -264,6 +268,24 @@ def check_diffusion_checkpoint(path: str | Path, where: str, shape: tuple[int, i
         )
     ckpt.check_files(found)
     return found, meta
+
+
+def check_foreign_weights(recipe: Recipe, weights: ForeignWeights, shape: tuple[int, int, int] | None,
+                          num_classes: int) -> None:
+    """``train.init_from`` names weights from outside noisevalue (an official DiT file or a
+    diffusers folder): the recipe's backbone, built without memory, takes them as they are
+    (names, shapes, numerics); one line naming what does not fit otherwise."""
+    where = f"train.init_from '{recipe.train.init_from}'"
+    if recipe.workflow == "meta_train":
+        raise ConfigError(f"{where}: meta-training starts from meta.pretrained, a noisevalue diffusion checkpoint")
+    if shape is None:
+        return
+    with torch.device("meta"):
+        model = build_backbone(recipe, backbone_params(recipe, shape, num_classes))
+    problem = numerics_problem(model, weights)
+    if problem is not None:
+        raise ConfigError(f"{where}: {problem}")
+    ckpt.check_state(model.state_dict(), weights.state, where)
 
 
 def check_resumable(checkpoints: Path) -> tuple[Path, ckpt.CheckpointMeta]:
