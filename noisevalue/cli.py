@@ -556,10 +556,11 @@ def plugins_list(
             raise typer.Exit(2)
 
 
-from noisevalue.cli_sampling import evaluate, sample  # noqa: E402
+from noisevalue.cli_sampling import evaluate, export_model, sample  # noqa: E402
 
 app.command("sample")(sample)
 app.command("eval")(evaluate)
+app.command("export")(export_model)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""``noisevalue sample`` and ``noisevalue eval`` (registered on the app in :mod:`noisevalue.cli`).
+"""``noisevalue sample``, ``noisevalue eval`` and ``noisevalue export`` (registered on the app in
+:mod:`noisevalue.cli`).
 
 The work is done by :mod:`noisevalue.sampling.sample` and
 :mod:`noisevalue.sampling.score`; torch is imported inside the commands only.
@@ -114,6 +115,26 @@ def _draw(sp: Any, ctx: Any, settings: Any, folder: Path, batch_size_given: bool
     if grid.is_file():
         typer.echo(f"grid: {grid}")
     return npz
+
+
+def export_model(
+    run: str = RunArg,
+    out: Path = typer.Argument(..., metavar="OUT", help="The folder (diffusers) or .pt file (dit) to write."),
+    fmt: str = typer.Option("diffusers", "--format", help="diffusers: a DiTPipeline folder; dit: the official "
+                            "layout's state dict."),
+    no_ema: bool = NoEmaOpt,
+    recipe: str | None = RecipeOpt,
+) -> None:
+    """A run's model (EMA weights by default) for other tools: a diffusers DiTPipeline folder
+    with the run's VAE and sampler, or a state dict in the official DiT layout."""
+    with user_errors():
+        from noisevalue.sampling import export as ex
+        from noisevalue.sampling import sample as sp
+
+        ctx = sp.resolve_run(run, recipe)
+        settings = sp.sample_settings(ctx, use_ema=not no_ema)
+        ex.check_export(settings, Path(out), fmt)
+        typer.echo(ex.export(settings, Path(out), fmt))
 
 
 def evaluate(

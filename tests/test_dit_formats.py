@@ -98,11 +98,30 @@ def test_to_diffusers_round_trip_and_output():
         torch.testing.assert_close(back[key], value, atol=1e-7, rtol=0, msg=key)
 
 
-def test_to_diffusers_refuses_what_diffusers_cannot_compute():
-    with pytest.raises(CheckpointError, match="time_freq_shift=1"):
-        to_diffusers(dit.DiT_Tiny_2())
+def test_a_reference_dit_goes_to_the_subclass_with_its_timestep_features():
+    from noisevalue.backbones.diffusers_dit import ReferenceDiTTransformer2DModel
+
+    torch.manual_seed(2)
+    mine = dit.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                   num_classes=10).eval()  # the reference numerics, as every recipe's DiT by default
+    with torch.no_grad():
+        for name, p in mine.named_parameters():
+            if name != "pos_embed":
+                p.add_(0.02 * torch.randn_like(p))
+    config, state = to_diffusers(mine)
+    assert config["_class_name"] == "ReferenceDiTTransformer2DModel" and config["norm_eps"] == 1e-6
+    theirs = ReferenceDiTTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
+    theirs.load_state_dict(state, strict=True)
+    x, t, y = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x, timestep=t, class_labels=y).sample, mine(x, t, y), atol=1e-5, rtol=0)
+    kwargs, _ = from_diffusers(config, state)
+    assert kwargs["time_freq_shift"] == 0 and kwargs["mlp_norm_eps"] == 1e-6
+
+
+def test_to_diffusers_refuses_an_unconditional_dit():
     with pytest.raises(CheckpointError, match="unconditional"):
-        to_diffusers(dit.DiT_Tiny_2(num_classes=0, time_freq_shift=1))
+        to_diffusers(dit.DiT_Tiny_2(num_classes=0))
 
 
 def test_a_saved_folder_is_read(tmp_path):

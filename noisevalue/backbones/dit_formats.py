@@ -12,8 +12,9 @@ ways, all handled here:
 * its numerics: timestep frequencies ``10000 ** (-i / (half - 1))`` where the official
   code divides by ``half``, and the MLP LayerNorm's eps from ``norm_eps`` (1e-5 by default,
   1e-6 in the official code). A folder converts to a DiT built with ``time_freq_shift=1``
-  and ``mlp_norm_eps=norm_eps``, which computes what diffusers computes; a DiT written out
-  must have been built that way too, or diffusers would compute another function.
+  and ``mlp_norm_eps=norm_eps``, which computes what diffusers computes. A DiT with the
+  reference numerics is written as :mod:`noisevalue.backbones.diffusers_dit`'s subclass,
+  which computes those; one built with ``time_freq_shift=1`` as the plain class.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 DIFFUSERS_CLASS = "DiTTransformer2DModel"
+REFERENCE_CLASS = "ReferenceDiTTransformer2DModel"  # noisevalue.backbones.diffusers_dit
 CONFIG = "config.json"
 WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # diffusers settings our DiT has no counterpart for: (config key, the only value it can take)
@@ -92,8 +94,8 @@ def numerics_problem(model: torch.nn.Module, weights: ForeignWeights) -> str | N
     if not wrong:
         return None
     fix = " ".join(f"model.params.{k}={v!r}" for k, v in weights.numerics.items())
-    return (f"these {weights.layout} weights were trained with diffusers' timestep frequencies and MLP norm eps; "
-            f"set {fix} to compute what they computed")
+    return (f"these {weights.layout} weights were trained with other timestep frequencies or MLP norm eps than "
+            f"the recipe's DiT; set {fix} to compute what they computed")
 
 
 def _mlp_norm_eps(model: DiT) -> float:
@@ -143,7 +145,7 @@ def diffusers_folder(path: str | Path) -> Path | None:
                 name = json.loads(config.read_text()).get("_class_name")
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
                 continue
-            if name == DIFFUSERS_CLASS:
+            if name in (DIFFUSERS_CLASS, REFERENCE_CLASS):
                 return folder
     return None
 
@@ -245,24 +247,21 @@ def from_diffusers(config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
     kwargs = dict(input_size=size, patch_size=patch, in_channels=channels, hidden_size=hidden, depth=depth,
                   num_heads=heads, mlp_ratio=mlp_hidden / hidden, num_classes=int(classes),
                   class_dropout_prob=0.1 if table.shape[0] == int(classes) + 1 else 0.0,
-                  learn_sigma=out_channels == 2 * channels, time_freq_shift=1,
+                  learn_sigma=out_channels == 2 * channels,
+                  time_freq_shift=0 if config.get("_class_name") == REFERENCE_CLASS else 1,
                   mlp_norm_eps=float(config.get("norm_eps", 1e-5)))
     return kwargs, ours
 
 
 def to_diffusers(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A DiT -> (diffusers ``DiTTransformer2DModel`` config, its state dict).
-
-    diffusers computes exactly this model only when it was built with ``time_freq_shift=1``
-    (anything else is a CheckpointError: the weights would be read as another function);
-    an unconditional DiT has no diffusers counterpart (its DiT always embeds a class)."""
+    """A DiT -> (diffusers config, state dict). The config's ``_class_name`` is the class
+    that computes what the DiT computes: ``DiTTransformer2DModel`` for a DiT built with
+    ``time_freq_shift=1``, :class:`~noisevalue.backbones.diffusers_dit.ReferenceDiTTransformer2DModel`
+    (the reference timestep features) otherwise. An unconditional DiT has no diffusers
+    counterpart (its DiT always embeds a class): a CheckpointError."""
     if not isinstance(model, DiT):
         raise CheckpointError(f"only a DiT converts to diffusers' {DIFFUSERS_CLASS}, not {type(model).__name__}")
     name = getattr(model, "config_name", "DiT")
-    if model.t_embedder.freq_shift != 1:
-        raise CheckpointError(
-            f"{name} uses the reference DiT's timestep frequencies; diffusers' {DIFFUSERS_CLASS} uses other ones "
-            "and would compute another function. Train with model.params.time_freq_shift=1 to export to diffusers")
     if model.y_embedder is None:
         raise CheckpointError(f"{name} is unconditional; diffusers' {DIFFUSERS_CLASS} always embeds a class label")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -285,7 +284,7 @@ def to_diffusers(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, torc
             for n, part in zip("qkv", state[f"{src}attn.qkv{suffix}"].chunk(3), strict=True):
                 out[f"{dst}attn1.to_{n}{suffix}"] = part.clone()
     config = {
-        "_class_name": DIFFUSERS_CLASS,
+        "_class_name": DIFFUSERS_CLASS if model.t_embedder.freq_shift == 1 else REFERENCE_CLASS,
         "num_attention_heads": model.num_heads,
         "attention_head_dim": hidden // model.num_heads,
         "in_channels": model.in_channels,
