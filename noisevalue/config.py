@@ -392,6 +392,36 @@ class EvalConfig(_Strict):
     baselines: bool = False  # also score real training images and pixel-shuffled ones
 
 
+TRACKERS = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}  # backend -> (module, extra)
+LogBackend = Literal["tensorboard", "wandb", "mlflow"]
+
+
+def _default_backends() -> list[LogBackend]:
+    return ["tensorboard"]
+
+
+class LogConfig(_Strict):
+    """Where a run's scalars, sample grids and resolved recipe go besides ``scalars.jsonl``:
+    TensorBoard (``tb/``, the default), Weights & Biases, MLflow. Not result-relevant: a
+    stage is reused whatever the trackers."""
+
+    backends: list[LogBackend] = Field(default_factory=_default_backends)
+    project: str = Field(default="noisevalue", min_length=1)  # the W&B project, the MLflow experiment
+    # the runs of one protocol or experiment: W&B's group, an MLflow tag (default: its folder's name)
+    group: str | None = None
+    wandb_entity: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None  # None: W&B's own (WANDB_MODE)
+    # None: MLFLOW_TRACKING_URI, else a SQLite store in the protocol's (or run's) folder
+    mlflow_tracking_uri: str | None = None
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"a backend is named twice in {v}")
+        return v
+
+
 class Recipe(_Strict):
     name: str = Field(min_length=1)
     seed: int = 0
@@ -411,6 +441,7 @@ class Recipe(_Strict):
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     analyze: AnalyzeConfig = Field(default_factory=AnalyzeConfig)
     ladder: LadderConfig = Field(default_factory=LadderConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
     def continuation_seeds(self) -> list[int]:
         return list(dict.fromkeys(self.select.seeds or [self.seed]))
@@ -630,6 +661,7 @@ def check_components(recipe: Recipe) -> None:
     check_takes_trained_rater("ablate.selector", recipe.ablate.selector)
     check_takes_trained_rater("transfer.selector", recipe.transfer.selector)
     check_nag(recipe)
+    check_trackers(recipe)
     m = recipe.meta
     if m.activation_checkpointing and recipe.workflow in ("meta_train", "protocol"):
         optimizer = registry.build("meta_optimizer", m.optimizer, where="meta.optimizer")
@@ -655,6 +687,17 @@ def check_components(recipe: Recipe) -> None:
 
         path = checkpoint.resolve_checkpoint(m.pretrained)
         checkpoint.require_optimizer_state(path, "meta.inner_optimizer: adamw_checkpoint")
+
+
+def check_trackers(recipe: Recipe) -> None:
+    """Every tracker of ``log.backends`` is installed (found, not imported)."""
+    from importlib.util import find_spec
+
+    for backend in recipe.log.backends:
+        module, extra = TRACKERS.get(backend, (None, None))
+        if module is not None and find_spec(module) is None:
+            raise ConfigError(f"log.backends: '{backend}' needs the {module} package, which is not installed; "
+                              f"pip install 'noisevalue[{extra}]', or remove it from log.backends")
 
 
 def trial_build(where: str, kind: str, comp: Component) -> None:

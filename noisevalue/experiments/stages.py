@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from noisevalue import registry
 from noisevalue.checkpoint import atomic_write_text, latest_checkpoint
-from noisevalue.config import STAGE_SETTINGS, Component, Recipe
+from noisevalue.config import STAGE_SETTINGS, Component, LogConfig, Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
 
@@ -55,8 +55,18 @@ def stage_recipe(recipe: Recipe, output_dir: Path, workflow: str | None = None, 
     return replace(
         recipe, output_dir=str(output_dir), workflow=workflow or recipe.workflow,
         seed=recipe.seed if seed is None else seed,
-        data=replace(recipe.data, latent_cache=latent_cache(recipe)),
+        data=replace(recipe.data, latent_cache=latent_cache(recipe)), log=stage_log(recipe),
     )
+
+
+def stage_log(recipe: Recipe) -> LogConfig:
+    """The trackers' settings of a stage of ``recipe``: grouped under the experiment's folder
+    name, and (unless set) logging to one MLflow store in the experiment's folder."""
+    from noisevalue.train.trackers import mlflow_uri
+
+    root = Path(recipe.output_dir)
+    return replace(recipe.log, group=recipe.log.group or root.resolve().name,
+                   mlflow_tracking_uri=mlflow_uri(recipe, root))
 
 
 def replace(section: M, **fields: Any) -> M:

@@ -1,12 +1,15 @@
-"""Scalars of one run: TensorBoard events plus ``scalars.jsonl``, a plain log that other
-commands read back (``transfer`` matches checkpoints on the training-loss curve).
-Written by rank 0 only, a no-op on the other ranks."""
+"""Scalars of one run: ``scalars.jsonl``, a plain log that other commands read back
+(``transfer`` matches checkpoints on the training-loss curve), TensorBoard events and the
+trackers of ``log.backends`` (:mod:`noisevalue.train.trackers`). Written by rank 0 only, a
+no-op on the other ranks."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+from noisevalue.config import Recipe
 
 SCALARS = "scalars.jsonl"
 #: speeds and durations: they differ between two runs of the same recipe, so they are kept
@@ -15,15 +18,26 @@ TIMINGS = "timings.jsonl"
 
 
 class RunLog:
-    def __init__(self, run_dir: Path | None = None, enabled: bool = False, start_step: int = 0) -> None:
+    """``recipe``: its ``log`` section picks TensorBoard and the trackers (without one,
+    TensorBoard alone)."""
+
+    def __init__(self, run_dir: Path | None = None, enabled: bool = False, start_step: int = 0,
+                 recipe: Recipe | None = None) -> None:
         self.writer: Any = None
+        self.trackers: list[Any] = []
         self.jsonl: Path | None = None
         self.timings_jsonl: Path | None = None
         if enabled and run_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
+            if recipe is None or "tensorboard" in recipe.log.backends:
+                from torch.utils.tensorboard import SummaryWriter
 
-            # a resumed run drops events past its checkpoint, so curves have no doubled steps
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+                # a resumed run drops the events past its checkpoint (as scalars.jsonl drops
+                # them), so curves have no doubled steps and keep the checkpoint's own
+                self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+            if recipe is not None:
+                from noisevalue.train.trackers import open_trackers
+
+                self.trackers = open_trackers(recipe, run_dir, resume=start_step > 0)
             self.jsonl = run_dir / SCALARS
             self.timings_jsonl = run_dir / TIMINGS
             _truncate(self.jsonl, start_step)
@@ -42,6 +56,8 @@ class RunLog:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
             self.writer.flush()
+        for tracker in self.trackers:
+            tracker.scalars(scalars, step)
         if path is not None:
             with path.open("a") as f:
                 f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
@@ -49,10 +65,15 @@ class RunLog:
     def image(self, tag: str, image: Any, step: int) -> None:
         if self.writer is not None:
             self.writer.add_image(tag, image, step)
+        for tracker in self.trackers:
+            tracker.image(tag, image, step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def _truncate(path: Path, start_step: int) -> None:

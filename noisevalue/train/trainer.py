@@ -95,7 +95,7 @@ class Trainer:
 
     def open_log(self) -> None:
         """The run's TensorBoard and ``scalars.jsonl`` writer, from the current step."""
-        self.log = RunLog(self.run_dir, self.info.is_main, self.step)
+        self.log = RunLog(self.run_dir, self.info.is_main, self.step, self.recipe)
 
     def log_scalars(self, scalars: dict[str, float]) -> None:
         self.log.scalars(scalars, self.step)
