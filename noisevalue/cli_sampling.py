@@ -209,6 +209,9 @@ def evaluate(
             npz, ref, chosen, num=num, stats_cache=stats_cache, reference_label=label, say=typer.echo,
         )
         typer.echo(f"{record['metric']} {record['value']:.6g}  ({record['n']} samples vs {record['reference']})")
+        typer.echo(f"protocol {record['protocol_sha256']}:")
+        for line in scoring.protocol_lines(record["protocol"]):
+            typer.echo(line)
         typer.echo(f"written: {npz.parent / scoring.EVAL_FILE}")
 
 

@@ -31,6 +31,7 @@ class ResultTable:
     reference: str | None = None  # label of the row the others are tested against
     lower_is_better: bool = True
     also_against: tuple[str, ...] = ()  # more rows to give paired differences from (markdown)
+    protocol_note: str | None = None  # the rows' values were computed under different protocols
 
     @property
     def steps(self) -> list[int]:

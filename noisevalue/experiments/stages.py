@@ -29,6 +29,7 @@ from noisevalue.checkpoint import atomic_write_text, latest_checkpoint
 from noisevalue.config import STAGE_SETTINGS, Component, LogConfig, Recipe
 from noisevalue.distributed import DistInfo, barrier
 from noisevalue.errors import ConfigError
+from noisevalue.train.metric_protocol import ROW_KEY
 
 DONE = "DONE"
 TIMINGS = "timings.json"  # the stage's wall time: apart, so that every other file a rerun writes is identical
@@ -295,11 +296,19 @@ def scored_start(recipe: Recipe, info: DistInfo, say: Say, checkpoint: str | Pat
 
 
 def evaluations(run_dir: Path, after: int = -1) -> list[dict]:
-    """The evaluation rows (``{"step": ..., metric: value}``) of a run after step ``after``."""
+    """The evaluation rows (``{"step": ..., metric: value}``) of a run after step ``after``;
+    a row's ``protocol`` maps each metric to the protocol it was computed under (read from
+    the digests the file keeps)."""
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         raise ConfigError(f"'{path}' is missing: the run in '{run_dir}' has not been evaluated")
-    return [h for h in json.loads(path.read_text())["history"] if h["step"] > after]
+    data = json.loads(path.read_text())
+    known = data.get("protocols", {})
+    rows = [dict(h) for h in data["history"] if h["step"] > after]
+    for row in rows:
+        if isinstance(row.get(ROW_KEY), dict):
+            row[ROW_KEY] = {m: known.get(d, {"digest": d}) for m, d in row[ROW_KEY].items()}
+    return rows
 
 
 # ------------------------------------------------------------------ selectors and raters

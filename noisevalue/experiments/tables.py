@@ -38,6 +38,8 @@ from noisevalue.experiments.paired import (
     paired_difference,
 )
 from noisevalue.experiments.results import ResultTable, Row, Run
+from noisevalue.train import metric_protocol as mp
+from noisevalue.train.metric_protocol import ROW_KEY
 
 PRIMARY = "heldout_loss"
 HIGHER_IS_BETTER: frozenset[str] = frozenset()  # every metric reported so far is lower-is-better
@@ -46,7 +48,7 @@ HIGHER_IS_BETTER: frozenset[str] = frozenset()  # every metric reported so far i
 def metric_names(evaluations: Iterable[dict]) -> list[str]:
     """The metrics in evaluation rows, primary first: the held-out loss, then the others in
     name order (the training-image and shuffled-pixel baselines are not results)."""
-    names = {k for row in evaluations for k in row if k != "step" and not k.startswith("baseline")}
+    names = {k for row in evaluations for k in row if k not in ("step", ROW_KEY) and not k.startswith("baseline")}
     return sorted(names, key=lambda k: (k != PRIMARY, k))
 
 
@@ -70,8 +72,27 @@ def tables_for(title: str, runs: Sequence[Run], reference: str | None,
                 row.start[run.seed] = float(run.start[metric])
             row.add(run.seed, run.history, metric)
         tables.append(ResultTable(title, metric, list(rows.values()), reference,
-                                  lower_is_better=metric not in HIGHER_IS_BETTER, also_against=tuple(also_against)))
+                                  lower_is_better=metric not in HIGHER_IS_BETTER, also_against=tuple(also_against),
+                                  protocol_note=protocol_note(metric, runs)))
     return tables
+
+
+def protocol_note(metric: str, runs: Sequence[Run]) -> str | None:
+    """One line when the runs' values of ``metric`` were computed under more than one
+    protocol (:mod:`noisevalue.train.metric_protocol`): what differs. None when they agree
+    (or record none)."""
+    seen: dict[str, dict] = {}
+    for run in runs:
+        for row in [*([run.start] if run.start else []), *run.history]:
+            protocol = (row.get(ROW_KEY) or {}).get(metric)
+            if isinstance(protocol, dict):
+                seen.setdefault(mp.digest(protocol), protocol)
+    if len(seen) < 2:
+        return None
+    keys = mp.differences(list(seen.values()))
+    shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+    return (f"**{metric} was computed under {len(seen)} different protocols in these runs (they differ in "
+            f"{shown}): its values are not comparable side by side.**")
 
 
 # ------------------------------------------------------------------------- the family
@@ -209,6 +230,8 @@ def markdown(table: ResultTable, family: Family | None = None) -> str:
         f"start (step {origin})" if same_origin else "start"
     ] + [f"+{s}" for s in steps]
     lines = [f"{table.title}: {table.metric} ({better} is better)", ""]
+    if table.protocol_note:
+        lines += [table.protocol_note, ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table.rows:
         cells = [r.label] + ([str(r.origin)] if not same_origin else []) + [_cell(r.start)]

@@ -27,6 +27,8 @@ from noisevalue.checkpoint import atomic_write_text
 from noisevalue.config import Component
 from noisevalue.data.npz_images import NpzImages
 from noisevalue.errors import ConfigError, DataError, WeightsUnavailableError
+from noisevalue.sampling.sample import SETTINGS_FILE
+from noisevalue.train import metric_protocol as mp
 from noisevalue.train.reference import (
     DIGITS_REFERENCE,
     Reference,
@@ -158,18 +160,42 @@ def score_samples(
     generated = (_unit(batch) for batch in images.batches(limit=n))
     results = {k: float(v) for k, v in chosen.evaluator.evaluate(generated).items()}
     metric, value = next(iter(results.items()))
+    keyed = callable(getattr(chosen.evaluator, "reference_key", None)) and chosen.evaluator.reference_key() is not None
+    label = reference_label or ref.label
+    protocol = mp.sample_metric(sampled_with(images.path, n), chosen.evaluator, chosen.name,
+                                mp.reference_identity(label, reference_key(ref, chosen.evaluator) if keyed else None))
     record = {
         "metric": metric,
         "value": value,
         **({"metrics": results} if len(results) > 1 else {}),
         "samples": images.path.name,
         "n": n,
-        "reference": reference_label or ref.label,
+        "reference": label,
         **used,
         "settings": chosen.settings,
+        "protocol": protocol,
+        "protocol_sha256": mp.digest(protocol),
     }
     _write_eval_json(images.path.parent / EVAL_FILE, record)
     return record
+
+
+def sampled_with(samples: Path, n: int) -> dict[str, Any] | None:
+    """How ``noisevalue sample`` drew the images of ``samples`` (its ``settings.json``
+    beside them), scored ``n`` at a time; None when they came from elsewhere."""
+    path = samples.parent / SETTINGS_FILE
+    try:
+        s = json.loads(path.read_text())
+        return mp.sampling(s["num_steps"], s["eta"], s["cfg_scale"], s.get("nag_scale", 0.0), n, s.get("use_ema"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+
+
+def protocol_lines(protocol: dict[str, Any]) -> list[str]:
+    """The protocol of a number, as ``noisevalue eval`` prints it: one ``key: value`` line
+    per setting."""
+    return [f"  {k}: {json.dumps(v, default=str) if not isinstance(v, str) else v}"
+            for k, v in mp.flatten(protocol).items()]
 
 
 def _write_eval_json(path: Path, record: dict[str, Any]) -> None:

@@ -407,7 +407,7 @@ class DiffusionTraining(Trainer):
         faults.point("evaluate.grid")
         metrics = self.evaluation.metrics(model)
         if self.info.is_main:
-            ev.update_metrics_file(self.run_dir / "metrics.json", self.step, metrics)
+            ev.update_metrics_file(self.run_dir / "metrics.json", self.step, metrics, self.evaluation.protocols)
             self.log_scalars({f"eval/{k}": v for k, v in metrics.items()})
             from torchvision.utils import make_grid
 

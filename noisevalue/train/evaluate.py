@@ -32,6 +32,7 @@ from noisevalue.config import Recipe
 from noisevalue.diffusion import Diffusion, ddim_sample, guided_eps
 from noisevalue.distributed import DistInfo, all_reduce_sum, gather_rows, stream_to_main
 from noisevalue.interfaces import Evaluator
+from noisevalue.train import metric_protocol as mp
 from noisevalue.train.batches import (
     STREAM_EVAL,
     STREAM_GRID,
@@ -43,7 +44,7 @@ from noisevalue.train.batches import (
 )
 from noisevalue.train.build import image_to_unit
 from noisevalue.train.data import read_items, subset
-from noisevalue.train.reference import BLOCK, prepare_reference, run_reference
+from noisevalue.train.reference import BLOCK, prepare_reference, reference_key, run_reference
 
 HELDOUT_LOSS = "heldout_loss"  # the primary metric of every comparison table
 HELDOUT_SEED = 0  # not the run's seed: every run, method and seed scores the same set
@@ -150,6 +151,7 @@ class Evaluation:
                         if recipe.eval.loss_draws else None)
         self.sampling = Sampling.of(recipe)
         self._baselines: dict[str, float] | None = None
+        self.protocols: dict[str, dict[str, Any]] = {}  # metric -> its protocol (rank 0, after metrics())
 
     # ------------------------------------------------------------------ images
     def _draw(self, model: torch.nn.Module, parts: list[tuple[int, int]], stream: int,
@@ -191,14 +193,19 @@ class Evaluation:
         out: dict[str, float] = {}
         if self.heldout is not None:
             out[HELDOUT_LOSS] = self.heldout(model, self.diffusion)
+            self.protocols[HELDOUT_LOSS] = self.heldout.protocol()
         if not self.evaluators:
             return out
         first = self._baselines is None
         if first:
             self._prepare()
         n, size = self.recipe.eval.num_samples, self.recipe.sample.batch_size
-        for evaluator, joined in zip(self.evaluators, self.joined, strict=True):
-            out.update(self._score(evaluator, joined, lambda: self.generated(model), owners(n, size, self.info)))
+        for i, (evaluator, joined) in enumerate(zip(self.evaluators, self.joined, strict=True)):
+            scored = self._score(evaluator, joined, lambda: self.generated(model), owners(n, size, self.info))
+            out.update(scored)
+            if scored:
+                protocol = self._protocol(i)
+                self.protocols.update(dict.fromkeys(scored, protocol))
         if first:
             self._baselines = self._baseline_metrics()
         return {**out, **(self._baselines or {})}
@@ -215,6 +222,17 @@ class Evaluation:
                 pass
             return {}
         return {k: float(v) for k, v in evaluator.evaluate(stream).items()}
+
+    def _protocol(self, i: int) -> dict[str, Any]:
+        """The protocol of evaluator ``i``'s metrics: the run's sampling, the evaluator's
+        features and code, the reference."""
+        r, evaluator = self.recipe, self.evaluators[i]
+        s = r.sample
+        sampled = mp.sampling(s.num_steps, s.eta, s.cfg_scale, s.nag_scale, r.eval.num_samples, s.use_ema)
+        keyed = callable(getattr(evaluator, "reference_key", None)) and evaluator.reference_key() is not None
+        reference = mp.reference_identity(self.reference.label,
+                                          reference_key(self.reference, evaluator) if keyed else None)
+        return mp.sample_metric(sampled, evaluator, r.eval.evaluators[i].name, reference)
 
     def _prepare(self) -> None:
         for evaluator, joined in zip(self.evaluators, self.joined, strict=True):
@@ -268,6 +286,11 @@ class HeldoutLoss:
         e = recipe.eval
         chosen = subset(len(dataset), e.loss_images, HELDOUT_SEED)
         self.n, self.draws, self.info = len(chosen), e.loss_draws, info
+        comp = recipe.data.eval_dataset or recipe.data.dataset
+        self.identity = {"kind": "heldout_loss", "images": self.n, "draws": self.draws, "seed": HELDOUT_SEED,
+                         "dataset": comp.model_dump(mode="json"), "encoder": recipe.data.encoder.model_dump(mode="json"),
+                         "evaluator": {"name": "heldout_loss", "distribution": "noisevalue",
+                                       "version": mp.version("noisevalue")}}
         self.batch_size = recipe.sample.batch_size
         self.blocks: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (block, x0, y) of this rank
         for b, part in enumerate(chosen.split(HELDOUT_BLOCK)):
@@ -277,6 +300,10 @@ class HeldoutLoss:
             x0 = torch.cat([encoder.encode(to_device(chunk, info.device)).float().cpu()
                             for chunk in images.split(self.batch_size)])
             self.blocks.append((b, x0, labels if num_classes else None))
+
+    def protocol(self) -> dict[str, Any]:
+        """What the loss is computed on: the held-out images and draws, the encoder, the code."""
+        return self.identity
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, diffusion: Diffusion) -> float:
@@ -306,14 +333,23 @@ class HeldoutLoss:
         return float(all_reduce_sum(total, self.info)) / (self.n * self.draws)
 
 
-def update_metrics_file(path: Path, step: int, metrics: dict[str, float]) -> dict:
-    """Append ``metrics`` at ``step`` to the metrics JSON (atomic rewrite)."""
+def update_metrics_file(path: Path, step: int, metrics: dict[str, float],
+                        protocols: dict[str, dict[str, Any]] | None = None) -> dict:
+    """Append ``metrics`` at ``step`` to the metrics JSON (atomic rewrite). ``protocols``:
+    metric -> how it was computed (:mod:`.metric_protocol`), kept once per digest under
+    ``protocols``; the row names each metric's digest under ``protocol``."""
     data: dict[str, Any] = {"history": []}
     if path.is_file():
         data = json.loads(path.read_text())
     history = [h for h in data.get("history", []) if h["step"] != step]
-    history.append({"step": step, **metrics})
+    known = dict(data.get("protocols", {}))
+    row: dict[str, Any] = {"step": step, **metrics}
+    if protocols:
+        named = {metric: mp.digest(p) for metric, p in protocols.items() if metric in metrics}
+        known.update({named[metric]: protocols[metric] for metric in named})
+        row[mp.ROW_KEY] = named
+    history.append(row)
     history.sort(key=lambda h: h["step"])
-    data = {"step": step, "metrics": metrics, "history": history}
+    data = {"step": step, "metrics": metrics, "history": history, **({"protocols": known} if known else {})}
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
     return data
