@@ -310,3 +310,17 @@ def test_digit_fd_separates_real_digits_from_scrambled_ones(digit_net, digits_ca
     fd_shuffled = ev.evaluate([shuffled])["fd_digits"]
     assert ev.evaluate([train])["fd_digits"] < 1e-6
     assert 0 < fd_test and fd_shuffled > 10 * fd_test
+
+
+def test_the_imagenet_recipes_score_against_adm_reference_batch(tmp_path) -> None:
+    """FIDs comparable with published ones: the ImageNet recipes' reference is ADM's batch's
+    statistics, and a missing copy is one line saying where the batch is published."""
+    from noisevalue.config import load_recipe
+    from noisevalue.errors import ConfigError
+
+    for name in ("imagenet_cond", "imagenet_uncond"):
+        params = load_recipe(name).eval.evaluators[0].params
+        assert params["reference_stats"] == "reference/VIRTUAL_imagenet256_labeled.npz"
+    with pytest.raises(ConfigError) as err:
+        FIDEvaluator(features="digits", reference_stats=tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+    assert str(err.value).endswith("ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz")

@@ -66,6 +66,8 @@ __all__ = [
 # torch-fidelity's release of the TF-FID InceptionV3 weights (2015-12-05), which torchmetrics
 # would otherwise download itself.
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+# ADM's (guided-diffusion's) evaluation suite: reference batches with their Inception statistics
+ADM_REFERENCES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
 )
@@ -190,7 +192,9 @@ class FIDEvaluator(Evaluator):
         self.device = torch.device(device)
         self.reference_stats = Path(reference_stats).expanduser() if reference_stats else None
         if self.reference_stats is not None and not self.reference_stats.is_file():
-            raise ConfigError(f"reference_stats file '{self.reference_stats}' not found")
+            where = (f"; ADM's reference batches are at {ADM_REFERENCES}/imagenet/256/{self.reference_stats.name}"
+                     if self.reference_stats.name.startswith("VIRTUAL_imagenet") else "")
+            raise ConfigError(f"reference_stats file '{self.reference_stats}' not found{where}")
 
         options: dict = {"reset_real_features": False}
         if self.features == "inception":

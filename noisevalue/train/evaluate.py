@@ -230,7 +230,8 @@ class Evaluation:
         s = r.sample
         sampled = mp.sampling(s.num_steps, s.eta, s.cfg_scale, s.nag_scale, r.eval.num_samples, s.use_ema)
         keyed = callable(getattr(evaluator, "reference_key", None)) and evaluator.reference_key() is not None
-        reference = mp.reference_identity(self.reference.label,
+        stats = getattr(evaluator, "reference_stats", None)  # a statistics file of its own is its reference
+        reference = mp.reference_identity(str(stats) if stats else self.reference.label,
                                           reference_key(self.reference, evaluator) if keyed else None)
         return mp.sample_metric(sampled, evaluator, r.eval.evaluators[i].name, reference)
 
