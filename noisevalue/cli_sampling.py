@@ -26,7 +26,8 @@ from noisevalue.cli_options import (
 
 RunArg = typer.Argument(
     ..., metavar="RUN_OR_CHECKPOINT",
-    help="A run folder, its checkpoints/ folder or a step_XXXXXXX checkpoint folder.",
+    help="A run folder, its checkpoints/ folder or a step_XXXXXXX checkpoint folder; or DiT weights from elsewhere "
+    "(an official .pt file, a diffusers folder) with --recipe.",
 )
 RecipeOpt = typer.Option(
     None, "--recipe",
@@ -139,7 +140,8 @@ def export_model(
 
 def evaluate(
     samples: str = typer.Argument(
-        ..., metavar="RUN_OR_NPZ", help="A samples .npz (uint8 arr_0, NHWC) or a run/checkpoint folder (sampled first)."
+        ..., metavar="RUN_OR_NPZ", help="A samples .npz (uint8 arr_0, NHWC), or a run/checkpoint folder or DiT weights "
+        "from elsewhere with --recipe (sampled first)."
     ),
     reference: str | None = typer.Option(
         None, "--reference",
@@ -185,7 +187,7 @@ def evaluate(
         chosen: Any = None
         ref: Any = reference
         label = reference
-        if path.is_dir():
+        if path.is_dir() or (path.is_file() and path.suffix != ".npz"):  # a run, or weights from elsewhere
             npz, chosen, ref, label = _sample_for_eval(
                 path, recipe, num, evaluator_name, given, metric, weights, antialias, reference, batch_size, device
             )

@@ -265,3 +265,40 @@ def test_the_numerics_keywords_are_checked():
         dit.DiT_Tiny_2(time_freq_shift=2)
     with pytest.raises(ConfigError, match="mlp_norm_eps must be a number > 0"):
         dit.DiT_Tiny_2(mlp_norm_eps=0)
+
+
+def test_sample_draws_foreign_weights_as_it_draws_a_run_started_from_them(tmp_path):
+    """``noisevalue sample FILE --recipe digits`` (and a diffusers folder) gives exactly the
+    images of a run whose weights are those of the file."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from noisevalue.cli import app
+
+    runner = CliRunner()
+    official = digits_model()
+    torch.save(official.state_dict(), tmp_path / "official.pt")
+    shifted = digits_model(time_freq_shift=1, mlp_norm_eps=1e-5)
+    config, state = to_diffusers(shifted)
+    theirs = DiTTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    theirs.load_state_dict(state)
+    theirs.save_pretrained(tmp_path / "hub")
+    draw = ["--num", "4", "--steps", "2", "--cfg-scale", "1.5"]
+    for source, numerics in ((tmp_path / "official.pt", []),
+                             (tmp_path / "hub", ["model.params.time_freq_shift=1", "model.params.mlp_norm_eps=1e-5"])):
+        result, _ = started_from(tmp_path / source.stem, source, *numerics)
+        assert result.exit_code == 0, result.output
+        ran = runner.invoke(app, ["sample", str(tmp_path / source.stem / "run"), *draw, "--out", str(tmp_path / "a")])
+        assert ran.exit_code == 0, ran.output
+        direct = runner.invoke(app, ["sample", str(source), "--recipe", "digits", *draw, "--out", str(tmp_path / "b")])
+        assert direct.exit_code == 0, direct.output
+        a, b = (np.load(tmp_path / d / "samples.npz") for d in ("a", "b"))
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"]), source
+        assert a["arr_0"].std() > 1  # images, not a constant
+        for d in ("a", "b"):
+            import shutil
+
+            shutil.rmtree(tmp_path / d)
+    alone = runner.invoke(app, ["sample", str(tmp_path / "official.pt"), *draw])
+    assert alone.exit_code == 2 and "pass --recipe RECIPE" in alone.output
+    assert len(alone.output.strip().splitlines()) == 1

@@ -20,6 +20,7 @@ ways, all handled here:
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import zipfile
@@ -35,7 +36,7 @@ from noisevalue.errors import CheckpointError
 
 __all__ = [
     "DIFFUSERS_CLASS", "ForeignWeights", "diffusers_folder", "from_diffusers", "numerics_problem", "read_diffusers",
-    "read_foreign", "read_official", "to_diffusers",
+    "read_foreign", "read_official", "shape_params", "to_diffusers",
 ]
 
 DIFFUSERS_CLASS = "DiTTransformer2DModel"
@@ -80,6 +81,20 @@ def read_foreign(path: str | Path) -> ForeignWeights | None:
         kwargs, state = read_diffusers(path)
         return ForeignWeights("diffusers", state, {k: kwargs[k] for k in ("time_freq_shift", "mlp_norm_eps")})
     return None
+
+
+def shape_params(state: Mapping[str, torch.Tensor], null_label: bool, where: str) -> dict[str, Any]:
+    """The data-shaped DiT keywords that a state dict (our layout) implies: ``input_size``,
+    ``in_channels``, ``num_classes`` (the class table's rows, less the null label's when
+    ``null_label``) and ``learn_sigma``."""
+    patch_w = _take(state, "x_embedder.proj.weight", where)  # [hidden, C, p, p]
+    channels, patch = int(patch_w.shape[1]), int(patch_w.shape[2])
+    grid = math.isqrt(int(_take(state, "pos_embed", where).shape[1]))
+    out = int(_take(state, "final_layer.linear.weight", where).shape[0]) // (patch * patch)
+    table = state.get("y_embedder.embedding_table.weight")
+    classes = 0 if table is None else int(table.shape[0]) - int(null_label)
+    return {"input_size": grid * patch, "in_channels": channels, "num_classes": classes,
+            "learn_sigma": out == 2 * channels}
 
 
 def numerics_problem(model: torch.nn.Module, weights: ForeignWeights) -> str | None:

@@ -32,6 +32,13 @@ import torch
 
 from noisevalue import checkpoint as ckpt
 from noisevalue import registry
+from noisevalue.backbones.dit_formats import (
+    WEIGHTS,
+    ForeignWeights,
+    diffusers_folder,
+    read_foreign,
+    shape_params,
+)
 from noisevalue.config import (
     RESOLVED_RECIPE,
     STAGE_SETTINGS,
@@ -119,12 +126,45 @@ def resolve_run(path: str | Path, recipe: str | Path | None = None) -> RunContex
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"'{path}' not found: expected a run folder or a checkpoint folder")
+    weights = read_foreign(path)
+    if weights is not None:
+        return _foreign_run(path, weights, recipe)
     checkpoint = ckpt.resolve_checkpoint(path)
     meta = ckpt.require_diffusion(checkpoint, "noisevalue sample")
     parent = checkpoint.parent
     run_dir = parent.parent if parent.name == "checkpoints" else parent
     parsed, source = _load_run_recipe(run_dir, recipe)
     return RunContext(checkpoint, run_dir, meta, parsed, source)
+
+
+def _foreign_run(path: Path, weights: ForeignWeights, recipe: str | Path | None) -> RunContext:
+    """Weights from outside noisevalue (an official DiT file, a diffusers folder) as a run:
+    the recipe gives the backbone's name, the schedule, the encoder and the sampling
+    settings; the weights give the shapes (and diffusers' numerics)."""
+    if recipe is None:
+        raise ConfigError(f"'{path}' holds {weights.layout} weights from outside noisevalue; pass --recipe RECIPE "
+                          "(its model name, noise schedule, encoder and sampling settings)")
+    parsed = load_recipe(recipe)
+    null = float(parsed.model.params.get("class_dropout_prob", 0.1)) > 0
+    shapes = shape_params(weights.state, null, f"'{path}'")
+    params = {**parsed.model.params, **shapes, **weights.numerics}
+    meta = ckpt.CheckpointMeta(
+        step=0, backbone=ckpt.Identity(name=parsed.model.name, params=params), seed=parsed.seed,
+        latent_shape=(shapes["in_channels"], shapes["input_size"], shapes["input_size"]),
+        num_classes=shapes["num_classes"], diffusion=parsed.diffusion.model_dump(),
+    )
+    return RunContext(path, path.parent if path.is_file() else path, meta, parsed, str(recipe))
+
+
+def weights_file(checkpoint: Path, use_ema: bool) -> Path:
+    """The file holding the weights to sample: a checkpoint's ``ema`` or ``model`` tensors,
+    or the foreign weights' own file."""
+    if checkpoint.is_file():
+        return checkpoint
+    folder = diffusers_folder(checkpoint)
+    if folder is not None:
+        return next((folder / n for n in WEIGHTS if (folder / n).is_file()), folder / WEIGHTS[0])
+    return checkpoint / f"{'ema' if use_ema else 'model'}.safetensors"
 
 
 def _load_run_recipe(run_dir: Path, explicit: str | Path | None) -> tuple[Recipe, str]:
@@ -255,7 +295,7 @@ def sample_settings(
         threads=r.train.threads,
         precision=r.train.precision if uses_cuda(device or r.train.device) else "fp32",
         nag_scale=r.sample.nag_scale if nag_scale is None else float(nag_scale),
-        weights_fingerprint=_fingerprint(run.checkpoint / f"{'ema' if use_ema else 'model'}.safetensors"),
+        weights_fingerprint=_fingerprint(weights_file(run.checkpoint, use_ema)),
     )
     if settings.num < 1:
         raise ConfigError(f"--num: expected a positive number of samples, got {settings.num}")
@@ -375,10 +415,16 @@ def load_model(settings: SampleSettings) -> Any:
 
     path = Path(settings.checkpoint)
     name = "ema" if settings.use_ema else "model"
-    if not (path / f"{name}.safetensors").is_file():
+    weights = read_foreign(path)
+    if weights is not None:  # one set of weights: the file's
+        identity = ckpt.Identity(**settings.backbone)
+        model = registry.build("backbone", registry.Named(identity.name, identity.params), where="model")
+        ckpt.load_state_into(model, weights.state, f"'{path}'")
+    elif not (path / f"{name}.safetensors").is_file():
         hint = "; pass --no-ema to use the raw weights" if settings.use_ema else ""
         raise CheckpointError(f"checkpoint '{path}': {name}.safetensors is missing{hint}")
-    model = checkpoint_backbone(path, ckpt.Identity(**settings.backbone), name, "model", f"{path} ({name})")
+    else:
+        model = checkpoint_backbone(path, ckpt.Identity(**settings.backbone), name, "model", f"{path} ({name})")
     bad = next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None:
         raise CheckpointError(f"checkpoint '{path}': {name}.safetensors holds non-finite values ('{bad}'); "
