@@ -38,7 +38,10 @@ CfgOpt = typer.Option(None, "--cfg-scale", help="Classifier-free guidance scale 
 NagOpt = typer.Option(
     None, "--nag-scale", help="Noise Awareness Guidance scale (default: sample.nag_scale; a NAG backbone)."
 )
-StepsOpt = typer.Option(None, "--steps", help="DDIM steps (default: sample.num_steps).")
+StepsOpt = typer.Option(None, "--steps", help="Sampling steps (default: sample.num_steps).")
+SamplerOpt = typer.Option(
+    None, "--sampler", help="ddim, or ddpm (with the learned variance when the model has one; default: sample.sampler)."
+)
 EtaOpt = typer.Option(None, "--eta", help="DDIM eta; 0 is deterministic (default: sample.eta).")
 SeedOpt = typer.Option(None, "--seed", help="Sampling seed (default: the run's seed).")
 ClassOpt = typer.Option(None, "--class", help="Draw every sample of this class (default: sample i gets class i % classes).")
@@ -56,6 +59,7 @@ def sample(
     cfg_scale: float | None = CfgOpt,
     nag_scale: float | None = NagOpt,
     steps: int | None = StepsOpt,
+    sampler: str | None = SamplerOpt,
     eta: float | None = EtaOpt,
     seed: int | None = SeedOpt,
     class_label: int | None = ClassOpt,
@@ -80,7 +84,7 @@ def sample(
         ctx = sp.resolve_run(run, recipe)
         settings = sp.sample_settings(
             ctx, num=num, cfg_scale=cfg_scale, nag_scale=nag_scale, steps=steps, eta=eta, seed=seed,
-            use_ema=not no_ema, class_label=class_label, batch_size=batch_size, device=device,
+            use_ema=not no_ema, class_label=class_label, batch_size=batch_size, device=device, sampler=sampler,
         )
         folder = Path(out) if out is not None else sp.default_out_dir(ctx, settings)
         launch = launch_settings(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id)
@@ -97,7 +101,7 @@ def _draw(sp: Any, ctx: Any, settings: Any, folder: Path, batch_size_given: bool
     world = world_size(launch)
     typer.echo(
         f"noisevalue sample: {ctx.checkpoint} ({'EMA' if settings.use_ema else 'raw'} weights, "
-        f"recipe {ctx.recipe_source}) -> {folder}  ({settings.num} images, {settings.num_steps} DDIM "
+        f"recipe {ctx.recipe_source}) -> {folder}  ({settings.num} images, {settings.num_steps} {settings.sampler.upper()} "
         f"steps, eta {settings.eta:g}, cfg {settings.cfg_scale:g}"
         f"{f', nag {settings.nag_scale:g}' if settings.nag_scale else ''}, seed {settings.seed}, processes {world})"
     )

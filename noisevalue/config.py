@@ -109,6 +109,9 @@ class TrainConfig(_Strict):
     timestep_sampler: Component = Field(default_factory=lambda: Component(name="uniform"))
     # start from another run's checkpoint (model, EMA, optimizer, step): a continuation
     init_from: str | None = None
+    # simple: the epsilon MSE; hybrid: plus the variational bound's term that trains the
+    # learned variance (DiT's L_simple + L_vlb; needs model.params.learn_sigma: true)
+    loss: Literal["simple", "hybrid"] = "simple"
 
     @model_validator(mode="after")
     def _device_defaults(self) -> TrainConfig:
@@ -368,6 +371,9 @@ class LadderConfig(_Strict):
 
 
 class SampleConfig(_Strict):
+    # ddim (eta below); ddpm: ancestral sampling over num_steps evenly spaced steps, with the
+    # learned variance when the backbone has one (DiT's sampler), else the posterior's
+    sampler: Literal["ddim", "ddpm"] = "ddim"
     num_steps: int = Field(default=50, gt=0)
     eta: float = Field(default=0.0, ge=0)
     cfg_scale: float = Field(default=1.0, ge=0)

@@ -6,12 +6,15 @@ objective is epsilon prediction; losses are returned *per sample* because noise 
 and meta-training weight or pick individual samples.
 
 Classifier-free guidance is applied to every epsilon channel (the official DiT code guides
-only the first three of four latent channels, a quirk we do not reproduce); learned-sigma
-channels, if the backbone has them, are ignored by the epsilon objective and by DDIM.
+only the first three of four latent channels, a quirk we do not reproduce). Learned-sigma
+channels, if the backbone has them, are ignored by the epsilon objective and by DDIM; DiT's
+hybrid loss (``train.loss: hybrid``) trains them and DDPM sampling (``sample.sampler:
+ddpm``) uses them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -86,15 +89,84 @@ class Diffusion:
         y: torch.Tensor | None,
         noise: torch.Tensor,
         t_cond: torch.Tensor | None = None,
+        hybrid: bool = False,
     ) -> torch.Tensor:
         """||eps - eps_theta(x_t, t, y)||^2 averaged over C, H, W: one value per sample.
         ``t_cond``: the timesteps the model is told (default ``t``; ``NULL_TIMESTEP`` where
-        the time condition is dropped), while ``x_t`` is noised at ``t``."""
+        the time condition is dropped), while ``x_t`` is noised at ``t``. ``hybrid``: plus
+        the variational bound's term of the learned variance (:meth:`vlb_terms`; DiT's
+        ``L_simple + L_vlb``), for a model that outputs ``2C`` channels."""
         x_t = self.q_sample(x0, t, noise)
-        pred = model(x_t, t if t_cond is None else t_cond, y)[:, : x0.shape[1]]
+        out = model(x_t, t if t_cond is None else t_cond, y)
+        pred = out[:, : x0.shape[1]]
         err = noise - pred
         err = err.to(torch.promote_types(err.dtype, torch.float32))  # half -> fp32, fp64 stays
-        return err.pow(2).flatten(1).mean(dim=1)
+        loss = err.pow(2).flatten(1).mean(dim=1)
+        if hybrid:
+            if out.shape[1] != 2 * x0.shape[1]:
+                raise ValueError(f"the hybrid loss needs eps and the variance ({2 * x0.shape[1]} channels), "
+                                 f"the model gives {out.shape[1]}")
+            wide = torch.promote_types(out.dtype, torch.float32)
+            loss = loss + self.vlb_terms(out.to(wide), x0.to(wide), x_t.to(wide), t)
+        return loss
+
+
+    # ------------------------------------------------------------ the learned variance
+    def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return values.to(like.device)[t].to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
+
+    def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log variance of ``q(x_{t-1} | x_t, x_0)``; the log variance at t = 0
+        clipped to t = 1's, as in improved DDPM and DiT."""
+        a = self.alphas_cumprod
+        prev = torch.cat([a.new_ones(1), a[:-1]])
+        betas = 1 - a / prev
+        var = betas * (1 - prev) / (1 - a)
+        log_var = torch.log(torch.cat([var[1:2], var[1:]]))
+        coef0 = betas * prev.sqrt() / (1 - a)
+        coef_t = (1 - prev) * (1 - betas).sqrt() / (1 - a)
+        mean = self._at(coef0, t, x0) * x0 + self._at(coef_t, t, x_t) * x_t
+        return mean, self._at(log_var, t, x_t).expand_as(x_t)
+
+    def vlb_terms(self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The variational bound's term of each sample, in bits per dimension, for a model
+        output ``[eps, v]`` (``2C`` channels): ``KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))``
+        for t > 0, the decoder's negative log-likelihood for t = 0. ``p``'s log variance
+        interpolates ``frac = (v + 1) / 2`` between the posterior's (clipped) and
+        ``log beta_t``; its mean uses eps detached, so this term trains the variance only
+        (DiT's hybrid loss, from improved DDPM)."""
+        c = x0.shape[1]
+        eps, v = out[:, :c].detach(), out[:, c:]
+        a = self.alphas_cumprod
+        prev = torch.cat([a.new_ones(1), a[:-1]])
+        true_mean, true_log_var = self.posterior(x0, x_t, t)
+        pred_x0 = (x_t - self._at((1 - a).sqrt(), t, x_t) * eps) / self._at(a.sqrt(), t, x_t)
+        mean, _ = self.posterior(pred_x0, x_t, t)
+        max_log = self._at(torch.log(1 - a / prev), t, x_t)
+        frac = (v + 1) / 2
+        log_var = frac * max_log + (1 - frac) * true_log_var
+        kl = 0.5 * (-1.0 + log_var - true_log_var + torch.exp(true_log_var - log_var)
+                    + (true_mean - mean) ** 2 * torch.exp(-log_var))
+        nll = -_discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)
+        terms = torch.where((t == 0).view((-1,) + (1,) * (x0.dim() - 1)), nll, kl)
+        return terms.flatten(1).mean(dim=1) / math.log(2.0)
+
+
+def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def _discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of ``x`` in [-1, 1] under a Gaussian discretised into 256 bins (the
+    edge bins open), as improved DDPM and DiT score their decoder."""
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
 def drop_labels(
@@ -109,13 +181,15 @@ def drop_labels(
 
 def guided_eps(
     model: nn.Module, num_classes: int, y: torch.Tensor | None, cfg_scale: float, precision: str = "fp32",
-    nag_scale: float = 0.0,
+    nag_scale: float = 0.0, variance: bool = False,
 ) -> EpsFn:
     """eps(x, t) with classifier-free guidance on all epsilon channels. ``precision="bf16"``
     runs the model under bf16 autocast; the guidance and the sampler stay in float32.
     ``nag_scale`` w > 0 adds Noise Awareness Guidance, ``w * (eps(x, t) - eps(x, null_t))``
     with the same labels (a model trained with ``time_dropout_prob > 0``); w = 0 is the
-    plain (CFG-guided) prediction, computed exactly as without it."""
+    plain (CFG-guided) prediction, computed exactly as without it. ``variance``: the
+    model's variance channels (of the conditional prediction) follow the guided eps, for a
+    sampler that uses the learned variance."""
 
     def forward(*args: torch.Tensor | None) -> torch.Tensor:
         if precision != "bf16":
@@ -127,11 +201,13 @@ def guided_eps(
     def cfg_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
         if y is None or num_classes == 0 or cfg_scale == 1.0:
-            return forward(x, t, y)[:, :c]
+            out = forward(x, t, y)
+            return out if variance else out[:, :c]
         null = torch.full_like(y, num_classes)
-        out = forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))[:, :c]
-        cond, uncond = out.chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
+        out = forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        cond, uncond = out[:, :c].chunk(2)
+        eps = uncond + cfg_scale * (cond - uncond)
+        return torch.cat([eps, out[: len(x), c:]], dim=1) if variance else eps
 
     if nag_scale == 0:
         return cfg_eps
@@ -142,9 +218,37 @@ def guided_eps(
         c = x.shape[1]
         cond = forward(x, t, y)[:, :c]
         no_time = forward(x, torch.full_like(t, NULL_TIMESTEP), y)[:, :c]
-        return cfg_eps(x, t) + nag_scale * (cond - no_time)
+        guided = cfg_eps(x, t)
+        eps = guided[:, :c] + nag_scale * (cond - no_time)
+        return torch.cat([eps, guided[:, c:]], dim=1) if variance else eps
 
     return nag_eps
+
+
+@torch.no_grad()
+def ddpm_sample(
+    eps_fn: EpsFn,
+    diffusion: Diffusion,
+    noise: torch.Tensor,
+    num_steps: int = 250,
+    learned_variance: bool = False,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Ancestral DDPM from ``noise`` over ``num_steps`` evenly spaced timesteps (999 to 0,
+    as DiT respaces them) with diffusers' DDPMScheduler: the learned variance
+    (``learned_range``: ``eps_fn`` gives ``[eps, v]``) or the posterior's."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(
+        diffusion.scheduler.config, clip_sample=False, timestep_spacing="linspace",
+        variance_type="learned_range" if learned_variance else "fixed_small",
+    )
+    sched.set_timesteps(num_steps)
+    x = noise
+    for t in sched.timesteps:
+        tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+        x = sched.step(eps_fn(x, tt), int(t), x, generator=generator).prev_sample
+    return x
 
 
 @torch.no_grad()

@@ -192,3 +192,15 @@ def test_the_default_difference_between_methods_is_the_rater_against_its_untrain
     assert LadderConfig(methods={"vanilla": {"name": "random"}, "rater": {"name": "rater"}}).also_against == {}
     with pytest.raises(ValueError, match="also_against: 'rater' against itself"):
         LadderConfig(also_against={"rater": "rater"})
+
+
+def test_a_cell_from_before_a_new_setting_is_reused_at_its_default(tmp_path):
+    from noisevalue.errors import ConfigError
+    from noisevalue.experiments import ladder
+
+    path = tmp_path / "seed0.json"
+    path.write_text(json.dumps({"raw": {}, "settings": {"train.lr": 0.01}}))
+    now = {"train.lr": 0.01, "train.loss": "simple"}  # a key added to noisevalue after the cell ran
+    assert ladder.reusable(path, now, {"train.loss": "simple"})
+    with pytest.raises(ConfigError, match="train.loss"):
+        ladder.reusable(path, {**now, "train.loss": "hybrid"}, {"train.loss": "simple"})

@@ -102,7 +102,7 @@ def run_ladder(recipe: Recipe, info: DistInfo, say: stages.Say) -> list[Path]:
                 path = cell_path(root, opt_label, label, seed)
                 cell = cell_recipe(recipe, pretrained, stages.with_rater(comp, raters), opt, seed, path.parent)
                 settings = cell_settings(cell, opt, lad.horizons)
-                if reusable(path, settings):
+                if reusable(path, settings, stages.default_settings(cell)):
                     continue
                 twin = same_run(lad.methods, label, opt)
                 if twin is None:
@@ -164,12 +164,13 @@ def cell_settings(cell: Recipe, opt: LadderOptimizer, horizons: list[int]) -> di
             "ladder.horizons": list(horizons)}
 
 
-def reusable(path: Path, settings: dict[str, Any]) -> bool:
-    """True when the cell is done with these settings; other settings stop the command."""
+def reusable(path: Path, settings: dict[str, Any], defaults: dict[str, Any] | None = None) -> bool:
+    """True when the cell is done with these settings; other settings stop the command. A
+    setting added to noisevalue after the cell ran counts at its value in ``defaults``."""
     if not path.is_file():
         return False
     old = json.loads(path.read_text()).get("settings", {})
-    changed = stages.differing(old, settings)
+    changed = stages.differing(old, settings, defaults)
     if changed:
         k = changed[0]
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""

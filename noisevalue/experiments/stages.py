@@ -92,7 +92,7 @@ def stage_settings(recipe: Recipe) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in _IGNORED}
 
 
-def _default_settings(recipe: Recipe) -> dict[str, Any]:
+def default_settings(recipe: Recipe) -> dict[str, Any]:
     """The flattened defaults of the recipe's sections that can be built without values."""
     flat: dict[str, Any] = {}
     for section in _RELEVANT.get(recipe.workflow, ()):
@@ -129,7 +129,7 @@ def check_stage_settings(recipe: Recipe) -> None:
         return
     old = json.loads(path.read_text())
     new = stage_settings(recipe)
-    defaults = _default_settings(recipe)
+    defaults = default_settings(recipe)
     # a setting added to noisevalue after the stage ran is absent from its file: at its
     # default it changes nothing, so older stages stay reusable
     changed = differing(old, new, defaults)

@@ -116,5 +116,8 @@ def _export_diffusers(model: DiT, settings: SampleSettings, out: Path) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     guidance = settings.cfg_scale if settings.num_classes == 1000 else 1.0
+    if settings.sampler != "ddim":  # DiTPipeline hands its scheduler the epsilon channels only
+        return (f"{out}: DiTPipeline.from_pretrained('{out}') samples with DDIM; the run samples with "
+                f"{settings.sampler.upper()} and the learned variance, which DiTPipeline does not pass to its scheduler")
     return (f"{out}: DiTPipeline.from_pretrained('{out}')(class_labels=[...], num_inference_steps="
             f"{settings.num_steps}, guidance_scale={guidance:g}) draws what noisevalue sample draws with eta 0")

@@ -220,11 +220,12 @@ class SampleSettings:
     threads: int | None = None
     precision: str = "fp32"  # bf16: the model under bf16 autocast (runs on CUDA with train.precision bf16)
     nag_scale: float = 0.0  # Noise Awareness Guidance (0: none)
+    sampler: str = "ddim"  # or ddpm (the learned variance when the model has one)
 
     def tag(self) -> str:
         """A short folder name for these settings."""
         parts = [
-            ckpt.step_dir_name(self.step), f"n{self.num}", f"ddim{self.num_steps}",
+            ckpt.step_dir_name(self.step), f"n{self.num}", f"{self.sampler}{self.num_steps}",
             f"cfg{self.cfg_scale:g}", f"eta{self.eta:g}", f"seed{self.seed}",
         ]
         if self.nag_scale:
@@ -271,6 +272,7 @@ def sample_settings(
     class_label: int | None = None,
     batch_size: int | None = None,
     device: str | None = None,
+    sampler: str | None = None,
 ) -> SampleSettings:
     """Settings from the options given, the rest from the run's recipe (``sample`` and
     ``eval.num_samples``); checked here so that mistakes fail before any work."""
@@ -295,8 +297,11 @@ def sample_settings(
         threads=r.train.threads,
         precision=r.train.precision if uses_cuda(device or r.train.device) else "fp32",
         nag_scale=r.sample.nag_scale if nag_scale is None else float(nag_scale),
+        sampler=r.sample.sampler if sampler is None else str(sampler),
         weights_fingerprint=_fingerprint(weights_file(run.checkpoint, use_ema)),
     )
+    if settings.sampler not in ("ddim", "ddpm"):
+        raise ConfigError(f"--sampler: expected ddim or ddpm, got {settings.sampler!r}")
     if settings.num < 1:
         raise ConfigError(f"--num: expected a positive number of samples, got {settings.num}")
     if settings.num_steps < 1:
@@ -401,7 +406,7 @@ class Sampler:
         from noisevalue.train.evaluate import Sampling, draw_images
 
         s = self.settings
-        sampling = Sampling(s.num_steps, s.eta, s.cfg_scale, s.precision, s.nag_scale)
+        sampling = Sampling(s.num_steps, s.eta, s.cfg_scale, s.precision, s.nag_scale, s.sampler)
         unit = draw_images(self.model, self.diffusion, self.encoder, tuple(s.latent_shape), s.num_classes,
                            s.labels(start, stop), image_generators(s.seed, start, stop), sampling, self.device)
         return to_uint8_nhwc(unit)

@@ -186,7 +186,8 @@ def sampled_with(samples: Path, n: int) -> dict[str, Any] | None:
     path = samples.parent / SETTINGS_FILE
     try:
         s = json.loads(path.read_text())
-        return mp.sampling(s["num_steps"], s["eta"], s["cfg_scale"], s.get("nag_scale", 0.0), n, s.get("use_ema"))
+        return mp.sampling(s["num_steps"], s["eta"], s["cfg_scale"], s.get("nag_scale", 0.0), n, s.get("use_ema"),
+                           s.get("sampler", "ddim"))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         return None
 

@@ -246,7 +246,7 @@ class DiffusionTraining(Trainer):
             dropped = to_device((torch.rand(batch, generator=g) < self.time_drop)[lo:hi], dev)
             t_cond = torch.where(dropped, torch.full_like(t, NULL_TIMESTEP), t)
         with self._autocast():
-            losses = self.diffusion.per_sample_loss(self.model, x0, t, y_in, noise, t_cond)
+            losses = self.diffusion.per_sample_loss(self.model, x0, t, y_in, noise, t_cond, hybrid=r.train.loss == "hybrid")
             loss = (losses * self.weighting.weight(self.diffusion.snr(t)).to(losses.dtype)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

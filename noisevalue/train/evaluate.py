@@ -29,7 +29,7 @@ import torch
 
 from noisevalue.checkpoint import atomic_file, atomic_write_text
 from noisevalue.config import Recipe
-from noisevalue.diffusion import Diffusion, ddim_sample, guided_eps
+from noisevalue.diffusion import Diffusion, ddim_sample, ddpm_sample, guided_eps
 from noisevalue.distributed import DistInfo, all_reduce_sum, gather_rows, stream_to_main
 from noisevalue.interfaces import Evaluator
 from noisevalue.train import metric_protocol as mp
@@ -76,11 +76,12 @@ class Sampling:
     cfg_scale: float
     precision: str = "fp32"  # bf16: the model under bf16 autocast
     nag_scale: float = 0.0
+    sampler: str = "ddim"  # or ddpm (with the learned variance when the model has one)
 
     @classmethod
     def of(cls, recipe: Recipe) -> Sampling:
         s = recipe.sample
-        return cls(s.num_steps, s.eta, s.cfg_scale, str(recipe.train.precision), s.nag_scale)
+        return cls(s.num_steps, s.eta, s.cfg_scale, str(recipe.train.precision), s.nag_scale, s.sampler)
 
 
 @torch.no_grad()
@@ -92,6 +93,13 @@ def draw_images(
     noise come from it, so an image does not depend on the batch it is drawn in."""
     noise = torch.cat([torch.randn((1, *latent_shape), generator=g) for g in generators])
     y = to_device(labels, device) if labels is not None else None
+    if sampling.sampler == "ddpm":
+        learned = bool(getattr(model, "learn_sigma", False))
+        eps = guided_eps(model, num_classes, y, sampling.cfg_scale, sampling.precision, sampling.nag_scale,
+                         variance=learned)
+        z = ddpm_sample(eps, diffusion, to_device(noise, device), num_steps=sampling.num_steps,
+                        learned_variance=learned, generator=generators)
+        return image_to_unit(encoder.decode(z)).cpu()
     eps = guided_eps(model, num_classes, y, sampling.cfg_scale, sampling.precision, sampling.nag_scale)
     # a list of generators: diffusers draws each image's DDIM noise from its own one
     z = ddim_sample(eps, diffusion, to_device(noise, device), num_steps=sampling.num_steps, eta=sampling.eta,
@@ -228,7 +236,7 @@ class Evaluation:
         features and code, the reference."""
         r, evaluator = self.recipe, self.evaluators[i]
         s = r.sample
-        sampled = mp.sampling(s.num_steps, s.eta, s.cfg_scale, s.nag_scale, r.eval.num_samples, s.use_ema)
+        sampled = mp.sampling(s.num_steps, s.eta, s.cfg_scale, s.nag_scale, r.eval.num_samples, s.use_ema, s.sampler)
         keyed = callable(getattr(evaluator, "reference_key", None)) and evaluator.reference_key() is not None
         stats = getattr(evaluator, "reference_stats", None)  # a statistics file of its own is its reference
         reference = mp.reference_identity(str(stats) if stats else self.reference.label,

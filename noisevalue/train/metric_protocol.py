@@ -18,6 +18,8 @@ from typing import Any
 
 ROW_KEY = "protocol"  # in an evaluation row: metric -> the digest of its protocol
 SAMPLER = {"name": "ddim", "timestep_spacing": "trailing", "guided_channels": "all epsilon channels"}
+DDPM = {"name": "ddpm", "timestep_spacing": "linspace", "guided_channels": "all epsilon channels",
+        "variance": "learned_range when the model learns it, else the posterior's"}
 
 
 def digest(protocol: dict[str, Any]) -> str:
@@ -47,9 +49,11 @@ def evaluator_code(name: str) -> dict[str, Any]:
 
 
 def sampling(num_steps: int, eta: float, cfg_scale: float, nag_scale: float, num_samples: int,
-             use_ema: bool | None = None) -> dict[str, Any]:
+             use_ema: bool | None = None, sampler: str = "ddim") -> dict[str, Any]:
     """How the scored images were drawn."""
-    out = {"sampler": {**SAMPLER, "steps": int(num_steps), "eta": float(eta)}, "guidance": float(cfg_scale),
+    chain = {**SAMPLER, "steps": int(num_steps), "eta": float(eta)} if sampler == "ddim" else \
+        {**DDPM, "steps": int(num_steps)}
+    out = {"sampler": chain, "guidance": float(cfg_scale),
            "nag_scale": float(nag_scale), "samples": int(num_samples)}
     if use_ema is not None:
         out["weights"] = "ema" if use_ema else "raw"

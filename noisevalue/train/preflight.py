@@ -219,9 +219,14 @@ def read_sample(dataset: Any, where: str, seed: int) -> None:
 
 
 def check_backbone(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -> Any:
-    """The backbone with the data's shapes, built on the meta device (no memory used)."""
+    """The backbone with the data's shapes, built on the meta device (no memory used); the
+    hybrid loss needs one that learns its variance."""
     params = backbone_params(recipe, shape, num_classes)
-    return registry.build_on_meta("backbone", registry.Named(recipe.model.name, params), where="model")
+    model = registry.build_on_meta("backbone", registry.Named(recipe.model.name, params), where="model")
+    if recipe.train.loss == "hybrid" and not getattr(model, "learn_sigma", False):
+        raise ConfigError("train.loss: hybrid trains the learned variance, and the backbone has none; "
+                          "set model.params.learn_sigma=true (or train.loss=simple)")
+    return model
 
 
 def check_guidance(recipe: Recipe, model: Any, num_classes: int) -> None:
