@@ -65,6 +65,8 @@ def test_the_diffusers_pipeline_draws_what_sample_draws(latent_run, tmp_path):
                        image_generators(settings.seed, 0, 3), Sampling(5, 0.0, 1.0), torch.device("cpu"))
     pipe = DiTPipeline.from_pretrained(out)
     assert type(pipe.transformer) is ReferenceDiTTransformer2DModel  # the run's DiT: reference numerics
+    assert pipe.labels == {"cat": 0, "dog": 1}  # the image folder's classes
+    assert pipe.get_label_ids(["dog"]) == [1]
     for i in range(3):
         theirs = pipe(class_labels=[int(labels[i])], guidance_scale=1.0, num_inference_steps=5, output_type="pt",
                       generator=seeded_generator(settings.seed, i, STREAM_SAMPLES)).images

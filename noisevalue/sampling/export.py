@@ -32,6 +32,7 @@ import torch
 from noisevalue import checkpoint as ckpt
 from noisevalue.backbones.dit import DiT
 from noisevalue.backbones.dit_formats import DIFFUSERS_CLASS, to_diffusers
+from noisevalue.config import Recipe
 from noisevalue.errors import ConfigError
 from noisevalue.sampling.sample import SampleSettings, load_model
 
@@ -55,16 +56,30 @@ def check_export(settings: SampleSettings, out: Path, fmt: str) -> None:
                               "a class label; use --format dit for the weights")
 
 
-def export(settings: SampleSettings, out: Path, fmt: str) -> str:
+def export(settings: SampleSettings, out: Path, fmt: str, class_names: list[str] | None = None) -> str:
     """Write the export to ``out`` (atomically: a temporary path, then renamed); returns a
-    line saying how to load it."""
+    line saying how to load it. ``class_names``: the dataset's, by label (the pipeline's
+    ``id2label``, so ``pipe.get_label_ids(["..."])`` works)."""
     check_export(settings, out, fmt)
     model = load_model(settings).eval()
     if not isinstance(model, DiT):
         raise ConfigError(f"export: only a DiT backbone exports, not '{settings.backbone.get('name')}'")
     if fmt == "dit":
         return _export_dit(model, out)
-    return _export_diffusers(model, settings, out)
+    return _export_diffusers(model, settings, out, class_names)
+
+
+def dataset_class_names(recipe: Recipe) -> list[str] | None:
+    """The training dataset's class names by label, when it has them and can be read here."""
+    from noisevalue import registry
+    from noisevalue.errors import UserError
+
+    try:
+        dataset = registry.build("dataset", recipe.data.dataset, where="data.dataset")
+    except UserError:
+        return None
+    names = getattr(dataset, "classes", None)
+    return [str(n) for n in names] if names else None
 
 
 def _export_dit(model: DiT, out: Path) -> str:
@@ -80,7 +95,7 @@ def _export_dit(model: DiT, out: Path) -> str:
             "and load_state_dict(strict=True), or pass it to the official sample.py as --ckpt")
 
 
-def _export_diffusers(model: DiT, settings: SampleSettings, out: Path) -> str:
+def _export_diffusers(model: DiT, settings: SampleSettings, out: Path, class_names: list[str] | None) -> str:
     from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     from noisevalue import registry
@@ -104,6 +119,10 @@ def _export_diffusers(model: DiT, settings: SampleSettings, out: Path) -> str:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if class_names and len(class_names) == settings.num_classes:
+            index = tmp / "model_index.json"  # DiTPipeline takes id2label from it when loading
+            data = json.loads(index.read_text())
+            index.write_text(json.dumps({**data, "id2label": dict(enumerate(class_names))}, indent=2, sort_keys=True))
         (tmp / "noisevalue_export.json").write_text(json.dumps({
             "checkpoint": settings.checkpoint, "step": settings.step,
             "weights": "ema" if settings.use_ema else "model", "backbone": settings.backbone,
