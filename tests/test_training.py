@@ -316,9 +316,9 @@ def test_every_method_of_a_seed_sees_the_same_images_timesteps_and_pool_and_vani
         seen = []
         loss = trainer.diffusion.per_sample_loss
 
-        def spy(model, x0, t, y, noise, t_cond=None):
+        def spy(model, x0, t, y, noise, t_cond=None, hybrid=False):
             seen.append((x0.clone(), t.clone(), noise.clone()))
-            return loss(model, x0, t, y, noise, t_cond)
+            return loss(model, x0, t, y, noise, t_cond, hybrid=hybrid)
 
         trainer.diffusion.per_sample_loss = spy  # type: ignore[method-assign]
         for step in range(3):
