@@ -49,6 +49,7 @@ class Diffusion:
         # float64 master copy; cast to the data dtype at use.
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
         self._on_device: dict[torch.device, torch.Tensor] = {}
+        self._posterior_on: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     def _alphas(self, device: torch.device) -> torch.Tensor:
         """``alphas_cumprod`` on ``device``, copied there once: a copy at every step would
@@ -110,23 +111,34 @@ class Diffusion:
             loss = loss + self.vlb_terms(out.to(wide), x0.to(wide), x_t.to(wide), t)
         return loss
 
-
     # ------------------------------------------------------------ the learned variance
-    def _at(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values.to(like.device)[t].to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
+    def _posterior_tables(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The schedule's per-timestep coefficients of ``q(x_{t-1} | x_t, x_0)`` (float64),
+        computed once and copied to ``device`` once, as :meth:`_alphas` is."""
+        if device not in self._posterior_on:
+            a = self.alphas_cumprod
+            prev = torch.cat([a.new_ones(1), a[:-1]])
+            betas = 1 - a / prev
+            var = betas * (1 - prev) / (1 - a)
+            tables = {
+                "log_var": torch.log(torch.cat([var[1:2], var[1:]])),  # t = 0 clipped to t = 1's
+                "log_beta": torch.log(betas),
+                "coef0": betas * prev.sqrt() / (1 - a),
+                "coef_t": (1 - prev) * (1 - betas).sqrt() / (1 - a),
+                "sqrt_a": a.sqrt(),
+                "sqrt_1ma": (1 - a).sqrt(),
+            }
+            self._posterior_on[device] = {k: v.to(device) for k, v in tables.items()}
+        return self._posterior_on[device]
+
+    def _at(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self._posterior_tables(like.device)[name][t].to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
 
     def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and log variance of ``q(x_{t-1} | x_t, x_0)``; the log variance at t = 0
         clipped to t = 1's, as in improved DDPM and DiT."""
-        a = self.alphas_cumprod
-        prev = torch.cat([a.new_ones(1), a[:-1]])
-        betas = 1 - a / prev
-        var = betas * (1 - prev) / (1 - a)
-        log_var = torch.log(torch.cat([var[1:2], var[1:]]))
-        coef0 = betas * prev.sqrt() / (1 - a)
-        coef_t = (1 - prev) * (1 - betas).sqrt() / (1 - a)
-        mean = self._at(coef0, t, x0) * x0 + self._at(coef_t, t, x_t) * x_t
-        return mean, self._at(log_var, t, x_t).expand_as(x_t)
+        mean = self._at("coef0", t, x0) * x0 + self._at("coef_t", t, x_t) * x_t
+        return mean, self._at("log_var", t, x_t).expand_as(x_t)
 
     def vlb_terms(self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The variational bound's term of each sample, in bits per dimension, for a model
@@ -137,14 +149,11 @@ class Diffusion:
         (DiT's hybrid loss, from improved DDPM)."""
         c = x0.shape[1]
         eps, v = out[:, :c].detach(), out[:, c:]
-        a = self.alphas_cumprod
-        prev = torch.cat([a.new_ones(1), a[:-1]])
         true_mean, true_log_var = self.posterior(x0, x_t, t)
-        pred_x0 = (x_t - self._at((1 - a).sqrt(), t, x_t) * eps) / self._at(a.sqrt(), t, x_t)
+        pred_x0 = (x_t - self._at("sqrt_1ma", t, x_t) * eps) / self._at("sqrt_a", t, x_t)
         mean, _ = self.posterior(pred_x0, x_t, t)
-        max_log = self._at(torch.log(1 - a / prev), t, x_t)
         frac = (v + 1) / 2
-        log_var = frac * max_log + (1 - frac) * true_log_var
+        log_var = frac * self._at("log_beta", t, x_t) + (1 - frac) * true_log_var
         kl = 0.5 * (-1.0 + log_var - true_log_var + torch.exp(true_log_var - log_var)
                     + (true_mean - mean) ** 2 * torch.exp(-log_var))
         nll = -_discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)
@@ -251,6 +260,15 @@ def ddpm_sample(
     return x
 
 
+def ddim_scheduler(diffusion: Diffusion, timestep_spacing: str = "trailing") -> Any:
+    """diffusers' DDIMScheduler as noisevalue samples with it (the run's schedule, no
+    clipping, alpha_0 = 1): :func:`ddim_sample`'s, and an exported pipeline's."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(diffusion.scheduler.config, clip_sample=False, set_alpha_to_one=True,
+                                     timestep_spacing=timestep_spacing)
+
+
 @torch.no_grad()
 def ddim_sample(
     eps_fn: EpsFn,
@@ -266,14 +284,7 @@ def ddim_sample(
     ``eta=0`` is deterministic DDIM; ``eta=1`` with ``num_steps = T`` is ancestral DDPM
     sampling with the posterior variance. ``trailing`` spacing starts at t = T - 1.
     """
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(
-        diffusion.scheduler.config,
-        clip_sample=False,
-        set_alpha_to_one=True,
-        timestep_spacing=timestep_spacing,
-    )
+    sched = ddim_scheduler(diffusion, timestep_spacing)
     sched.set_timesteps(num_steps)
     x = noise
     for t in sched.timesteps:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+from diffusers import AutoencoderKL, DiTPipeline
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -14,8 +14,7 @@ from noisevalue.backbones.diffusers_dit import ReferenceDiTTransformer2DModel
 from noisevalue.backbones.dit_formats import to_diffusers
 from noisevalue.cli import app
 from noisevalue.data.encoders import VAEEncoder
-from noisevalue.diffusion import Diffusion, ddim_sample, guided_eps
-from noisevalue.sampling import export as ex
+from noisevalue.diffusion import Diffusion, ddim_sample, ddim_scheduler, guided_eps
 from noisevalue.train.batches import STREAM_SAMPLES, image_generators, seeded_generator
 from noisevalue.train.build import image_to_unit
 
@@ -97,7 +96,7 @@ def test_guidance_through_the_pipeline_is_ours_for_1000_classes():
                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=32,
                         layers_per_block=1, scaling_factor=0.18215).eval()
     diffusion = Diffusion()
-    scheduler = DDIMScheduler.from_config(diffusion.scheduler.config, **ex.SCHEDULER)
+    scheduler = ddim_scheduler(diffusion)
     pipe = DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=scheduler)
     theirs = pipe(class_labels=[3, 999], guidance_scale=4.0, num_inference_steps=4, output_type="pt",
                   generator=torch.Generator().manual_seed(7)).images

@@ -39,7 +39,6 @@ from noisevalue.sampling.sample import SampleSettings, load_model
 FORMATS = ("diffusers", "dit")
 _PIXELS = ("--format diffusers: the run's data.encoder '{name}' is not a VAE (an AutoencoderKL with a scale), "
            "and DiTPipeline decodes latents with one; use --format dit for the weights")
-SCHEDULER = dict(clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")  # ddim_sample's
 
 
 def check_export(settings: SampleSettings, out: Path, fmt: str) -> None:
@@ -96,12 +95,12 @@ def _export_dit(model: DiT, out: Path) -> str:
 
 
 def _export_diffusers(model: DiT, settings: SampleSettings, out: Path, class_names: list[str] | None) -> str:
-    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from diffusers import DiTPipeline, DiTTransformer2DModel
 
     from noisevalue import registry
     from noisevalue.backbones.diffusers_dit import ReferenceDiTTransformer2DModel
     from noisevalue.config import Component, DiffusionConfig
-    from noisevalue.diffusion import Diffusion
+    from noisevalue.diffusion import Diffusion, ddim_scheduler
 
     config, state = to_diffusers(model)
     cls: Any = DiTTransformer2DModel if config["_class_name"] == DIFFUSERS_CLASS else ReferenceDiTTransformer2DModel
@@ -113,7 +112,7 @@ def _export_diffusers(model: DiT, settings: SampleSettings, out: Path, class_nam
         raise ConfigError(_PIXELS.format(name=settings.encoder.get("name")))
     vae.register_to_config(scaling_factor=float(encoder.scale_factor))
     diffusion = Diffusion.from_config(DiffusionConfig(**settings.diffusion))
-    scheduler = DDIMScheduler.from_config(diffusion.scheduler.config, **SCHEDULER)
+    scheduler = ddim_scheduler(diffusion)
     pipe: Any = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -126,7 +125,8 @@ def _export_diffusers(model: DiT, settings: SampleSettings, out: Path, class_nam
         (tmp / "noisevalue_export.json").write_text(json.dumps({
             "checkpoint": settings.checkpoint, "step": settings.step,
             "weights": "ema" if settings.use_ema else "model", "backbone": settings.backbone,
-            "transformer_class": config["_class_name"], "sampler": {"name": "ddim", **SCHEDULER, "eta": 0.0},
+            "transformer_class": config["_class_name"], "sampler": {"name": "ddim", "eta": 0.0, **{k: scheduler.config[k] for k in (
+                "clip_sample", "set_alpha_to_one", "timestep_spacing")}},
             "recipe_sampling": {"num_steps": settings.num_steps, "cfg_scale": settings.cfg_scale,
                                 "eta": settings.eta},
         }, indent=2, sort_keys=True))
