@@ -231,6 +231,18 @@ def test_init_from_an_official_file_and_a_diffusers_folder(tmp_path):
     for group in ("model", "ema"):
         saved = load_file(str(step / f"{group}.safetensors"))
         assert all(torch.equal(saved[k], v) for k, v in official.state_dict().items()), group
+    # a run started from such weights resumes (its origin is step 0, not the file's)
+    from typer.testing import CliRunner
+
+    from noisevalue.cli import app
+    from tests.conftest import TINY
+
+    resumed = CliRunner().invoke(app, ["run", *TINY, f"output_dir={tmp_path / 'a' / 'run'}", "train.steps=4",
+                                       "train.lr=1e-30", "train.weight_decay=0",
+                                       f"train.init_from={tmp_path / 'official.pt'}", "--resume",
+                                       "--allow-changes", "train.steps"])
+    assert resumed.exit_code == 0, resumed.output
+    assert (step.parent / "step_0000004" / "model.safetensors").is_file()
 
     shifted = digits_model(time_freq_shift=1, mlp_norm_eps=1e-5)
     config, state = to_diffusers(shifted)

@@ -35,7 +35,7 @@ from noisevalue.backbones.dit import DiT, get_2d_sincos_pos_embed
 from noisevalue.errors import CheckpointError
 
 __all__ = [
-    "DIFFUSERS_CLASS", "ForeignWeights", "diffusers_folder", "from_diffusers", "numerics_problem", "read_diffusers",
+    "DIFFUSERS_CLASS", "ForeignWeights", "diffusers_folder", "from_diffusers", "is_foreign", "numerics_problem", "read_diffusers",
     "read_foreign", "read_official", "shape_params", "to_diffusers",
 ]
 
@@ -69,6 +69,12 @@ class ForeignWeights:
     layout: str
     state: dict[str, torch.Tensor]
     numerics: dict[str, Any] = field(default_factory=dict)
+
+
+def is_foreign(path: str | Path) -> bool:
+    """Whether ``path`` names weights from outside noisevalue (a file, a diffusers DiT
+    folder), found without reading them."""
+    return Path(path).is_file() or diffusers_folder(path) is not None
 
 
 def read_foreign(path: str | Path) -> ForeignWeights | None:

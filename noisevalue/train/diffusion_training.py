@@ -19,7 +19,12 @@ import torch
 
 from noisevalue import checkpoint as ckpt
 from noisevalue import faults, registry
-from noisevalue.backbones.dit_formats import ForeignWeights, numerics_problem, read_foreign
+from noisevalue.backbones.dit_formats import (
+    ForeignWeights,
+    is_foreign,
+    numerics_problem,
+    read_foreign,
+)
 from noisevalue.diffusion import Diffusion
 from noisevalue.distributed import all_reduce_mean, all_reduce_sum, barrier
 from noisevalue.ema import EMA, unwrap
@@ -109,15 +114,17 @@ class DiffusionTraining(Trainer):
         self.window_loss, self.window_steps = 0.0, 0  # the training-loss log window, on the host
         self._reset_device_window()
         self.noise_stats = ns.NoiseStats(self.latent_shape, self.diffusion.num_timesteps, info.device)
-        foreign = read_foreign(r.train.init_from) if r.train.init_from else None
+        # weights from outside noisevalue start at step 0; a checkpoint's run is continued
+        continued = r.train.init_from if r.train.init_from and not is_foreign(r.train.init_from) else None
         if self.resume:
             self._restore()
-        elif foreign is not None:
-            self.load_foreign(foreign)
+        elif continued:
+            self.load(ckpt.resolve_checkpoint(continued), with_optimizer=True)
         elif r.train.init_from:
-            self.load(ckpt.resolve_checkpoint(r.train.init_from), with_optimizer=True)
+            weights = read_foreign(r.train.init_from)
+            assert weights is not None  # is_foreign
+            self.load_foreign(weights)
         # evaluations are counted from where this run started (a continuation's origin)
-        continued = r.train.init_from if foreign is None else None
         self.origin = ckpt.read_meta(ckpt.resolve_checkpoint(continued)).step if continued else 0
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
