@@ -160,10 +160,9 @@ def score_samples(
     generated = (_unit(batch) for batch in images.batches(limit=n))
     results = {k: float(v) for k, v in chosen.evaluator.evaluate(generated).items()}
     metric, value = next(iter(results.items()))
-    keyed = callable(getattr(chosen.evaluator, "reference_key", None)) and chosen.evaluator.reference_key() is not None
     label = reference_label or ref.label
     protocol = mp.sample_metric(sampled_with(images.path, n), chosen.evaluator, chosen.name,
-                                mp.reference_identity(label, reference_key(ref, chosen.evaluator) if keyed else None))
+                                mp.reference_identity(label, ref, chosen.evaluator))
     record = {
         "metric": metric,
         "value": value,

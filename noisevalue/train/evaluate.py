@@ -44,7 +44,7 @@ from noisevalue.train.batches import (
 )
 from noisevalue.train.build import image_to_unit
 from noisevalue.train.data import read_items, subset
-from noisevalue.train.reference import BLOCK, prepare_reference, reference_key, run_reference
+from noisevalue.train.reference import BLOCK, prepare_reference, run_reference
 
 HELDOUT_LOSS = "heldout_loss"  # the primary metric of every comparison table
 HELDOUT_SEED = 0  # not the run's seed: every run, method and seed scores the same set
@@ -93,17 +93,16 @@ def draw_images(
     noise come from it, so an image does not depend on the batch it is drawn in."""
     noise = torch.cat([torch.randn((1, *latent_shape), generator=g) for g in generators])
     y = to_device(labels, device) if labels is not None else None
+    learned = sampling.sampler == "ddpm" and bool(getattr(model, "learn_sigma", False))
+    eps = guided_eps(model, num_classes, y, sampling.cfg_scale, sampling.precision, sampling.nag_scale,
+                     variance=learned)
+    # a list of generators: diffusers draws each image's sampler noise from its own one
     if sampling.sampler == "ddpm":
-        learned = bool(getattr(model, "learn_sigma", False))
-        eps = guided_eps(model, num_classes, y, sampling.cfg_scale, sampling.precision, sampling.nag_scale,
-                         variance=learned)
         z = ddpm_sample(eps, diffusion, to_device(noise, device), num_steps=sampling.num_steps,
                         learned_variance=learned, generator=generators)
-        return image_to_unit(encoder.decode(z)).cpu()
-    eps = guided_eps(model, num_classes, y, sampling.cfg_scale, sampling.precision, sampling.nag_scale)
-    # a list of generators: diffusers draws each image's DDIM noise from its own one
-    z = ddim_sample(eps, diffusion, to_device(noise, device), num_steps=sampling.num_steps, eta=sampling.eta,
-                    generator=generators)  # type: ignore[arg-type]
+    else:
+        z = ddim_sample(eps, diffusion, to_device(noise, device), num_steps=sampling.num_steps, eta=sampling.eta,
+                        generator=generators)  # type: ignore[arg-type]
     return image_to_unit(encoder.decode(z)).cpu()
 
 
@@ -160,6 +159,7 @@ class Evaluation:
         self.sampling = Sampling.of(recipe)
         self._baselines: dict[str, float] | None = None
         self.protocols: dict[str, dict[str, Any]] = {}  # metric -> its protocol (rank 0, after metrics())
+        self._evaluator_protocols: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ images
     def _draw(self, model: torch.nn.Module, parts: list[tuple[int, int]], stream: int,
@@ -211,9 +211,10 @@ class Evaluation:
         for i, (evaluator, joined) in enumerate(zip(self.evaluators, self.joined, strict=True)):
             scored = self._score(evaluator, joined, lambda: self.generated(model), owners(n, size, self.info))
             out.update(scored)
-            if scored:
-                protocol = self._protocol(i)
-                self.protocols.update(dict.fromkeys(scored, protocol))
+            if scored:  # the same at every evaluation of the run: worked out once
+                if i not in self._evaluator_protocols:
+                    self._evaluator_protocols[i] = self._protocol(i)
+                self.protocols.update(dict.fromkeys(scored, self._evaluator_protocols[i]))
         if first:
             self._baselines = self._baseline_metrics()
         return {**out, **(self._baselines or {})}
@@ -237,10 +238,8 @@ class Evaluation:
         r, evaluator = self.recipe, self.evaluators[i]
         s = r.sample
         sampled = mp.sampling(s.num_steps, s.eta, s.cfg_scale, s.nag_scale, r.eval.num_samples, s.use_ema, s.sampler)
-        keyed = callable(getattr(evaluator, "reference_key", None)) and evaluator.reference_key() is not None
         stats = getattr(evaluator, "reference_stats", None)  # a statistics file of its own is its reference
-        reference = mp.reference_identity(str(stats) if stats else self.reference.label,
-                                          reference_key(self.reference, evaluator) if keyed else None)
+        reference = mp.reference_identity(str(stats) if stats else self.reference.label, self.reference, evaluator)
         return mp.sample_metric(sampled, evaluator, r.eval.evaluators[i].name, reference)
 
     def _prepare(self) -> None:

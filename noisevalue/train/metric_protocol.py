@@ -69,9 +69,13 @@ def sample_metric(sampled: dict[str, Any] | None, evaluator: Any, name: str, ref
             "evaluator": evaluator_code(name)}
 
 
-def reference_identity(label: str, key: dict[str, Any] | None) -> dict[str, Any]:
-    """The reference named as the user gave it, with the digest of what its statistics depend on."""
-    return {"label": label, "sha256": digest(key) if key is not None else None}
+def reference_identity(label: str, ref: Any, evaluator: Any) -> dict[str, Any]:
+    """The reference named as the user gave it (``label``), with the digest of what its
+    statistics under ``evaluator`` depend on (None for an evaluator that keeps none)."""
+    from noisevalue.train.reference import reference_key
+
+    keyed = callable(getattr(evaluator, "reference_key", None)) and evaluator.reference_key() is not None
+    return {"label": label, "sha256": digest(reference_key(ref, evaluator)) if keyed else None}
 
 
 def differences(protocols: list[dict[str, Any]]) -> list[str]:
