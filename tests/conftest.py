@@ -20,6 +20,16 @@ TINY = [
 ]
 
 
+class CodeRunsIfUnpickled:
+    """Unpickling this creates a folder: a stand-in for any command a crafted file could run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path):
     """Overrides that shrink the digits default to a few seconds, writing under tmp_path."""

@@ -4,7 +4,6 @@ own DiTTransformer2DModel output, safe reading, one-line errors."""
 from __future__ import annotations
 
 import argparse
-import os
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from noisevalue.backbones.dit_formats import (
     to_diffusers,
 )
 from noisevalue.errors import CheckpointError
+from tests.conftest import CodeRunsIfUnpickled
 
 # a tiny diffusers DiT: 2 blocks, 2 heads of 16, 8x8 latents with 4 channels, 10 classes
 TINY = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
@@ -75,20 +75,37 @@ def test_the_numerics_are_what_makes_it_exact():
     assert gap > 1e-4
 
 
-def test_to_diffusers_round_trip_and_output():
-    torch.manual_seed(1)
-    mine = dit.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
-                   num_classes=10, time_freq_shift=1, mlp_norm_eps=1e-6).eval()
+def perturbed(model: dit.DiT, seed: int) -> dit.DiT:
+    """``model`` with every weight but the frozen position embedding moved off its init
+    (adaLN-Zero starts at a zero output), so every weight matters."""
+    torch.manual_seed(seed)
     with torch.no_grad():
-        for p in mine.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        mine.pos_embed.copy_(dit.get_2d_sincos_pos_embed(32, 4)[None])  # frozen, as built
-    config, state = to_diffusers(mine)
-    theirs = DiTTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def tiny_dit(seed: int = 1, **numerics) -> dit.DiT:
+    """A 2-block DiT on 8x8x4 latents with 10 classes, perturbed."""
+    model = dit.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                    num_classes=10, **numerics)
+    return perturbed(model, seed).eval()
+
+
+def assert_same_outputs(cls, config: dict, state: dict, mine: dit.DiT) -> None:
+    """diffusers' class ``cls`` built from ``config`` with ``state`` computes ``mine`` to 1e-5."""
+    theirs = cls(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
     theirs.load_state_dict(state, strict=True)
     x, t, y = inputs()
     with torch.no_grad():
         torch.testing.assert_close(theirs(x, timestep=t, class_labels=y).sample, mine(x, t, y), atol=1e-5, rtol=0)
+
+
+def test_to_diffusers_round_trip_and_output():
+    mine = tiny_dit(time_freq_shift=1, mlp_norm_eps=1e-6)
+    config, state = to_diffusers(mine)
+    assert_same_outputs(DiTTransformer2DModel, config, state, mine)
     # and back: the same tensors, every one
     kwargs, back = from_diffusers(config, state)
     assert kwargs["time_freq_shift"] == 1 and kwargs["mlp_norm_eps"] == 1e-6 and kwargs["learn_sigma"]
@@ -101,20 +118,10 @@ def test_to_diffusers_round_trip_and_output():
 def test_a_reference_dit_goes_to_the_subclass_with_its_timestep_features():
     from noisevalue.backbones.diffusers_dit import ReferenceDiTTransformer2DModel
 
-    torch.manual_seed(2)
-    mine = dit.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
-                   num_classes=10).eval()  # the reference numerics, as every recipe's DiT by default
-    with torch.no_grad():
-        for name, p in mine.named_parameters():
-            if name != "pos_embed":
-                p.add_(0.02 * torch.randn_like(p))
+    mine = tiny_dit(seed=2)  # the reference numerics, as every recipe's DiT by default
     config, state = to_diffusers(mine)
     assert config["_class_name"] == "ReferenceDiTTransformer2DModel" and config["norm_eps"] == 1e-6
-    theirs = ReferenceDiTTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
-    theirs.load_state_dict(state, strict=True)
-    x, t, y = inputs()
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(x, timestep=t, class_labels=y).sample, mine(x, t, y), atol=1e-5, rtol=0)
+    assert_same_outputs(ReferenceDiTTransformer2DModel, config, state, mine)
     kwargs, _ = from_diffusers(config, state)
     assert kwargs["time_freq_shift"] == 0 and kwargs["mlp_norm_eps"] == 1e-6
 
@@ -156,14 +163,6 @@ def test_diffusers_errors_name_the_key():
         from_diffusers({**config, "activation_fn": "geglu"}, state)
 
 
-class _Payload:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
-
-
 def test_official_files_are_read_safely(tmp_path):
     model = dit.DiT_Tiny_2()
     plain = tmp_path / "plain.pt"
@@ -185,7 +184,7 @@ def test_official_files_are_read_safely(tmp_path):
     # nothing in a crafted file runs
     marker = tmp_path / "CODE_RAN"
     crafted = tmp_path / "crafted.pt"
-    torch.save({"pos_embed": torch.zeros(1), "trap": _Payload(str(marker))}, crafted)
+    torch.save({"pos_embed": torch.zeros(1), "trap": CodeRunsIfUnpickled(str(marker))}, crafted)
     with pytest.raises(CheckpointError, match="holds Python objects"):
         read_official(crafted)
     assert not marker.exists()
@@ -198,13 +197,7 @@ def test_official_files_are_read_safely(tmp_path):
 # ------------------------------------------------------------------ train.init_from
 def digits_model(**numerics) -> dit.DiT:
     """The digits default's backbone (DiT-Tiny/2, 8x8x1, 10 classes), every weight random."""
-    torch.manual_seed(5)
-    model = dit.DiT_Tiny_2(class_dropout_prob=0.1, learn_sigma=False, **numerics)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.add_(0.02 * torch.randn_like(p))
-    return model
+    return perturbed(dit.DiT_Tiny_2(class_dropout_prob=0.1, learn_sigma=False, **numerics), seed=5)
 
 
 def started_from(tmp_path, source, *extra):

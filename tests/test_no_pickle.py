@@ -1,7 +1,6 @@
 """No code runs from a user-named weights file: the FID Inception weights are read with
 weights_only=True and torch-fidelity only ever sees our own tensor-only copy."""
 
-import os
 
 import pytest
 import torch
@@ -10,22 +9,13 @@ from typer.testing import CliRunner
 from noisevalue.cli import app
 from noisevalue.errors import WeightsUnavailableError
 from noisevalue.evaluators.fid import FIDEvaluator
-
-
-class _Payload:
-    """Unpickling this creates a folder: a stand-in for any command a crafted file could run."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
+from tests.conftest import CodeRunsIfUnpickled
 
 
 def crafted(tmp_path):
     marker = tmp_path / "CODE_RAN"
     path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
-    torch.save({"fc.weight": torch.zeros(2), "trap": _Payload(str(marker))}, path)
+    torch.save({"fc.weight": torch.zeros(2), "trap": CodeRunsIfUnpickled(str(marker))}, path)
     return path, marker
 
 
