@@ -138,9 +138,7 @@ def export_model(
 
         ctx = sp.resolve_run(run, recipe)
         settings = sp.sample_settings(ctx, use_ema=not no_ema)
-        ex.check_export(settings, Path(out), fmt)
-        names = ex.dataset_class_names(ctx.recipe) if fmt == "diffusers" and settings.num_classes else None
-        typer.echo(ex.export(settings, Path(out), fmt, names))
+        typer.echo(ex.export(settings, Path(out), fmt, ctx.recipe))
 
 
 def evaluate(

@@ -55,17 +55,18 @@ def check_export(settings: SampleSettings, out: Path, fmt: str) -> None:
                               "a class label; use --format dit for the weights")
 
 
-def export(settings: SampleSettings, out: Path, fmt: str, class_names: list[str] | None = None) -> str:
+def export(settings: SampleSettings, out: Path, fmt: str, recipe: Recipe | None = None) -> str:
     """Write the export to ``out`` (atomically: a temporary path, then renamed); returns a
-    line saying how to load it. ``class_names``: the dataset's, by label (the pipeline's
-    ``id2label``, so ``pipe.get_label_ids(["..."])`` works)."""
+    line saying how to load it. ``recipe``: the run's, whose dataset's class names become
+    the pipeline's ``id2label`` (so ``pipe.get_label_ids(["..."])`` works)."""
     check_export(settings, out, fmt)
     model = load_model(settings).eval()
     if not isinstance(model, DiT):
         raise ConfigError(f"export: only a DiT backbone exports, not '{settings.backbone.get('name')}'")
     if fmt == "dit":
         return _export_dit(model, out)
-    return _export_diffusers(model, settings, out, class_names)
+    names = dataset_class_names(recipe) if recipe is not None and settings.num_classes else None
+    return _export_diffusers(model, settings, out, names)
 
 
 def dataset_class_names(recipe: Recipe) -> list[str] | None:
