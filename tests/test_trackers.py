@@ -127,6 +127,7 @@ def test_the_trackers_hold_the_recipe_the_grids_and_the_stage(tracked):
     assert tracked_run.data.tags["noisevalue.stage"] == run.name
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert "recipe.yaml" in artifacts and "images" in artifacts
+    assert list(run.glob("mlartifacts/*/artifacts/recipe.yaml"))  # beside the store, not in the working directory
 
 
 def test_a_protocol_stage_is_grouped_under_its_experiment(tmp_path):

@@ -82,7 +82,8 @@ class MLflowTracker:
     def __init__(self, recipe: Recipe, run_dir: Path, resume: bool) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=mlflow_uri(recipe, run_dir))
+        uri = mlflow_uri(recipe, run_dir)
+        self.client = MlflowClient(tracking_uri=uri)
         log = recipe.log
         previous = _ids(run_dir).get("mlflow") if resume else None
         if previous is not None:
@@ -90,7 +91,10 @@ class MLflowTracker:
             self.client.update_run(previous, status="RUNNING")
         else:
             experiment = self.client.get_experiment_by_name(log.project)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(log.project)
+            # a local store keeps its artifacts beside it (MLflow's default is ./mlruns of the working directory)
+            store = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+                log.project, artifact_location=store.resolve().as_uri() if store else None)
             tags = {"noisevalue.group": group_of(recipe, run_dir), "noisevalue.stage": run_dir.resolve().name,
                     "noisevalue.workflow": recipe.workflow, "noisevalue.run_dir": str(run_dir.resolve())}
             self.run_id = self.client.create_run(experiment_id, run_name=run_dir.resolve().name, tags=tags).info.run_id
